@@ -1,0 +1,255 @@
+"""The baselines TGA is compared with, in TGA's call form, and the registry.
+
+Every quantizer is ``fn(w, params) -> w_t`` (same shape and dtype as ``w``) with
+an ``init(w) -> params`` helper and a ``parts(w, params) -> TernaryParts``
+helper for inspection and export:
+
+* ``"tga"``: :mod:`tgq_jax.ternarize` (He & Fan 2019), trainable threshold ``delta``.
+* ``"twn"``: Ternary Weight Networks (Li et al. 2016). ``t = 0.7 mean|w|``,
+  scale = mean of ``|w|`` over the kept weights, straight-through gradient
+  (``dL/dw = dL/dw_t``); no trainable parameter.
+* ``"ttq"``: Trained Ternary Quantization (Zhu et al. 2017). ``t = 0.05 max|w|``,
+  ``w_t = W_p`` above ``t``, ``-W_n`` below ``-t``, with trainable ``W_p, W_n``.
+  Gradients: ``dL/dW_p = sum_{I_p} g``, ``dL/dW_n = -sum_{I_n} g`` (the exact
+  derivative of ``w_t = -W_n``; the paper's Eq. 7 drops that minus sign) and
+  ``dL/dw = W_p g`` on ``I_p``, ``g`` on ``I_z``, ``W_n g`` on ``I_n``.
+* ``"fp"``: identity, so every model has a full-precision twin of identical
+  structure.
+
+Statistics are per tensor by default; TGA and TWN take ``per_channel=True``
+(statistics per slice of the last axis, Flax's output-channel axis).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tgq_jax.ternarize import TernaryParts, _moments
+from tgq_jax.ternarize import init_params as tga_init
+from tgq_jax.ternarize import ternarize as tga
+from tgq_jax.ternarize import ternary_parts as tga_parts
+
+Params = Mapping[str, jax.Array]
+
+TWN_THRESHOLD_FACTOR = 0.7
+TTQ_THRESHOLD_FACTOR = 0.05
+
+
+def _axes(w: jax.Array, per_channel: bool) -> tuple[int, ...]:
+  return tuple(range(w.ndim - 1)) if per_channel else tuple(range(w.ndim))
+
+
+def _stat_shape(w: jax.Array, per_channel: bool) -> tuple[int, ...]:
+  return (w.shape[-1],) if per_channel else ()
+
+
+def _compute(w: jax.Array) -> jax.Array:
+  w = jnp.asarray(w)
+  return w.astype(jnp.promote_types(w.dtype, jnp.float32))
+
+
+def _check_empty(params: Any, name: str) -> None:
+  if params is not None and (not isinstance(params, Mapping) or len(params)):
+    raise ValueError(f"{name}: takes no parameters (params must be {{}}), got {params!r}.")
+
+
+# --- TWN ---------------------------------------------------------------------
+
+
+def _twn_codes_and_scale(w: jax.Array, per_channel: bool):
+  axes = _axes(w, per_channel)
+  abs_w = jnp.abs(w)
+  t = TWN_THRESHOLD_FACTOR * jnp.mean(abs_w, axis=axes, keepdims=True)
+  kept = abs_w > t
+  count = jnp.sum(kept, axis=axes, keepdims=True)
+  # An all-zero tensor keeps nothing: scale 0 rather than 0/0.
+  scale = jnp.sum(jnp.where(kept, abs_w, 0), axis=axes, keepdims=True) / jnp.maximum(count, 1)
+  codes = jnp.where(kept, jnp.sign(w), 0)
+  return codes, scale, t
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _twn(w: jax.Array, per_channel: bool) -> jax.Array:
+  codes, scale, _ = _twn_codes_and_scale(w, per_channel)
+  return scale * codes
+
+
+def _twn_fwd(w, per_channel):
+  return _twn(w, per_channel), None
+
+
+def _twn_bwd(per_channel, _, g):
+  return (g,)  # straight-through
+
+
+_twn.defvjp(_twn_fwd, _twn_bwd)
+
+
+def twn(w: jax.Array, params: Params | None = None, *, per_channel: bool = False) -> jax.Array:
+  """TWN-ternarizes ``w`` (no trainable parameters; ``params`` must be empty)."""
+  _check_empty(params, "twn")
+  w = jnp.asarray(w)
+  return _twn(_compute(w), per_channel).astype(w.dtype)
+
+
+def twn_init(w: jax.Array, *, per_channel: bool = False) -> dict:
+  del w, per_channel
+  return {}
+
+
+def twn_parts(w: jax.Array, params: Params | None = None, *, per_channel: bool = False) -> TernaryParts:
+  _check_empty(params, "twn")
+  w = jnp.asarray(w)
+  codes, scale, t = _twn_codes_and_scale(_compute(w), per_channel)
+  shape = _stat_shape(w, per_channel)
+  _, _, sigma = _moments(_compute(w), _axes(w, per_channel))  # reported, not used
+  scale = jnp.reshape(scale, shape)
+  return TernaryParts(codes.astype(jnp.int8), scale, scale, jnp.reshape(t, shape),
+                      jnp.zeros(shape, scale.dtype), jnp.reshape(sigma, shape))
+
+
+# --- TTQ ---------------------------------------------------------------------
+
+
+def _ttq_codes(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  t = TTQ_THRESHOLD_FACTOR * jnp.max(jnp.abs(w))
+  return jnp.where(w > t, 1, jnp.where(w < -t, -1, 0)).astype(w.dtype), t
+
+
+@jax.custom_vjp
+def _ttq(w: jax.Array, pos: jax.Array, neg: jax.Array) -> jax.Array:
+  codes, _ = _ttq_codes(w)
+  return jnp.where(codes > 0, pos, jnp.where(codes < 0, -neg, jnp.zeros_like(w)))
+
+
+def _ttq_fwd(w, pos, neg):
+  codes, _ = _ttq_codes(w)
+  out = jnp.where(codes > 0, pos, jnp.where(codes < 0, -neg, jnp.zeros_like(w)))
+  return out, (codes, pos, neg)
+
+
+def _ttq_bwd(residuals, g):
+  codes, pos, neg = residuals
+  dpos = jnp.sum(jnp.where(codes > 0, g, 0))
+  dneg = -jnp.sum(jnp.where(codes < 0, g, 0))
+  dw = jnp.where(codes > 0, pos * g, jnp.where(codes < 0, neg * g, g))
+  return dw, jnp.reshape(dpos, pos.shape), jnp.reshape(dneg, neg.shape)
+
+
+_ttq.defvjp(_ttq_fwd, _ttq_bwd)
+
+
+def _ttq_scales(params: Any) -> tuple[jax.Array, jax.Array]:
+  if not isinstance(params, Mapping) or not {"pos_scale", "neg_scale"} <= set(params):
+    got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+    raise ValueError(f"ttq: params must have keys 'pos_scale' and 'neg_scale', got {got}. "
+                     "Use ttq_init(w) to create them.")
+  for key in ("pos_scale", "neg_scale"):
+    if jnp.shape(params[key]) != ():
+      raise ValueError(f"ttq: params[{key!r}] must be a scalar, got shape {jnp.shape(params[key])}.")
+  return params["pos_scale"], params["neg_scale"]
+
+
+def ttq(w: jax.Array, params: Params, *, per_channel: bool = False) -> jax.Array:
+  """TTQ-ternarizes ``w`` with the trainable scales ``params = {"pos_scale", "neg_scale"}``."""
+  if per_channel:
+    raise ValueError("ttq: per-channel statistics are not supported (TTQ learns one scale pair per layer).")
+  pos, neg = _ttq_scales(params)
+  w = jnp.asarray(w)
+  wc = _compute(w)
+  return _ttq(wc, jnp.asarray(pos, wc.dtype), jnp.asarray(neg, wc.dtype)).astype(w.dtype)
+
+
+def ttq_init(w: jax.Array, *, per_channel: bool = False, dtype=jnp.float32) -> dict[str, jax.Array]:
+  """Scales initialized to the mean magnitude of the weights on each side of the threshold."""
+  if per_channel:
+    raise ValueError("ttq: per-channel statistics are not supported.")
+  wc = _compute(w)
+  codes, _ = _ttq_codes(wc)
+  mean_where = lambda m: jnp.sum(jnp.where(m, jnp.abs(wc), 0)) / jnp.maximum(jnp.sum(m), 1)
+  return {"pos_scale": mean_where(codes > 0).astype(dtype), "neg_scale": mean_where(codes < 0).astype(dtype)}
+
+
+def ttq_parts(w: jax.Array, params: Params, *, per_channel: bool = False) -> TernaryParts:
+  if per_channel:
+    raise ValueError("ttq: per-channel statistics are not supported.")
+  pos, neg = _ttq_scales(params)
+  wc = _compute(w)
+  codes, t = _ttq_codes(wc)
+  _, _, sigma = _moments(wc, _axes(wc, False))
+  return TernaryParts(codes.astype(jnp.int8), jnp.asarray(pos, wc.dtype), jnp.asarray(neg, wc.dtype),
+                      t, jnp.zeros((), wc.dtype), jnp.reshape(sigma, ()))
+
+
+# --- full precision ----------------------------------------------------------
+
+
+def fp(w: jax.Array, params: Params | None = None, *, per_channel: bool = False) -> jax.Array:
+  """Identity: the full-precision twin."""
+  _check_empty(params, "fp")
+  return w
+
+
+def fp_init(w: jax.Array, *, per_channel: bool = False) -> dict:
+  del w, per_channel
+  return {}
+
+
+# --- registry ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantizer:
+  """A weight quantizer with its settings bound.
+
+  Attributes:
+    name: registry name.
+    per_channel: per-output-channel statistics (last axis) instead of per tensor.
+    ternary: whether ``apply`` produces ternary weights (False for ``"fp"``).
+    threshold_params: names of the params leaves that are thresholds (trained by
+      the trainer's threshold optimizer); other quantizer leaves train with the weights.
+  """
+
+  name: str
+  per_channel: bool
+  ternary: bool
+  threshold_params: tuple[str, ...]
+  _apply: Callable = dataclasses.field(repr=False)
+  _init: Callable = dataclasses.field(repr=False)
+  _parts: Callable | None = dataclasses.field(repr=False)
+
+  def __call__(self, w: jax.Array, params: Params) -> jax.Array:
+    return self._apply(w, params, per_channel=self.per_channel)
+
+  def init(self, w: jax.Array) -> dict[str, jax.Array]:
+    return self._init(w, per_channel=self.per_channel)
+
+  def parts(self, w: jax.Array, params: Params) -> TernaryParts:
+    if self._parts is None:
+      raise ValueError(f"quantizer {self.name!r} is not ternary: it has no codes.")
+    return self._parts(w, params, per_channel=self.per_channel)
+
+
+_REGISTRY: dict[str, tuple[Callable, Callable, Callable | None, tuple[str, ...], bool]] = {
+  "tga": (tga, tga_init, tga_parts, ("delta",), True),
+  "twn": (twn, twn_init, twn_parts, (), True),
+  "ttq": (ttq, ttq_init, ttq_parts, (), False),
+  "fp": (fp, fp_init, None, (), True),
+}
+QUANTIZERS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_quantizer(name: str, *, per_channel: bool = False) -> Quantizer:
+  """Returns the quantizer registered under ``name`` ("tga", "twn", "ttq", "fp")."""
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown quantizer {name!r}; valid quantizers: {', '.join(QUANTIZERS)}.")
+  apply, init, parts, thresholds, per_channel_ok = _REGISTRY[name]
+  if per_channel and not per_channel_ok:
+    raise ValueError(f"quantizer {name!r} does not support per-channel statistics "
+                     "(supported by: tga, twn, fp).")
+  return Quantizer(name, per_channel, parts is not None, thresholds, apply, init, parts)
