@@ -211,13 +211,16 @@ class Quantizer:
     name: registry name.
     per_channel: per-output-channel statistics (last axis) instead of per tensor.
     ternary: whether ``apply`` produces ternary weights (False for ``"fp"``).
-    threshold_params: names of the params leaves that are thresholds (trained by
-      the trainer's threshold optimizer); other quantizer leaves train with the weights.
+    param_names: names of the quantizer's own params leaves (``init``'s keys).
+    threshold_params: the subset of ``param_names`` that are thresholds (trained
+      by the trainer's threshold optimizer); other quantizer leaves train with
+      the weights.
   """
 
   name: str
   per_channel: bool
   ternary: bool
+  param_names: tuple[str, ...]
   threshold_params: tuple[str, ...]
   _apply: Callable = dataclasses.field(repr=False)
   _init: Callable = dataclasses.field(repr=False)
@@ -235,11 +238,12 @@ class Quantizer:
     return self._parts(w, params, per_channel=self.per_channel)
 
 
-_REGISTRY: dict[str, tuple[Callable, Callable, Callable | None, tuple[str, ...], bool]] = {
-  "tga": (tga, tga_init, tga_parts, ("delta",), True),
-  "twn": (twn, twn_init, twn_parts, (), True),
-  "ttq": (ttq, ttq_init, ttq_parts, (), False),
-  "fp": (fp, fp_init, None, (), True),
+# name: (apply, init, parts, param names, threshold param names, per-channel supported)
+_REGISTRY: dict[str, tuple] = {
+  "tga": (tga, tga_init, tga_parts, ("delta",), ("delta",), True),
+  "twn": (twn, twn_init, twn_parts, (), (), True),
+  "ttq": (ttq, ttq_init, ttq_parts, ("neg_scale", "pos_scale"), (), False),
+  "fp": (fp, fp_init, None, (), (), True),
 }
 QUANTIZERS: tuple[str, ...] = tuple(_REGISTRY)
 
@@ -248,8 +252,8 @@ def get_quantizer(name: str, *, per_channel: bool = False) -> Quantizer:
   """Returns the quantizer registered under ``name`` ("tga", "twn", "ttq", "fp")."""
   if name not in _REGISTRY:
     raise ValueError(f"unknown quantizer {name!r}; valid quantizers: {', '.join(QUANTIZERS)}.")
-  apply, init, parts, thresholds, per_channel_ok = _REGISTRY[name]
+  apply, init, parts, param_names, thresholds, per_channel_ok = _REGISTRY[name]
   if per_channel and not per_channel_ok:
     raise ValueError(f"quantizer {name!r} does not support per-channel statistics "
                      "(supported by: tga, twn, fp).")
-  return Quantizer(name, per_channel, parts is not None, thresholds, apply, init, parts)
+  return Quantizer(name, per_channel, parts is not None, param_names, thresholds, apply, init, parts)

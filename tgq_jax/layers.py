@@ -1,0 +1,173 @@
+"""Ternary drop-in replacements of ``nn.Dense`` and ``nn.Conv``, and tools over their params.
+
+``TernaryDense`` / ``TernaryConv`` are ``nn.Dense`` / ``nn.Conv`` (every
+constructor argument of theirs works the same) whose kernel goes through a
+quantizer of :mod:`tgq_jax.quantizers` before use. The full-precision kernel
+is the ordinary ``params`` leaf ``kernel``; the quantizer's own parameters sit
+next to it (TGA: ``delta``; TTQ: ``pos_scale``, ``neg_scale``), initialized
+from the initialized kernel, so an optimizer can label them by name.
+
+The quantizer sees the kernel in ``param_dtype`` (float32 by default): with
+``dtype=jnp.bfloat16`` the convolution runs in bfloat16 on the ternarized
+kernel while the quantizer's statistics stay in float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tgq_jax.quantizers import Quantizer, get_quantizer
+
+Path = tuple[str, ...]
+
+
+class _QuantizedKernel:
+  """Mixin: the ``kernel`` param is returned ternarized; quantizer params live beside it."""
+
+  quantizer: str
+  per_channel: bool
+
+  def get_quantizer(self) -> Quantizer:
+    return get_quantizer(self.quantizer, per_channel=self.per_channel)
+
+  @nn.nowrap
+  def param(self, name: str, init_fn: Callable[..., Any], *init_args, **init_kwargs):
+    value = super().param(name, init_fn, *init_args, **init_kwargs)
+    if name != "kernel":
+      return value
+    quantizer = self.get_quantizer()
+    qparams = {
+      key: super(_QuantizedKernel, self).param(key, lambda _rng, key=key: quantizer.init(value)[key])
+      for key in quantizer.param_names
+    }
+    return quantizer(value, qparams)
+
+
+class TernaryDense(_QuantizedKernel, nn.Dense):
+  """``nn.Dense`` with a ternarized kernel.
+
+  Attributes (beyond ``nn.Dense``'s):
+    quantizer: "tga" (default), "twn", "ttq" or "fp" (full precision).
+    per_channel: per-output-feature quantizer statistics (TGA, TWN).
+  """
+
+  quantizer: str = "tga"
+  per_channel: bool = False
+
+
+class TernaryConv(_QuantizedKernel, nn.Conv):
+  """``nn.Conv`` with a ternarized kernel (HWIO; statistics per tensor or per output channel).
+
+  Attributes (beyond ``nn.Conv``'s):
+    quantizer: "tga" (default), "twn", "ttq" or "fp" (full precision).
+    per_channel: per-output-channel quantizer statistics (TGA, TWN).
+  """
+
+  quantizer: str = "tga"
+  per_channel: bool = False
+
+
+# --- tools over a params tree ------------------------------------------------
+
+
+def quantized_layers(model: nn.Module, *args, **kwargs) -> dict[Path, Quantizer]:
+  """Maps the params path of every Ternary* layer of ``model`` to its quantizer.
+
+  ``args``/``kwargs`` are an example call (e.g. ``images, train=False``); only
+  shapes are traced. Paths are listed in call order. Layers with quantizer "fp" are included (their
+  ``Quantizer.ternary`` is False), so every kernel that goes through a
+  quantizer is listed.
+  """
+  paths: dict[Path, Quantizer] = {}
+
+  def record(module, _):
+    if isinstance(module, _QuantizedKernel):
+      paths[tuple(module.path)] = module.get_quantizer()
+
+  # Only the call's structure is needed: trace it abstractly.
+  def init(x_args):
+    with nn.intercept_methods(lambda f, a, k, ctx: (record(ctx.module, None), f(*a, **k))[1]):
+      return model.init(jax.random.key(0), *x_args, **kwargs)
+
+  jax.eval_shape(init, args)
+  return paths  # in call order: the first layer first
+
+
+def _subtree(params: Mapping, path: Path) -> Mapping:
+  node = params
+  for key in path:
+    node = node[key]
+  return node
+
+
+def _quantizer_params(layer: Mapping, quantizer: Quantizer) -> dict[str, jax.Array]:
+  return {key: layer[key] for key in quantizer.param_names}
+
+
+def reinit_thresholds(params: Mapping, layers: Mapping[Path, Quantizer]) -> dict:
+  """Re-initializes every quantizer parameter from the current kernels.
+
+  TGA's ``delta = 0.05 max|w|`` (the authors do this after loading full-precision
+  weights, before ternary fine-tuning); TTQ's scales likewise from the kernel.
+  Returns a new tree; ``params`` is not modified.
+  """
+  params = jax.tree.map(lambda x: x, dict(params))  # fresh containers, shared leaves
+
+  def set_in(tree, path, values):
+    node = tree
+    for key in path[:-1]:
+      node[key] = dict(node[key])
+      node = node[key]
+    node[path[-1]] = {**node[path[-1]], **values}
+
+  for path, quantizer in layers.items():
+    if not quantizer.param_names:
+      continue
+    layer = _subtree(params, path)
+    fresh = quantizer.init(layer["kernel"])
+    set_in(params, path, {k: jnp.asarray(v, layer[k].dtype) for k, v in fresh.items()})
+  return params
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+  """Statistics of one quantized layer, as the trainer logs and the exporter reports."""
+
+  name: str  # "/"-joined params path
+  shape: tuple[int, ...]
+  num_weights: int
+  quantizer: str
+  sparsity: float  # fraction of zero codes (0 for full-precision layers)
+  scale: float  # value of a +1 code (mean over channels for per-channel statistics)
+  neg_scale: float  # magnitude of a -1 code
+  threshold: float  # clipped threshold t (mean over channels)
+
+  def as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def layer_stats(params: Mapping, layers: Mapping[Path, Quantizer]) -> list[LayerStats]:
+  """Per-layer statistics of the quantized layers of a params tree.
+
+  ``layers`` is :func:`quantized_layers` of the model. Full-precision layers
+  report sparsity 0 and NaN scale/threshold.
+  """
+  out = []
+  for path, quantizer in layers.items():
+    layer = _subtree(params, path)
+    kernel = layer["kernel"]
+    n = int(np.prod(kernel.shape))
+    if quantizer.ternary:
+      parts = quantizer.parts(kernel, _quantizer_params(layer, quantizer))
+      sparsity = float(jnp.mean(parts.codes == 0))
+      scale, neg, thr = (float(jnp.mean(x)) for x in (parts.scale, parts.neg_scale, parts.threshold))
+    else:
+      sparsity, scale, neg, thr = 0.0, float("nan"), float("nan"), float("nan")
+    out.append(LayerStats("/".join(path), tuple(kernel.shape), n, quantizer.name, sparsity, scale, neg, thr))
+  return out

@@ -1,0 +1,58 @@
+"""The model zoo: one entry point, :func:`create_model`.
+
+Every model is a ``flax.linen`` module called as
+``model.apply(variables, images, train=...)`` on NHWC images, with BatchNorm
+statistics in the ``batch_stats`` collection (the flax examples' convention).
+All conv and dense layers are :class:`~tgq_jax.layers.TernaryConv` /
+:class:`~tgq_jax.layers.TernaryDense`; ``ternary_first`` / ``ternary_last``
+keep the first conv / the classifier in full precision when False (the paper's
+"ff_lf" setting); with ``quantizer="fp"`` the model is its full-precision twin.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from tgq_jax.models.small_cnn import SmallCNN
+from tgq_jax.quantizers import get_quantizer
+
+# arch name -> (module class, fixed constructor arguments)
+_ARCHS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
+  "small_cnn": (SmallCNN, {}),
+}
+
+
+def register(name: str, cls: Callable[..., nn.Module], **fixed: Any) -> None:
+  """Adds an architecture to :func:`create_model`."""
+  _ARCHS[name] = (cls, fixed)
+
+
+def archs() -> tuple[str, ...]:
+  return tuple(_ARCHS)
+
+
+def create_model(arch: str, num_classes: int, *, quantizer: str = "tga", per_channel: bool = False,
+                 ternary_first: bool = True, ternary_last: bool = True,
+                 dtype: Any = jnp.float32) -> nn.Module:
+  """Builds ``arch`` with ``num_classes`` outputs.
+
+  Args:
+    arch: an architecture name; see :func:`archs`.
+    num_classes: size of the classifier.
+    quantizer: "tga", "twn", "ttq" or "fp" for every conv and dense layer.
+    per_channel: per-output-channel quantizer statistics.
+    ternary_first: quantize the first conv too (the paper's default) or keep it FP.
+    ternary_last: quantize the classifier too (the paper's default) or keep it FP.
+    dtype: computation dtype (``jnp.bfloat16`` for mixed precision); parameters
+      and quantizer statistics stay float32.
+  """
+  if arch not in _ARCHS:
+    raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(sorted(_ARCHS))}.")
+  if num_classes < 1:
+    raise ValueError(f"num_classes must be positive, got {num_classes}.")
+  get_quantizer(quantizer, per_channel=per_channel)  # validates name and per-channel support
+  cls, fixed = _ARCHS[arch]
+  return cls(num_classes=num_classes, quantizer=quantizer, per_channel=per_channel,
+             ternary_first=ternary_first, ternary_last=ternary_last, dtype=dtype, **fixed)
