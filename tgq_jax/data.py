@@ -1,0 +1,654 @@
+"""Datasets for training: global batches of ``{"image", "label"}`` by name.
+
+``get_dataset(name)`` returns a :class:`Dataset` with its facts
+(:class:`DatasetInfo`), an infinite, resumable train iterator and a finite,
+padded evaluation pass. Every batch a process gets is its own slice of the
+global batch; :func:`make_global_batch` turns the slices of all processes into
+global ``jax.Array`` s.
+
+Sources
+-------
+* ``fashion_mnist``: the four idx files (``.gz`` or not) from ``data_dir``,
+  else from ``/usr/share/datasets/fashion-mnist`` (Debian package
+  ``dataset-fashion-mnist``), else TFDS. Works offline.
+* ``mnist``, ``cifar10``, ``cifar100``, ``imagenet2012``: ``tfds.data_source``
+  (ArrayRecord files, random access, no TensorFlow at training time). TFDS
+  decodes the stored PNG/JPEG bytes itself (OpenCV if installed, else Pillow);
+  we resize ImageNet crops with Pillow. See ``docs/data.md`` to prepare them.
+* ``synthetic``: deterministic noise images generated on the fly.
+
+Small datasets (everything but ImageNet) are held in memory as uint8 and
+augmented per batch with vectorized numpy; ImageNet is read and cropped per
+example. Either way a batch is a pure function of ``(seed, step)``: grain
+(``MapDataset.range(...).map(...)``) only runs those functions ahead of time
+in threads and counts where the iterator is, which is what makes the
+iterator's state one integer.
+
+Order and randomness
+--------------------
+Epoch ``e`` visits the training set in the order of a permutation seeded by
+``(seed, e)``; global batch ``s`` of the epoch is rows ``[s B, (s + 1) B)`` of
+it (the incomplete last batch is dropped) and process ``p`` of ``P`` gets rows
+``[p B/P, (p + 1) B/P)`` of that batch. The augmentation draws are made for the
+whole global batch from ``(seed, step)`` and sliced the same way, so the global
+batch does not depend on the number of processes and a saved state can be
+restored on another topology. Evaluation has no randomness.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import os
+import pathlib
+from collections.abc import Iterator, Sequence
+from concurrent import futures
+
+import grain
+import jax
+import numpy as np
+
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet2012", "synthetic")
+DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# Room in the synthetic noise pool: image i is pool[o_i : o_i + H W C].
+_SYNTHETIC_POOL_SLACK = 1 << 16
+# grain threads for in-memory data: numpy holds the GIL for part of each
+# batch, so threads beyond the spare cores only contend (measured on 2 cores:
+# 1 thread 66k images/s, 2 threads 32k for CIFAR-shaped batches of 256).
+_IN_MEMORY_THREADS = max(1, min(4, (os.cpu_count() or 2) - 1))
+# Attempts of the Inception-style random-resized crop before the fallback.
+_CROP_ATTEMPTS = 10
+
+
+class DatasetNotPreparedError(ValueError):
+  """A TFDS dataset has no ArrayRecord files in the data directory."""
+
+
+class IdxFormatError(ValueError):
+  """An idx file (MNIST format) is malformed: bad magic, truncated, ..."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Facts the trainer needs. ``image_shape`` is (H, W, C) as fed to the model."""
+  name: str
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  num_train: int
+  num_test: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recipe:
+  """How a dataset is read, augmented and normalized."""
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  mean: tuple[float, ...]  # per channel, of pixel / 255
+  std: tuple[float, ...]
+  augment: str  # "crop": pad+crop; "crop_flip": pad+crop+flip; "inception"
+  pad: int = 0
+  test_split: str = "test"
+
+
+# Means/stds are the usual per-channel training-set statistics.
+_RECIPES = {
+    "fashion_mnist": _Recipe(10, (28, 28, 1), (0.2860,), (0.3530,), "crop", 2),
+    "mnist": _Recipe(10, (28, 28, 1), (0.1307,), (0.3081,), "crop", 2),
+    "cifar10": _Recipe(10, (32, 32, 3), (0.4914, 0.4822, 0.4465),
+                       (0.2470, 0.2435, 0.2616), "crop_flip", 4),
+    "cifar100": _Recipe(100, (32, 32, 3), (0.5071, 0.4865, 0.4409),
+                        (0.2673, 0.2564, 0.2762), "crop_flip", 4),
+    "imagenet2012": _Recipe(1000, (224, 224, 3), (0.485, 0.456, 0.406),
+                            (0.229, 0.224, 0.225), "inception",
+                            test_split="validation"),
+    # Uniform uint8 noise: mean 127.5 / 255, std ~ 1 / sqrt(12).
+    "synthetic": _Recipe(10, (32, 32, 3), (0.5,), (0.2887,), "crop_flip", 4),
+}
+
+
+# ----------------------------------------------------------------------------
+# idx files
+
+_IDX_TYPES = {0x08: np.uint8}
+_FASHION_FILES = {
+    "train_images": ("train-images-idx3-ubyte", 3),
+    "train_labels": ("train-labels-idx1-ubyte", 1),
+    "test_images": ("t10k-images-idx3-ubyte", 3),
+    "test_labels": ("t10k-labels-idx1-ubyte", 1),
+}
+
+
+def parse_idx(data: bytes, *, rank: int | None = None, where: str = "idx data") -> np.ndarray:
+  """Parses idx bytes (big-endian header ``0 0 type rank``, dims, data).
+
+  Raises:
+    IdxFormatError: naming ``where`` and what is wrong (short or bad header,
+      unsupported type, unexpected rank, payload shorter or longer than the
+      dimensions say).
+  """
+  if len(data) < 4:
+    raise IdxFormatError(f"{where}: {len(data)} bytes, too short for an idx header")
+  magic = int.from_bytes(data[:4], "big")
+  if data[0] != 0 or data[1] != 0:
+    raise IdxFormatError(
+        f"{where}: bad magic number 0x{magic:08x}; an idx file starts with two "
+        "zero bytes, a type code and a rank (0x00000803 for uint8 images, "
+        "0x00000801 for uint8 labels). Is it an idx file (and, if gzipped, "
+        "named *.gz)?")
+  if data[2] not in _IDX_TYPES:
+    raise IdxFormatError(
+        f"{where}: magic number 0x{magic:08x} has type code 0x{data[2]:02x}; "
+        "only unsigned bytes (0x08) are supported")
+  ndim = data[3]
+  if rank is not None and ndim != rank:
+    raise IdxFormatError(
+        f"{where}: magic number 0x{magic:08x} says rank {ndim}, expected {rank} "
+        f"({'images' if rank == 3 else 'labels'})")
+  header = 4 + 4 * ndim
+  if len(data) < header:
+    raise IdxFormatError(
+        f"{where}: truncated header: {len(data)} bytes, rank {ndim} needs {header}")
+  dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+  expected = int(np.prod(dims, dtype=np.int64))
+  actual = len(data) - header
+  if actual != expected:
+    kind = "truncated" if actual < expected else "too long"
+    raise IdxFormatError(
+        f"{where}: {kind}: the header promises {' x '.join(map(str, dims))} = "
+        f"{expected} bytes of data, the file has {actual}")
+  return np.frombuffer(data, _IDX_TYPES[data[2]], expected, header).reshape(dims)
+
+
+def read_idx(path: str | os.PathLike, *, rank: int | None = None) -> np.ndarray:
+  """Reads an idx file, gzipped or not (told by its content, not its name)."""
+  raw = pathlib.Path(path).read_bytes()
+  if raw[:2] == b"\x1f\x8b":
+    try:
+      raw = gzip.decompress(raw)
+    except (EOFError, OSError, gzip.BadGzipFile) as e:
+      raise IdxFormatError(f"{path}: broken or truncated gzip stream ({e})") from e
+  return parse_idx(raw, rank=rank, where=str(path))
+
+
+def find_idx_files(directory: str | os.PathLike) -> dict[str, pathlib.Path] | None:
+  """The four Fashion-MNIST idx paths in ``directory`` (plain or ``.gz``), or None."""
+  found = {}
+  for key, (stem, _) in _FASHION_FILES.items():
+    for name in (stem, stem + ".gz"):
+      if (path := pathlib.Path(directory) / name).is_file():
+        found[key] = path
+        break
+  return found if len(found) == len(_FASHION_FILES) else None
+
+
+def load_idx_dataset(directory: str | os.PathLike, *, image_size=(28, 28),
+                     num_classes: int = 10) -> dict[str, np.ndarray]:
+  """Loads and cross-checks the four idx files of an MNIST-format dataset.
+
+  Returns ``{"train_images": (N, H, W, 1) uint8, "train_labels": (N,) int32,
+  "test_images", "test_labels"}``.
+  """
+  paths = find_idx_files(directory)
+  if paths is None:
+    raise FileNotFoundError(
+        f"{directory}: needs {', '.join(s for s, _ in _FASHION_FILES.values())} "
+        "(each optionally .gz)")
+  out = {k: read_idx(paths[k], rank=_FASHION_FILES[k][1]) for k in paths}
+  for split in ("train", "test"):
+    images, labels = out[f"{split}_images"], out[f"{split}_labels"]
+    if images.shape[1:] != tuple(image_size):
+      raise IdxFormatError(f"{paths[split + '_images']}: images are "
+                           f"{images.shape[1:]}, expected {tuple(image_size)}")
+    if len(images) != len(labels):
+      raise IdxFormatError(f"{paths[split + '_images']} has {len(images)} images "
+                           f"but {paths[split + '_labels']} has {len(labels)} labels")
+    if labels.size and labels.max() >= num_classes:
+      raise IdxFormatError(f"{paths[split + '_labels']}: label {labels.max()} "
+                           f"outside [0, {num_classes})")
+    out[f"{split}_images"] = images[..., None]
+    out[f"{split}_labels"] = labels.astype(np.int32)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# TFDS
+
+def _prepare_hint(name: str, data_dir: str | None) -> str:
+  where = f"--data_dir={data_dir}" if data_dir else "(default data_dir ~/tensorflow_datasets or $TFDS_DATA_DIR)"
+  manual = " --manual_dir=DIR_WITH_ILSVRC2012_img_{train,val}.tar" if name == "imagenet2012" else ""
+  idx = (f"Or put the four idx files in --data_dir (or {DEFAULT_FASHION_MNIST_DIR}: "
+         "apt-get install dataset-fashion-mnist).\n") if name == "fashion_mnist" else ""
+  return (f"{idx}Prepare it once (needs TensorFlow):\n  pip install -e '.[prepare]'\n"
+          f"  tfds build {name} --file_format=array_record {where}{manual}\n"
+          "See docs/data.md.")
+
+
+def open_tfds_split(name: str, split: str, data_dir: str | None) -> Sequence[dict]:
+  """``tfds.data_source`` for a prepared split; never downloads or prepares.
+
+  Raises:
+    DatasetNotPreparedError: with the command to prepare it, if the dataset
+      is absent or was prepared as TFRecord (no random access).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                            try_gcs=False)
+  except Exception as e:  # TFDS says "TFRECORD is not supported" when absent.
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+      raise DatasetNotPreparedError(
+          f"TFDS dataset {name!r} is not prepared in {builder.data_dir}.\n"
+          + _prepare_hint(name, data_dir)) from e
+    if str(builder.info.file_format) != str(tfds.core.FileFormat.ARRAY_RECORD):
+      raise DatasetNotPreparedError(
+          f"TFDS dataset {name!r} in {builder.data_dir} is {builder.info.file_format}, "
+          "which has no random access; rebuild it as ArrayRecord.\n"
+          + _prepare_hint(name, data_dir)) from e
+    raise
+
+
+def _read_records(source: Sequence[dict], count: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first ``count`` records as stacked uint8 images and int32 labels."""
+  with futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    records = list(pool.map(source.__getitem__, range(count), chunksize=256))
+  images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
+  return images, np.array([r["label"] for r in records], np.int32)
+
+
+# ----------------------------------------------------------------------------
+# Splits: random access to (uint8 images, int32 labels) by index.
+
+class _ArraySplit:
+  """A split held in memory."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self.images, self.labels = images, labels
+
+  def __len__(self):
+    return len(self.labels)
+
+  def take(self, idx: np.ndarray):
+    return self.images[idx], self.labels[idx]
+
+
+class _RecordSplit:
+  """A TFDS data source read per example; images keep their own sizes."""
+
+  def __init__(self, source: Sequence[dict], count: int):
+    self.source, self.count = source, count
+
+  def __len__(self):
+    return self.count
+
+  def take(self, idx: np.ndarray):
+    records = [self.source[int(i)] for i in idx]
+    return ([np.asarray(r["image"], np.uint8) for r in records],
+            np.array([r["label"] for r in records], np.int32))
+
+
+class _SyntheticSplit:
+  """Noise images: image i is a window of a seeded pool at a hashed offset."""
+
+  def __init__(self, count: int, image_shape, num_classes: int, salt: int):
+    self.count, self.shape, self.num_classes, self.salt = count, image_shape, num_classes, salt
+    size = int(np.prod(image_shape))
+    pool = np.random.default_rng(salt).integers(0, 256, size + _SYNTHETIC_POOL_SLACK, np.uint8)
+    self.windows = np.lib.stride_tricks.sliding_window_view(pool, size)
+
+  def __len__(self):
+    return self.count
+
+  def take(self, idx: np.ndarray):
+    h = _hash(np.asarray(idx, np.uint64) + np.uint64(self.salt << 40))
+    images = self.windows[h % np.uint64(_SYNTHETIC_POOL_SLACK)].reshape(-1, *self.shape)
+    return images, ((h >> np.uint64(32)) % np.uint64(self.num_classes)).astype(np.int32)
+
+
+def _hash(x: np.ndarray) -> np.ndarray:
+  """splitmix64 finalizer: a cheap, well-mixed function of uint64 indices."""
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+# ----------------------------------------------------------------------------
+# Augmentation and normalization (pure functions of images and draws).
+
+def normalize(images: np.ndarray, mean, std) -> np.ndarray:
+  """uint8 NHWC -> float32 ``(x / 255 - mean) / std`` per channel."""
+  std = np.asarray(std, np.float32)
+  out = np.multiply(images, np.float32(1 / 255) / std, dtype=np.float32)  # one pass, no uint8->f32 copy
+  out -= np.asarray(mean, np.float32) / std
+  return out
+
+
+def pad_crop_flip(images: np.ndarray, draws: np.ndarray, pad: int, flip: bool) -> np.ndarray:
+  """Zero-pads by ``pad``, crops back at random offsets, optionally flips.
+
+  ``draws`` (N, >=3) uniform in [0, 1): columns 0 and 1 choose the row and
+  column offset in [0, 2 pad] of the padded image, column 2 < 0.5 flips
+  horizontally.
+  """
+  n, h, w, _ = images.shape
+  out = np.zeros_like(images)
+  # Shift in [-pad, pad]; copying the overlap per example is ~3x faster than
+  # padding and gathering with fancy indices.
+  dy = (draws[:, 0] * (2 * pad + 1)).astype(np.int64) - pad
+  dx = (draws[:, 1] * (2 * pad + 1)).astype(np.int64) - pad
+  for i, (y, x) in enumerate(zip(dy.tolist(), dx.tolist())):
+    out[i, max(0, -y):h - max(0, y), max(0, -x):w - max(0, x)] = \
+        images[i, max(0, y):h + min(0, y), max(0, x):w + min(0, x)]
+  if flip:
+    flipped = draws[:, 2] < 0.5
+    out[flipped] = out[flipped, :, ::-1]
+  return out
+
+
+def inception_crop_box(height: int, width: int, draws: np.ndarray,
+                       scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """torchvision's RandomResizedCrop box ``(left, top, right, bottom)``.
+
+  ``draws`` holds 4 uniforms per attempt (area, log-aspect, top, left) from
+  column 3 on; after ``_CROP_ATTEMPTS`` misses, a center crop clipped to
+  ``ratio``.
+  """
+  area = height * width
+  for a in range(_CROP_ATTEMPTS):
+    u = draws[3 + 4 * a: 7 + 4 * a]
+    target = area * (scale[0] + u[0] * (scale[1] - scale[0]))
+    aspect = np.exp(np.log(ratio[0]) + u[1] * (np.log(ratio[1]) - np.log(ratio[0])))
+    w = int(round(np.sqrt(target * aspect)))
+    h = int(round(np.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(u[2] * (height - h + 1))
+      left = int(u[3] * (width - w + 1))
+      return left, top, left + w, top + h
+  in_ratio = width / height
+  if in_ratio < ratio[0]:
+    w, h = width, int(round(width / ratio[0]))
+  elif in_ratio > ratio[1]:
+    w, h = int(round(height * ratio[1])), height
+  else:
+    w, h = width, height
+  top, left = (height - h) // 2, (width - w) // 2
+  return left, top, left + w, top + h
+
+
+def center_crop_box(height: int, width: int, size: int, resize: int) -> tuple[float, ...]:
+  """Box equal to "resize shorter side to ``resize``, center-crop ``size``"."""
+  side = min(height, width) * size / resize
+  top, left = (height - side) / 2, (width - side) / 2
+  return left, top, left + side, top + side
+
+
+def _resized(image: np.ndarray, box, size: tuple[int, int]) -> np.ndarray:
+  """Crops ``box`` and resizes it to ``size`` (H, W) in one bilinear Pillow pass."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  out = Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR, box=box)
+  return np.asarray(out)
+
+
+# ----------------------------------------------------------------------------
+# Dataset, iterators
+
+def _check_batch(global_batch_size: int, process_count: int, num_devices: int, n: int,
+                 what: str) -> None:
+  for count, desc in ((num_devices, "number of devices"), (process_count, "process count")):
+    if global_batch_size % count:
+      raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
+                       f"{desc} {count}")
+  if global_batch_size < 1 or (what == "train" and global_batch_size > n):
+    raise ValueError(f"global batch size {global_batch_size} must be in [1, {n}] "
+                     f"({n} {what} examples)")
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  p = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= p < count:
+    raise ValueError(f"process index {p} outside [0, {count})")
+  return p, count
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, 0, epoch]).permutation(n)
+
+
+def _draws(seed: int, step: int, global_batch_size: int) -> np.ndarray:
+  """Augmentation uniforms for a whole global batch: (B, 3 + 4 attempts)."""
+  return np.random.default_rng([seed, 1, step]).random((global_batch_size, 3 + 4 * _CROP_ATTEMPTS))
+
+
+class Dataset:
+  """A named dataset: facts, a train iterator and an evaluation pass."""
+
+  def __init__(self, info: DatasetInfo, recipe: _Recipe, train, test, *,
+               num_threads: int = _IN_MEMORY_THREADS):
+    self.info, self.recipe, self.train, self.test = info, recipe, train, test
+    # Batches are computed in this many grain threads; in-memory numpy work
+    # needs few (GIL), per-example JPEG work more.
+    self.num_threads = num_threads
+
+  def _train_images(self, images, draws) -> np.ndarray:
+    r = self.recipe
+    if r.augment == "inception":
+      size = self.info.image_shape[:2]
+      out = np.stack([_resized(im, inception_crop_box(*im.shape[:2], d), size)
+                      for im, d in zip(images, draws)])
+      flip = draws[:, 2] < 0.5
+      out[flip] = out[flip, :, ::-1]
+    else:
+      out = pad_crop_flip(images, draws, r.pad, r.augment == "crop_flip")
+    return normalize(out, r.mean, r.std)
+
+  def _eval_images(self, images) -> np.ndarray:
+    r = self.recipe
+    if r.augment == "inception":
+      size = self.info.image_shape[0]
+      resize = int(round(size / 0.875))  # 224 -> 256
+      images = np.stack([_resized(im, center_crop_box(*im.shape[:2], size, resize), (size, size))
+                         for im in images])
+    return normalize(images, r.mean, r.std)
+
+  def train_batch(self, step: int, *, global_batch_size: int, seed: int,
+                  process_index: int, process_count: int) -> dict[str, np.ndarray]:
+    """Process-local slice of global train batch ``step`` (counted over all epochs)."""
+    n, local = len(self.train), global_batch_size // process_count
+    epoch, s = divmod(step, n // global_batch_size)
+    rows = slice(s * global_batch_size + process_index * local,
+                 s * global_batch_size + (process_index + 1) * local)
+    images, labels = self.train.take(_permutation(seed, epoch, n)[rows])
+    draws = _draws(seed, step, global_batch_size)[process_index * local:(process_index + 1) * local]
+    return {"image": self._train_images(images, draws), "label": labels}
+
+  def eval_batch(self, index: int, *, global_batch_size: int, process_index: int,
+                 process_count: int) -> dict[str, np.ndarray]:
+    """Process-local slice of eval batch ``index``, zero-padded past the end."""
+    local = global_batch_size // process_count
+    start = index * global_batch_size + process_index * local
+    idx = np.arange(start, min(start + local, len(self.test)))
+    out = {"image": np.zeros((local, *self.info.image_shape), np.float32),
+           "label": np.zeros(local, np.int32), "mask": np.zeros(local, np.float32)}
+    if idx.size:
+      images, labels = self.test.take(idx)
+      out["image"][:idx.size] = self._eval_images(images)
+      out["label"][:idx.size] = labels
+      out["mask"][:idx.size] = 1.0
+    return out
+
+  def train_iterator(self, *, global_batch_size: int, seed: int, process_index: int | None = None,
+                     process_count: int | None = None, num_devices: int | None = None
+                     ) -> "TrainIterator":
+    """Infinite iterator of this process's train batches (see module docstring)."""
+    p, count = _process(process_index, process_count)
+    _check_batch(global_batch_size, count, jax.device_count() if num_devices is None else num_devices,
+                 len(self.train), "train")
+    if seed < 0:
+      raise ValueError(f"seed must be non-negative, got {seed}")
+    fn = functools.partial(self.train_batch, global_batch_size=global_batch_size, seed=seed,
+                           process_index=p, process_count=count)
+    return TrainIterator(self, fn, global_batch_size, seed)
+
+  def num_eval_batches(self, global_batch_size: int) -> int:
+    return -(-len(self.test) // global_batch_size)
+
+  def eval_batches(self, *, global_batch_size: int, process_index: int | None = None,
+                   process_count: int | None = None, num_devices: int | None = None
+                   ) -> Iterator[dict]:
+    """One pass over the test split: every example once, padded, with ``mask``.
+
+    All processes get ``ceil(num_test / global_batch_size)`` batches.
+    """
+    p, count = _process(process_index, process_count)
+    _check_batch(global_batch_size, count, jax.device_count() if num_devices is None else num_devices,
+                 len(self.test), "test")
+    fn = functools.partial(self.eval_batch, global_batch_size=global_batch_size,
+                           process_index=p, process_count=count)
+    ds = grain.MapDataset.range(self.num_eval_batches(global_batch_size)).map(fn)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
+                                                     prefetch_buffer_size=2 * self.num_threads)))
+
+
+class TrainIterator:
+  """Infinite iterator of process-local train batches; resumable.
+
+  ``get_state()`` is ``{"step", "seed", "global_batch_size", "dataset"}``
+  (JSON-serializable); ``step`` counts batches over all epochs.
+  """
+
+  def __init__(self, dataset: Dataset, batch_fn, global_batch_size: int, seed: int):
+    self.steps_per_epoch = len(dataset.train) // global_batch_size
+    self._key = {"seed": seed, "global_batch_size": global_batch_size, "dataset": dataset.info.name}
+    threads = dataset.num_threads
+    # An index range as long as any run: grain maps index k to batch_fn(k)
+    # in threads, keeps order, and its state is the next index.
+    ds = grain.MapDataset.range(0, 1 << 62).map(batch_fn)
+    self._it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                         prefetch_buffer_size=2 * threads)))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self._it)
+
+  @property
+  def step(self) -> int:
+    return int(self._it.get_state()["next_index"])
+
+  @property
+  def epoch(self) -> int:
+    return self.step // self.steps_per_epoch
+
+  def get_state(self) -> dict:
+    return {"step": self.step, **self._key}
+
+  def set_state(self, state: dict) -> None:
+    mismatch = {k: (state.get(k), v) for k, v in self._key.items() if state.get(k) != v}
+    if mismatch:
+      raise ValueError(f"iterator state does not belong to this iterator: (saved, current) = {mismatch}")
+    self._it.set_state({"next_index": int(state["step"])})
+
+
+def make_global_batch(local_batch: dict, sharding: jax.sharding.Sharding) -> dict:
+  """Process-local batches -> global ``jax.Array`` s sharded along axis 0.
+
+  ``sharding`` must shard only the leading (batch) axis, e.g.
+  ``NamedSharding(mesh, P("data"))``; it is used for every entry.
+  """
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+# ----------------------------------------------------------------------------
+# get_dataset
+
+def _limit(split, n: int | None, what: str, name: str):
+  if n is None:
+    return split
+  if not 0 < n <= len(split):
+    raise ValueError(f"{name}: {what}={n} outside [1, {len(split)}]")
+  if isinstance(split, _ArraySplit):
+    return _ArraySplit(split.images[:n], split.labels[:n])
+  split.count = n
+  return split
+
+
+def _load_fashion_mnist(data_dir: str | None):
+  for directory in (data_dir, DEFAULT_FASHION_MNIST_DIR):
+    if directory and find_idx_files(directory):
+      d = load_idx_dataset(directory)
+      return (_ArraySplit(d["train_images"], d["train_labels"]),
+              _ArraySplit(d["test_images"], d["test_labels"]))
+  return None
+
+
+def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num_classes=None,
+                num_train=None, num_test=None) -> Dataset:
+  """The dataset called ``name`` (one of :data:`DATASETS`).
+
+  Args:
+    name: dataset name.
+    data_dir: idx directory (``fashion_mnist``) or TFDS data directory.
+    image_shape: (H, W, C) of ``synthetic``; the crop size of
+      ``imagenet2012`` (e.g. (160, 160, 3)); must match for the others.
+    num_classes: class count of ``synthetic``; must match for the others.
+    num_train, num_test: split sizes of ``synthetic`` (default 50,000 and
+      10,000); for real data, use only the first ``n`` examples.
+  """
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+  recipe = _RECIPES[name]
+  if image_shape is not None:
+    image_shape = tuple(int(d) for d in image_shape)
+    if len(image_shape) != 3 or (name not in ("synthetic", "imagenet2012") and image_shape != recipe.image_shape) \
+        or (name == "imagenet2012" and image_shape[2] != 3):
+      raise ValueError(f"{name}: image_shape {image_shape} not supported (dataset's is {recipe.image_shape})")
+    recipe = dataclasses.replace(recipe, image_shape=image_shape)
+  if num_classes is not None:
+    if name != "synthetic" and num_classes != recipe.num_classes:
+      raise ValueError(f"{name} has {recipe.num_classes} classes, not {num_classes}")
+    recipe = dataclasses.replace(recipe, num_classes=int(num_classes))
+  if name == "synthetic" and len(recipe.mean) != recipe.image_shape[2]:
+    c = recipe.image_shape[2]
+    recipe = dataclasses.replace(recipe, mean=recipe.mean * c, std=recipe.std * c)
+
+  threads = _IN_MEMORY_THREADS
+  if name == "synthetic":
+    train = _SyntheticSplit(num_train or 50_000, recipe.image_shape, recipe.num_classes, salt=1)
+    test = _SyntheticSplit(num_test or 10_000, recipe.image_shape, recipe.num_classes, salt=2)
+    num_train = num_test = None
+  elif name == "fashion_mnist" and (splits := _load_fashion_mnist(data_dir)):
+    train, test = splits
+  elif name == "imagenet2012":
+    train_src = open_tfds_split(name, "train", data_dir)
+    test_src = open_tfds_split(name, recipe.test_split, data_dir)
+    train, test = _RecordSplit(train_src, len(train_src)), _RecordSplit(test_src, len(test_src))
+    threads = min(16, os.cpu_count() or 1)
+  else:  # small TFDS datasets: decode once, keep in memory
+    def load(split, n):
+      src = open_tfds_split(name, split, data_dir)
+      return _ArraySplit(*_read_records(src, len(src) if n is None else min(n, len(src))))
+    train, test = load("train", num_train), load(recipe.test_split, num_test)
+  train = _limit(train, num_train, "num_train", name)
+  test = _limit(test, num_test, "num_test", name)
+  info = DatasetInfo(name, recipe.num_classes, recipe.image_shape, len(train), len(test))
+  return Dataset(info, recipe, train, test, num_threads=threads)
+
+
+def from_arrays(recipe_name: str, train_images, train_labels, test_images, test_labels) -> Dataset:
+  """An in-memory dataset augmented and normalized like ``recipe_name``.
+
+  For benchmarks and tests: e.g. random 32x32x3 arrays through exactly the
+  CIFAR-10 path.
+  """
+  recipe = _RECIPES[recipe_name]
+  train, test = _ArraySplit(np.asarray(train_images, np.uint8), np.asarray(train_labels, np.int32)), \
+      _ArraySplit(np.asarray(test_images, np.uint8), np.asarray(test_labels, np.int32))
+  info = DatasetInfo(recipe_name, recipe.num_classes, tuple(train.images.shape[1:]),
+                     len(train), len(test))
+  return Dataset(info, recipe, train, test)
