@@ -32,18 +32,19 @@ import jax.numpy as jnp
 
 from tgq_jax.layers import TernaryConv, TernaryDense
 
+ModuleDef = Any  # a module constructor (a class or a functools.partial of one)
+
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), untruncated.
 _IMAGENET_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-# He et al. 2016 / the common CIFAR code: kaiming_normal_ with fan_in.
+# He et al. 2016 / the common CIFAR code: kaiming_normal_ with fan_in (convs and the classifier).
+# The ImageNet classifier keeps flax's default init (lecun normal, zero bias) rather than
+# torchvision's uniform one: only the distribution differs, and a checkpoint replaces it anyway.
 _CIFAR_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
   """PyTorch's symmetric ``padding=k // 2``; 'SAME' pads stride-2 convs asymmetrically."""
   return ((k // 2, k // 2), (k // 2, k // 2))
-
-
-ModuleDef = Any
 
 
 def _conv(conv: ModuleDef, features: int, k: int, stride: int = 1, **kw) -> nn.Module:
