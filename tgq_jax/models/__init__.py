@@ -15,12 +15,22 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from tgq_jax.models.resnet import BasicBlock, Bottleneck, CifarResNet, ResNet
 from tgq_jax.models.small_cnn import SmallCNN
 from tgq_jax.quantizers import get_quantizer
 
 # arch name -> (module class, fixed constructor arguments)
 _ARCHS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
   "small_cnn": (SmallCNN, {}),
+  # ImageNet, torchvision's layout and parameter counts.
+  "resnet18": (ResNet, {"stage_sizes": (2, 2, 2, 2), "block_cls": BasicBlock}),
+  "resnet34": (ResNet, {"stage_sizes": (3, 4, 6, 3), "block_cls": BasicBlock}),
+  "resnet50": (ResNet, {"stage_sizes": (3, 4, 6, 3), "block_cls": Bottleneck}),
+  # CIFAR (He et al. 2016), option-A shortcuts; also fine on 28x28x1.
+  "resnet20": (CifarResNet, {"depth": 20}),
+  "resnet32": (CifarResNet, {"depth": 32}),
+  "resnet44": (CifarResNet, {"depth": 44}),
+  "resnet56": (CifarResNet, {"depth": 56}),
 }
 
 
