@@ -120,9 +120,9 @@ def test_scale_from_stats_check_grads(delta):
   sigma = 0.5
   with jax.enable_x64(True):
     if abs(delta) < 3 * sigma:
-      check_grads(scale_from_stats, (delta, 0.1, sigma), order=2, modes=("fwd", "rev"))
+      check_grads(scale_from_stats, (delta, 0.1, sigma), order=1, modes=("fwd", "rev"))
     else:
-      check_grads(lambda d, m: scale_from_stats(d, m, sigma), (delta, 0.1), order=2,
+      check_grads(lambda d, m: scale_from_stats(d, m, sigma), (delta, 0.1), order=1,
                   modes=("fwd", "rev"))
       dd, dm, ds = jax.grad(scale_from_stats, argnums=(0, 1, 2))(delta, 0.1, sigma)
       lam = _np_mills(3.0)
