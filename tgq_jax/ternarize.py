@@ -160,10 +160,17 @@ class _Stats(NamedTuple):
 def _moments(w: jax.Array, axes: tuple[int, ...]) -> tuple[int, jax.Array, jax.Array]:
   """Count, mean and sample std (0 for a single element) over ``axes``, kept as size-1 dims."""
   n = int(np.prod([w.shape[i] for i in axes], dtype=np.int64))
-  mu = jnp.mean(w, axis=axes, keepdims=True)
+  # Shifted data: subtract the slice's first element before averaging, so a
+  # constant slice gets mu equal to its value and sigma exactly 0 (a plain
+  # mean of e.g. 0.1 repeated is off by an ulp, which made sigma tiny but
+  # nonzero and, with delta = 0, turned every code into +-1).
+  first = w[tuple(slice(0, 1) if i in axes else slice(None) for i in range(w.ndim))]
+  shifted = w - first
+  mean_shift = jnp.mean(shifted, axis=axes, keepdims=True)
+  mu = first + mean_shift
   if n == 1:
     return n, mu, jnp.zeros_like(mu)
-  centred = w - mu
+  centred = shifted - mean_shift
   return n, mu, jnp.sqrt(jnp.sum(centred * centred, axis=axes, keepdims=True) / (n - 1))
 
 
