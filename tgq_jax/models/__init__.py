@@ -7,6 +7,10 @@ All conv and dense layers are :class:`~tgq_jax.layers.TernaryConv` /
 :class:`~tgq_jax.layers.TernaryDense`; ``ternary_first`` / ``ternary_last``
 keep the first conv / the classifier in full precision when False (the paper's
 "ff_lf" setting); with ``quantizer="fp"`` the model is its full-precision twin.
+
+torchvision ImageNet checkpoints load through :mod:`tgq_jax.models.torchvision`
+(:func:`load_torchvision_weights`, :func:`convert_state_dict`), and
+:func:`init_ternary_from_fp` starts a ternary model from its FP twin.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import jax.numpy as jnp
 
 from tgq_jax.models.resnet import BasicBlock, Bottleneck, CifarResNet, ResNet
 from tgq_jax.models.small_cnn import SmallCNN
+# torchvision.py imports create_model lazily (inside a function), so this is no cycle.
+from tgq_jax.models.torchvision import convert_state_dict, init_ternary_from_fp, load_torchvision_weights
 from tgq_jax.quantizers import get_quantizer
 
 # arch name -> (module class, fixed constructor arguments)
