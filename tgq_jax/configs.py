@@ -108,8 +108,15 @@ def _field_type(field: dataclasses.Field) -> tuple[Any, bool]:
   return t, False
 
 
+class _Parser(argparse.ArgumentParser):
+  """Bad options are one line on stderr (``error: ...``) and exit code 2, without the usage block."""
+
+  def error(self, message):
+    self.exit(2, f"error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
     prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     description="Train a ternary-weight network with TGA (He & Fan, CVPR 2019). With no options: "
                 "the small CNN on Fashion-MNIST, every layer ternary (the demo). Defaults shown are "

@@ -170,15 +170,19 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_thr, tx_w
     # Pass 2: with the new thresholds, for the weights.
     (_, (logits, batch_stats)), grads = grad_fn(params)
     grads = _select(grads, labels, WEIGHT, pmean)
+    grad_norm = optax.tree.norm(grads)
     updates, w_state = tx_w.update(grads, state.weight_opt_state, params)
     params = optax.apply_updates(params, updates)
   else:
     (_, (logits, batch_stats)), grads = grad_fn(params)
     grads = pmean(grads)
+    grad_norm = optax.tree.norm(grads)
     thr_updates, thr_state = tx_thr.update(grads, thr_state, params)
     w_updates, w_state = tx_w.update(grads, state.weight_opt_state, params)
     params = optax.apply_updates(optax.apply_updates(params, thr_updates), w_updates)
   metrics = jax.tree.map(jnp.mean, _metrics(logits, batch["label"], num_classes))
+  # The NaN guard watches the gradient too: ReLU/max-pool can hide a NaN from the loss.
+  metrics["grad_norm"] = grad_norm
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=pmean(batch_stats),
                             threshold_opt_state=thr_state, weight_opt_state=w_state)
   return new_state, pmean(metrics)
@@ -299,12 +303,13 @@ def evaluate(eval_fn: Callable, state: TrainState, dataset, cfg: Config, mesh, k
 def _check_finite(pending: tuple[int, Any] | None, last_saved: int | None) -> None:
   if pending is None:
     return
-  step, loss = pending
-  value = float(to_host(loss))
-  if not np.isfinite(value):
+  step, metrics = pending
+  loss, grad_norm = (float(to_host(metrics[k])) for k in ("loss", "grad_norm"))
+  if not (np.isfinite(loss) and np.isfinite(grad_norm)):
     kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None else \
       "no checkpoint was written"
-    raise NonFiniteLossError(f"training loss is {value} at step {step}; stopping ({kept}).")
+    raise NonFiniteLossError(f"non-finite training loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
+                             f"stopping ({kept}).")
 
 
 class _Preemption:
@@ -412,7 +417,7 @@ def train_and_evaluate(cfg: Config, *, verbose: bool = True) -> dict:
         state, metrics = train_fn(state, parallel.put_batch(next(train_iter), mesh, kind))
         _check_finite(pending, last_saved)  # lagged one step: keeps the device busy
         step += 1
-        pending = (step, metrics["loss"])
+        pending = (step, metrics)
         window.append(metrics)
         bar.update(1)
         if step % cfg.log_every == 0 or step == end:
