@@ -25,6 +25,7 @@ from typing import Any
 import flax.serialization
 import flax.traverse_util
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
 
@@ -89,8 +90,14 @@ def load_variables(path: str) -> dict:
   step = manager.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"--init-from: no checkpoint found in {path}")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  state = restored["state"]
+  # Restore as host numpy arrays: the checkpoint may come from another device topology.
+  item = os.path.join(os.path.abspath(directory), str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(item).item_metadata
+  tree = getattr(tree, "tree", tree)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
+                              is_leaf=lambda x: hasattr(x, "shape"))
+  state = checkpointer.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
 
 

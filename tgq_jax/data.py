@@ -59,7 +59,7 @@ class TrainIterator:
     if self._perm is None:  # every process draws the same global permutation
       self._perm = np.random.default_rng([self._seed, self._epoch]).permutation(len(self._images))
     start = self._index * self._batch + self._offset
-    idx = np.sort(self._perm[start:start + self._local])
+    idx = self._perm[start:start + self._local]
     self._index += 1
     return {"image": self._images[idx], "label": self._labels[idx]}
 

@@ -49,8 +49,14 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 
 def make_mesh() -> Mesh:
-  """A 1-D mesh over all devices of all processes (process-major order)."""
-  return Mesh(np.asarray(jax.devices()), (AXIS,))
+  """A 1-D mesh over all devices of all processes, process-major.
+
+  Process-major order makes each host's devices a contiguous block of the
+  batch axis, so host ``i``'s share of a global batch is rows
+  ``[i * B / P, (i + 1) * B / P)``, as the data iterators produce it.
+  """
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return Mesh(np.asarray(devices), (AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -391,7 +391,7 @@ def train_and_evaluate(cfg: Config, *, verbose: bool = True) -> dict:
 
   def save(step, metrics=None):
     nonlocal last_saved
-    checkpoints.save(manager, step, state, data_state(), metrics)
+    checkpoints.save(manager, step, to_host(state), data_state(), metrics)  # host copies: any topology
     last_saved = step
 
   def log_test(step):
