@@ -72,7 +72,7 @@ def restore(manager: ocp.CheckpointManager, target_state: Any, step: int | None 
   return flax.serialization.from_state_dict(target_state, restored["state"]), restored["data"]
 
 
-def _resolve(path: str) -> tuple[str, int | None]:
+def resolve(path: str) -> tuple[str, int | None]:
   """(manager directory, step or None for latest) for a workdir, checkpoints dir or step dir."""
   if not os.path.isdir(path):
     raise CheckpointError(f"--init-from: no such checkpoint directory: {path}")
@@ -85,9 +85,10 @@ def _resolve(path: str) -> tuple[str, int | None]:
 
 def load_variables(path: str) -> dict:
   """Loads ``{"params", "batch_stats"}`` from a checkpoint of this trainer (host numpy arrays)."""
-  directory, step = _resolve(path)
-  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data"))
-  step = manager.latest_step() if step is None else step
+  directory, step = resolve(path)
+  if step is None:  # finalized steps only: orbax's tmp dirs are not plain integers
+    steps = [int(p) for p in os.listdir(directory) if p.isdigit() and os.path.isdir(os.path.join(directory, p, "state"))]
+    step = max(steps, default=None)
   if step is None:
     raise CheckpointError(f"--init-from: no checkpoint found in {path}")
   # Restore as host numpy arrays: the checkpoint may come from another device topology.

@@ -19,6 +19,7 @@ weights are trained with. The first pass's statistics are discarded.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -341,6 +342,8 @@ def setup(cfg: Config):
     if value not in choices:
       raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(choices)}.")
   parallel.check_batch_size(cfg.batch_size)
+  if cfg.init_from:
+    checkpoints.resolve(cfg.init_from)  # a missing path fails now, before anything starts
   parallel.check_batch_size(cfg.eval_batch_size, "eval batch size")
   dtype = jnp.bfloat16 if cfg.half_precision else jnp.float32
   model = create_model(cfg.arch, info.num_classes, quantizer=cfg.quantizer, per_channel=cfg.per_channel,
@@ -352,6 +355,11 @@ def setup(cfg: Config):
 
 def train_and_evaluate(cfg: Config, *, verbose: bool = True) -> dict:
   """Trains (or resumes, or only evaluates) as ``cfg`` says; returns the summary (also summary.json)."""
+  with contextlib.ExitStack() as cleanup:  # close the checkpoint manager and writers on any exit
+    return _train_and_evaluate(cfg, verbose, cleanup)
+
+
+def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStack) -> dict:
   t0 = time.time()
   dataset, model, layers, train_iter = setup(cfg)
   info, spe = dataset.info, train_iter.steps_per_epoch
@@ -368,6 +376,8 @@ def train_and_evaluate(cfg: Config, *, verbose: bool = True) -> dict:
 
   state = create_state(model, info.image_shape, tx_thr, tx_w, cfg.seed)
   manager = checkpoints.make_manager(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
+  cleanup.callback(manager.close)
+  cleanup.callback(manager.wait_until_finished)  # (callbacks run last-in first-out)
   extra = {"best_test_accuracy": None, "wall_seconds": 0.0}
   if manager.latest_step() is not None:  # re-running the same command resumes
     state, data_state = checkpoints.restore(manager, to_host(state))
@@ -380,6 +390,7 @@ def train_and_evaluate(cfg: Config, *, verbose: bool = True) -> dict:
   state = parallel.put_state(state, mesh, kind)
 
   writer = MetricsWriter(workdir, enabled=is_main)
+  cleanup.callback(writer.close)
   total = spe * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, spe * cfg.epochs)
   step = int(to_host(state.step))
   last_saved = manager.latest_step()
@@ -447,8 +458,6 @@ def train_and_evaluate(cfg: Config, *, verbose: bool = True) -> dict:
 
   if not interrupted and test is None:  # eval-only, or resumed a finished run
     test, stats = log_test(step)
-  writer.close()
-  manager.close()
   extra["wall_seconds"] += time.time() - t0
   summary = {"test_accuracy": None if test is None else test["accuracy"],
              "best_test_accuracy": extra["best_test_accuracy"], "steps": step,
