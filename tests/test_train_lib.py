@@ -181,3 +181,25 @@ def test_init_from_errors(tmp_path):
                                  verbose=False)
   with pytest.raises(checkpoints.CheckpointError, match="no such"):
     train_lib.train_and_evaluate(quick(tmp_path / "v", init_from=str(tmp_path / "missing")), verbose=False)
+
+
+def test_eval_only_reproduces_the_final_test_accuracy(tmp_path):
+  trained = train_lib.train_and_evaluate(quick(tmp_path, max_steps=2), verbose=False)
+  again = train_lib.train_and_evaluate(quick(tmp_path, max_steps=2, eval_only=True), verbose=False)
+  assert again["steps"] == 2 and again["test_accuracy"] == trained["test_accuracy"]
+
+
+def test_half_precision_runs_with_float32_params(tmp_path):
+  summary = train_lib.train_and_evaluate(quick(tmp_path, max_steps=2, half_precision=True), verbose=False)
+  assert np.isfinite(summary["test_metrics"]["loss"])
+  params = checkpoints.load_variables(str(tmp_path))["params"]
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
+
+
+def test_top5_is_reported_beyond_ten_classes():
+  cfg = Config(arch="tiny_cnn")
+  *_, state, train_fn, _ = build(cfg, num_classes=20)
+  batch = _batches(1)[0]
+  step = train_lib.parallel.map_step(train_fn, mesh_of(1), "shard_map")
+  _, metrics = step(state, train_lib.parallel.put_batch(batch, mesh_of(1), "shard_map"))
+  assert 0.0 <= float(metrics["top5_accuracy"]) <= 1.0
