@@ -29,21 +29,21 @@ class Config:
   ternary_first: bool = True
   ternary_last: bool = True
   # schedule
-  epochs: int = 3
+  epochs: int = 4
   max_steps: int | None = None  # stop early (smoke runs)
   batch_size: int = 128  # global, over all devices and hosts
   eval_batch_size: int = 1000
   # optimization
   update: str = "sequential"  # sequential (the paper) | joint
   optimizer: str = "adam"  # sgd | adam
-  lr: float = 2e-3
+  lr: float = 5e-3
   momentum: float = 0.9
   nesterov: bool = True
   lr_schedule: str = "cosine"  # step | cosine
   schedule: tuple[int, ...] = ()  # epochs at which the step schedule multiplies the lr ...
   gammas: tuple[float, ...] = ()  # ... by these factors (cumulative, like the reference)
   weight_decay: float = 0.0
-  threshold_lr: float = 1e-3  # the threshold optimizer follows the same schedule shape
+  threshold_lr: float = 1e-4  # the threshold optimizer follows the same schedule shape
   threshold_grad_clip: float = 0.001  # the reference clamps delta's gradient to +-0.001
   threshold_weight_decay: float = 0.0  # deltas are not decayed by default
   # initialization / modes
