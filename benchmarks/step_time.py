@@ -14,7 +14,6 @@ shared machine disturbs them alike.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 import statistics

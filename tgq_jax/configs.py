@@ -12,7 +12,6 @@ import dataclasses
 import typing
 from typing import Any
 
-ParallelKind = typing.Literal["shard_map", "pmap"]
 
 
 @dataclasses.dataclass(frozen=True)
