@@ -16,7 +16,10 @@ from tgq_jax import configs
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
            PYTHONPATH=REPO)
-SYNTH = ["--dataset", "synthetic", "--batch-size", "32", "--eval-batch-size", "64"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trainer_helpers import SYNTH_ARGS  # noqa: E402
+
+SYNTH = [*SYNTH_ARGS, "--batch-size", "32", "--eval-batch-size", "64"]
 
 
 def _run(*args, timeout=240):
@@ -45,7 +48,7 @@ def test_preset_and_explicit_flags_override():
   (["--arch", "nope"], "unknown arch 'nope'"),
   (["--dataset", "nope"], "unknown dataset 'nope'"),
   (["--quantizer", "nope"], "invalid choice"),
-  (SYNTH[:2] + ["--batch-size", "30"], "not divisible by the device count 4"),
+  (SYNTH + ["--batch-size", "30"], "not divisible by the device count 4"),
   (SYNTH + ["--init-from", "/nonexistent/ckpt"], "no such checkpoint"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, args, message):

@@ -11,16 +11,15 @@ import jax
 import numpy as np
 import pytest
 
-from trainer_helpers import build, mesh_of, run_steps
-from tgq_jax import checkpoints, data, parallel
+from trainer_helpers import SYNTH_ARGS, build, mesh_of, run_steps, synthetic_batches
+from tgq_jax import checkpoints, parallel
 from tgq_jax.configs import Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _batches(n=3, batch_size=16):
-  it = data.get_dataset("synthetic").train_iterator(global_batch_size=batch_size, seed=0)
-  return [next(it) for _ in range(n)]
+  return synthetic_batches(n, batch_size)
 
 
 def _close(a, b, **kw):
@@ -68,7 +67,7 @@ def _free_port() -> int:
 
 
 def _train_cmd(workdir, *extra):
-  return [sys.executable, os.path.join(REPO, "train.py"), "--dataset", "synthetic", "--batch-size", "16",
+  return [sys.executable, os.path.join(REPO, "train.py"), *SYNTH_ARGS, "--batch-size", "16",
           "--eval-batch-size", "64", "--max-steps", "3", "--log-every", "1", "--workdir", str(workdir),
           "--optimizer", "sgd", "--lr", "0.01",
           *extra]

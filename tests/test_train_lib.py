@@ -11,15 +11,14 @@ import numpy as np
 import optax
 import pytest
 
-from trainer_helpers import build, mesh_of, quick, run_steps
+from trainer_helpers import build, mesh_of, quick, run_steps, synthetic_batches
 from tgq_jax import checkpoints, data, ternarize, train_lib
 from tgq_jax.configs import Config
 from tgq_jax.layers import TernaryDense, quantized_layers
 
 
 def _batches(n, batch_size=32, seed=0):
-  it = data.get_dataset("synthetic").train_iterator(global_batch_size=batch_size, seed=seed)
-  return [next(it) for _ in range(n)]
+  return synthetic_batches(n, batch_size, seed)
 
 
 def test_a_few_steps_lower_the_loss():
@@ -134,18 +133,25 @@ class _PoisonedDataset:
     return self._inner.eval_batches(**kw)
 
   def train_iterator(self, **kw):
-    it = self._inner.train_iterator(**kw)
-    count = [0]
-    orig_next = type(it).__next__
+    return _PoisonedIterator(self._inner.train_iterator(**kw))
 
-    class Wrapped(type(it)):
-      def __next__(self):
-        batch = orig_next(self)
-        count[0] += 1
-        return {**batch, "image": batch["image"] * np.nan} if count[0] == 3 else batch
 
-    it.__class__ = Wrapped
-    return it
+class _PoisonedIterator:
+  def __init__(self, inner):
+    self._inner, self.steps_per_epoch, self._count = inner, inner.steps_per_epoch, 0
+
+  def get_state(self):
+    return self._inner.get_state()
+
+  def set_state(self, state):
+    self._inner.set_state(state)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch, self._count = next(self._inner), self._count + 1
+    return {**batch, "image": batch["image"] * np.nan} if self._count == 3 else batch
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

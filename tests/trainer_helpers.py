@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tgq_jax import models, parallel, train_lib
+from tgq_jax import data, models, parallel, train_lib
 from tgq_jax.configs import Config
 from tgq_jax.layers import TernaryConv, TernaryDense, quantized_layers
 from tgq_jax.models.small_cnn import SmallCNN
@@ -37,8 +37,16 @@ models.register("tiny_cnn", SmallCNN, widths=(4, 8))
 models.register("tiny_cnn_wide", SmallCNN, widths=(4, 6))
 models.register("nobn", NoBNNet)
 
+SYNTH = dict(image_shape=(28, 28, 1), num_train=512, num_test=128)
+SYNTH_ARGS = ["--dataset", "synthetic", "--image-shape", "28", "28", "1", "--num-train", "512",
+              "--num-test", "128"]
 QUICK = Config(arch="tiny_cnn", dataset="synthetic", batch_size=32, eval_batch_size=64, epochs=2,
-               log_every=1, optimizer="sgd", lr=0.05, threshold_lr=0.01)
+               log_every=1, optimizer="sgd", lr=0.05, threshold_lr=0.01, **SYNTH)
+
+
+def synthetic_batches(n: int, batch_size: int = 32, seed: int = 0) -> list[dict]:
+  it = data.get_dataset("synthetic", **SYNTH).train_iterator(global_batch_size=batch_size, seed=seed)
+  return [next(it) for _ in range(n)]
 
 
 def quick(tmp_path, **kw) -> Config:

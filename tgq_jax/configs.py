@@ -22,6 +22,9 @@ class Config:
   arch: str = "small_cnn"
   dataset: str = "fashion_mnist"
   data_dir: str | None = None
+  image_shape: tuple[int, ...] = ()  # (H, W, C) of synthetic data / ImageNet crops; () = the dataset's
+  num_train: int | None = None  # synthetic split sizes; for real data: only the first n examples
+  num_test: int | None = None
   workdir: str | None = None  # default: runs/<arch>_<dataset>_<quantizer>
   quantizer: str = "tga"
   per_channel: bool = False
