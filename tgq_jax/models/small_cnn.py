@@ -15,7 +15,7 @@ class SmallCNN(nn.Module):
   """conv-BN-ReLU blocks with 2x2 max-pooling between stages, then a linear classifier."""
 
   num_classes: int
-  widths: Sequence[int] = (32, 64, 128)
+  widths: Sequence[int] = (16, 32, 64, 128)
   quantizer: str = "tga"
   per_channel: bool = False
   ternary_first: bool = True

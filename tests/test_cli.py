@@ -1,0 +1,111 @@
+"""train.py as a user runs it: --help, one-line errors, presets, SIGTERM + resume, the demo (short)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tgq_jax import configs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+           PYTHONPATH=REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trainer_helpers import SYNTH_ARGS  # noqa: E402
+
+SYNTH = [*SYNTH_ARGS, "--batch-size", "32", "--eval-batch-size", "64"]
+
+
+def _run(*args, timeout=240):
+  return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *args], env=ENV,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_every_option_with_its_default():
+  out = _run("--help").stdout
+  for field in dataclasses.fields(configs.Config):
+    assert "--" + field.name.replace("_", "-") in out
+  assert "--no-ternary-first" in out and "--config" in out
+  assert out.count("(default:") >= len(dataclasses.fields(configs.Config))
+
+
+def test_preset_and_explicit_flags_override():
+  cfg = configs.from_args(["--config", "imagenet_resnet18", "--lr", "3e-4"])
+  assert (cfg.arch, cfg.optimizer, cfg.lr, cfg.epochs, cfg.schedule, cfg.gammas, cfg.weight_decay,
+          cfg.batch_size) == ("resnet18", "adam", 3e-4, 50, (25, 30, 35), (0.2, 0.2, 0.5), 5e-6, 256)
+  cifar = configs.from_args(["--config", "cifar10_resnet20", "--no-nesterov"])
+  assert (cifar.optimizer, cifar.momentum, cifar.nesterov, cifar.weight_decay) == ("sgd", 0.9, False, 1e-4)
+  assert configs.from_args([]) == configs.Config()
+
+
+@pytest.mark.parametrize("args, message", [
+  (["--arch", "nope"], "unknown arch 'nope'"),
+  (["--dataset", "nope"], "unknown dataset 'nope'"),
+  (["--quantizer", "nope"], "invalid choice"),
+  (SYNTH + ["--batch-size", "30"], "not divisible by the device count 4"),
+  (SYNTH + ["--init-from", "/nonexistent/ckpt"], "no such checkpoint"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, args, message):
+  result = _run(*args, "--workdir", str(tmp_path))
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  error = [line for line in lines if line.startswith("error: ")]
+  assert len(error) == 1 and message in error[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+
+
+def test_init_from_another_architecture_is_a_one_line_error(tmp_path, capsys):
+  import importlib.util
+
+  import trainer_helpers  # noqa: F401  (registers tiny_cnn and tiny_cnn_wide)
+  spec = importlib.util.spec_from_file_location("train_cli", os.path.join(REPO, "train.py"))
+  train = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(train)
+  assert train.main([*SYNTH, "--arch", "tiny_cnn", "--quantizer", "fp", "--max-steps", "1",
+                     "--workdir", str(tmp_path / "fp")]) == 0
+  capsys.readouterr()
+  code = train.main([*SYNTH, "--arch", "tiny_cnn_wide", "--init-from", str(tmp_path / "fp"),
+                     "--workdir", str(tmp_path / "t")])
+  err = capsys.readouterr().err
+  assert code == 2 and err.startswith("error: --init-from: checkpoint is of another architecture"), err
+  assert len(err.strip().splitlines()) == 1
+
+
+def test_sigterm_saves_exits_cleanly_and_the_same_command_resumes(tmp_path):
+  cmd = [sys.executable, os.path.join(REPO, "train.py"), *SYNTH, "--epochs", "1000", "--log-every", "1",
+         "--workdir", str(tmp_path)]
+  proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 180
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert "interrupted (SIGTERM)" in out
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["interrupted"] and summary["steps"] >= 2
+  steps = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
+  assert steps[-1] == summary["steps"]
+  again = _run(*SYNTH, "--epochs", "1000", "--log-every", "1", "--workdir", str(tmp_path),
+               "--max-steps", str(summary["steps"] + 1))
+  assert again.returncode == 0 and f"resuming from step {summary['steps']}" in again.stdout, again.stderr[-2000:]
+  assert json.loads((tmp_path / "summary.json").read_text())["steps"] == summary["steps"] + 1
+
+
+def test_the_demo_command_runs_and_prints_the_table(tmp_path):
+  result = _run("--max-steps", "3", "--workdir", str(tmp_path), timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  for text in ("test accuracy:", "sparsity", "threshold", "conv0", "head", "FP32", "2-bit ternary"):
+    assert text in result.stdout
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["steps"] == 3 and summary["config"]["arch"] == "small_cnn"
+  assert summary["config"]["update"] == "sequential" and summary["config"]["quantizer"] == "tga"
+  assert any(p.startswith("events.out.tfevents") for p in os.listdir(tmp_path / "tensorboard"))

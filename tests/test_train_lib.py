@@ -1,0 +1,211 @@
+"""Trainer steps and loop: learning, sequential vs joint semantics, resume, NaN guard, --init-from."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from trainer_helpers import build, mesh_of, quick, run_steps, synthetic_batches
+from tgq_jax import checkpoints, data, ternarize, train_lib
+from tgq_jax.configs import Config
+from tgq_jax.layers import TernaryDense, quantized_layers
+
+
+def _batches(n, batch_size=32, seed=0):
+  return synthetic_batches(n, batch_size, seed)
+
+
+def test_a_few_steps_lower_the_loss():
+  cfg = Config(arch="tiny_cnn", optimizer="adam", lr=1e-2)
+  *_, state, train_fn, _ = build(cfg)
+  batch = _batches(1)[0]
+  _, losses = run_steps(train_fn, state, [batch] * 8, mesh_of(1), "shard_map")
+  assert losses[-1] < losses[0] - 0.05 and losses[-1] == min(losses), losses
+
+
+class OneDense(nn.Module):
+  """logits = x @ ternarize(W, delta): small enough to compute the update by hand (with jax.grad)."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    return TernaryDense(3, use_bias=False, name="d")(x)
+
+
+def _hand_case(update, clip):
+  cfg = Config(optimizer="sgd", momentum=0.0, lr=0.5, threshold_lr=0.2, lr_schedule="step",
+               threshold_grad_clip=clip, update=update)
+  model = OneDense()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5)), jnp.float32)
+  y = jnp.asarray([0, 1, 2, 1], jnp.int32)
+  layers = quantized_layers(model, x)
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  params = {"d": {"kernel": params["d"]["kernel"], "delta": jnp.float32(0.3)}}
+  labels = train_lib.param_labels(params, layers)
+  tx_thr, tx_w, _ = train_lib.make_optimizers(cfg, labels, 10)
+  state0 = train_lib.TrainState(step=jnp.int32(0), params=params, batch_stats={},
+                                threshold_opt_state=tx_thr.init(params), weight_opt_state=tx_w.init(params),
+                                rng=jax.random.PRNGKey(0))
+  fn, _ = train_lib.make_step_fns(model, tx_thr, tx_w, labels, cfg, 3, True)
+  new, _ = run_steps(fn, state0, [{"image": np.asarray(x), "label": np.asarray(y)}], mesh_of(1), "shard_map")
+
+  def loss(w, delta):
+    logits = x @ ternarize(w, {"delta": delta})
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+  return cfg, params["d"]["kernel"], params["d"]["delta"], loss, new.params["d"]
+
+
+@pytest.mark.parametrize("clip", [10.0, 1e-3])
+def test_sequential_uses_the_updated_threshold_for_the_weight_gradient(clip):
+  cfg, w0, d0, loss, got = _hand_case("sequential", clip)
+  g_d = jax.grad(loss, 1)(w0, d0)
+  d1 = d0 - cfg.threshold_lr * jnp.clip(g_d, -clip, clip)
+  w1 = w0 - cfg.lr * jax.grad(loss, 0)(w0, d1)  # weight gradient at the *new* threshold
+  np.testing.assert_allclose(got["delta"], d1, rtol=1e-6)
+  np.testing.assert_allclose(got["kernel"], w1, rtol=1e-5, atol=1e-7)
+  if clip == 1e-3:  # the reference's clamp of delta's gradient is active here
+    assert abs(float(g_d)) > 1e-3 and abs(float(d0 - d1)) == pytest.approx(cfg.threshold_lr * 1e-3, rel=1e-4)
+
+
+def test_joint_uses_the_old_threshold_and_differs_from_sequential():
+  cfg, w0, d0, loss, got = _hand_case("joint", 10.0)
+  d1 = d0 - cfg.threshold_lr * jax.grad(loss, 1)(w0, d0)
+  w1 = w0 - cfg.lr * jax.grad(loss, 0)(w0, d0)
+  np.testing.assert_allclose(got["delta"], d1, rtol=1e-6)
+  np.testing.assert_allclose(got["kernel"], w1, rtol=1e-5, atol=1e-7)
+  seq = _hand_case("sequential", 10.0)[-1]
+  assert not np.allclose(seq["kernel"], got["kernel"], rtol=1e-5, atol=1e-7)
+
+
+def test_thresholds_are_not_decayed_and_weights_are():
+  cfg = Config(arch="tiny_cnn", optimizer="sgd", momentum=0.0, lr=0.1, weight_decay=0.5)
+  _, _, labels, tx_thr, tx_w, state, _, _ = build(cfg)
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  u_thr, _ = tx_thr.update(zeros, state.threshold_opt_state, state.params)
+  u_w, _ = tx_w.update(zeros, state.weight_opt_state, state.params)
+  assert not np.any(u_thr["conv0"]["delta"]) and not np.any(u_w["conv0"]["delta"])
+  np.testing.assert_allclose(u_w["conv0"]["kernel"], -0.1 * 0.5 * state.params["conv0"]["kernel"], rtol=1e-6)
+  assert labels["conv0"]["delta"] == "threshold" and labels["bn0"]["scale"] == "weight"
+
+
+def _train_records(workdir):
+  with open(f"{workdir}/metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  return [{k: v for k, v in r.items() if k != "img_per_sec"} for r in rows if r["split"] == "train"]
+
+
+def test_resume_2_plus_2_equals_4_bitwise(tmp_path):
+  a, b = tmp_path / "a", tmp_path / "b"
+  train_lib.train_and_evaluate(quick(a, max_steps=2), verbose=False)
+  train_lib.train_and_evaluate(quick(a, max_steps=4), verbose=False)
+  train_lib.train_and_evaluate(quick(b, max_steps=4), verbose=False)
+  assert _train_records(a) == _train_records(b)
+  pa, pb = (checkpoints.load_variables(str(d)) for d in (a, b))
+  jax.tree.map(np.testing.assert_array_equal, pa, pb)
+  summary = json.loads((a / "summary.json").read_text())
+  assert summary["steps"] == 4 and summary["config"]["max_steps"] == 4
+
+
+def test_same_seed_same_metrics_and_summary(tmp_path):
+  s1 = train_lib.train_and_evaluate(quick(tmp_path / "x", max_steps=3), verbose=False)
+  s2 = train_lib.train_and_evaluate(quick(tmp_path / "y", max_steps=3), verbose=False)
+  assert _train_records(tmp_path / "x") == _train_records(tmp_path / "y")
+  assert s1["test_accuracy"] == s2["test_accuracy"]
+  for key in ("test_accuracy", "best_test_accuracy", "steps", "wall_seconds", "config"):
+    assert key in json.loads((tmp_path / "x" / "summary.json").read_text())
+  test_rows = [json.loads(x) for x in open(tmp_path / "x" / "metrics.jsonl") if '"test"' in x]
+  assert {"sparsity", "threshold", "scale"} <= set(test_rows[-1]["layers"][0])
+
+
+class _PoisonedDataset:
+  """The synthetic dataset whose 3rd training batch is NaN."""
+
+  def __init__(self, inner):
+    self._inner, self.info = inner, inner.info
+
+  def eval_batches(self, **kw):
+    return self._inner.eval_batches(**kw)
+
+  def train_iterator(self, **kw):
+    return _PoisonedIterator(self._inner.train_iterator(**kw))
+
+
+class _PoisonedIterator:
+  def __init__(self, inner):
+    self._inner, self.steps_per_epoch, self._count = inner, inner.steps_per_epoch, 0
+
+  def get_state(self):
+    return self._inner.get_state()
+
+  def set_state(self, state):
+    self._inner.set_state(state)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch, self._count = next(self._inner), self._count + 1
+    return {**batch, "image": batch["image"] * np.nan} if self._count == 3 else batch
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  real = data.get_dataset
+  monkeypatch.setattr(train_lib.data_lib, "get_dataset", lambda *a, **k: _PoisonedDataset(real(*a, **k)))
+  with pytest.raises(train_lib.NonFiniteLossError, match="at step 3.*step 2"):
+    train_lib.train_and_evaluate(quick(tmp_path, checkpoint_every=2, log_every=10), verbose=False)
+  manager = checkpoints.make_manager(str(tmp_path / "checkpoints"))
+  assert manager.latest_step() == 2
+
+
+def test_init_from_loads_fp_weights_and_reinitializes_thresholds(tmp_path):
+  fp_dir = tmp_path / "fp"
+  train_lib.train_and_evaluate(quick(fp_dir, quantizer="fp", max_steps=2), verbose=False)
+  cfg = quick(tmp_path / "tern", init_from=str(fp_dir))
+  _, layers, _, tx_thr, tx_w, state, _, _ = build(cfg)
+  new = train_lib.init_from_checkpoint(state, str(fp_dir), layers, tx_thr, tx_w)
+  src = checkpoints.load_variables(str(fp_dir))
+  np.testing.assert_array_equal(new.params["conv1"]["kernel"], src["params"]["conv1"]["kernel"])
+  np.testing.assert_array_equal(new.batch_stats["bn0"]["mean"], src["batch_stats"]["bn0"]["mean"])
+  np.testing.assert_allclose(new.params["conv1"]["delta"], 0.05 * np.abs(src["params"]["conv1"]["kernel"]).max(),
+                             rtol=1e-6)
+  # The whole flow: fine-tune one step from the FP checkpoint.
+  summary = train_lib.train_and_evaluate(dataclasses.replace(cfg, max_steps=1), verbose=False)
+  assert summary["steps"] == 1
+
+
+def test_init_from_errors(tmp_path):
+  fp_dir = tmp_path / "fp"
+  train_lib.train_and_evaluate(quick(fp_dir, quantizer="fp", max_steps=1), verbose=False)
+  with pytest.raises(checkpoints.CheckpointError, match="another architecture"):
+    train_lib.train_and_evaluate(quick(tmp_path / "w", arch="tiny_cnn_wide", init_from=str(fp_dir)),
+                                 verbose=False)
+  with pytest.raises(checkpoints.CheckpointError, match="no such"):
+    train_lib.train_and_evaluate(quick(tmp_path / "v", init_from=str(tmp_path / "missing")), verbose=False)
+
+
+def test_eval_only_reproduces_the_final_test_accuracy(tmp_path):
+  trained = train_lib.train_and_evaluate(quick(tmp_path, max_steps=2), verbose=False)
+  again = train_lib.train_and_evaluate(quick(tmp_path, max_steps=2, eval_only=True), verbose=False)
+  assert again["steps"] == 2 and again["test_accuracy"] == trained["test_accuracy"]
+
+
+def test_half_precision_runs_with_float32_params(tmp_path):
+  summary = train_lib.train_and_evaluate(quick(tmp_path, max_steps=2, half_precision=True), verbose=False)
+  assert np.isfinite(summary["test_metrics"]["loss"])
+  params = checkpoints.load_variables(str(tmp_path))["params"]
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
+
+
+def test_top5_is_reported_beyond_ten_classes():
+  cfg = Config(arch="tiny_cnn")
+  *_, state, train_fn, _ = build(cfg, num_classes=20)
+  batch = _batches(1)[0]
+  step = train_lib.parallel.map_step(train_fn, mesh_of(1), "shard_map")
+  _, metrics = step(state, train_lib.parallel.put_batch(batch, mesh_of(1), "shard_map"))
+  assert 0.0 <= float(metrics["top5_accuracy"]) <= 1.0

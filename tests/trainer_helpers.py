@@ -1,0 +1,81 @@
+"""Shared pieces of the trainer tests: tiny registered models and quick configs."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from tgq_jax import data, models, parallel, train_lib
+from tgq_jax.configs import Config
+from tgq_jax.layers import TernaryConv, TernaryDense, quantized_layers
+from tgq_jax.models.small_cnn import SmallCNN
+
+
+class NoBNNet(nn.Module):
+  """conv -> relu -> mean-pool -> dense, without BatchNorm: data parallel == single device exactly."""
+
+  num_classes: int
+  quantizer: str = "tga"
+  per_channel: bool = False
+  ternary_first: bool = True
+  ternary_last: bool = True
+  dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = TernaryConv(4, (3, 3), quantizer=self.quantizer, name="conv")(x)
+    x = jnp.mean(nn.relu(x), axis=(1, 2))
+    return TernaryDense(self.num_classes, quantizer=self.quantizer, name="head")(x)
+
+
+models.register("tiny_cnn", SmallCNN, widths=(4, 8))
+models.register("tiny_cnn_wide", SmallCNN, widths=(4, 6))
+models.register("nobn", NoBNNet)
+
+SYNTH = dict(image_shape=(28, 28, 1), num_train=512, num_test=128)
+SYNTH_ARGS = ["--dataset", "synthetic", "--image-shape", "28", "28", "1", "--num-train", "512",
+              "--num-test", "128"]
+QUICK = Config(arch="tiny_cnn", dataset="synthetic", batch_size=32, eval_batch_size=64, epochs=2,
+               log_every=1, optimizer="sgd", lr=0.05, threshold_lr=0.01, **SYNTH)
+
+
+def synthetic_batches(n: int, batch_size: int = 32, seed: int = 0) -> list[dict]:
+  it = data.get_dataset("synthetic", **SYNTH).train_iterator(global_batch_size=batch_size, seed=seed)
+  return [next(it) for _ in range(n)]
+
+
+def quick(tmp_path, **kw) -> Config:
+  return dataclasses.replace(QUICK, workdir=str(tmp_path), **kw)
+
+
+def mesh_of(n: int) -> Mesh:
+  return Mesh(np.asarray(jax.devices()[:n]), (parallel.AXIS,))
+
+
+def build(cfg: Config, num_classes: int = 10, image_shape=(28, 28, 1), steps_per_epoch: int = 16):
+  """(model, layers, labels, tx_thr, tx_w, state, train_fn, eval_fn) with per-device step functions."""
+  model = models.create_model(cfg.arch, num_classes, quantizer=cfg.quantizer)
+  layers = quantized_layers(model, jnp.zeros((1, *image_shape)), train=False)
+  params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+                          jnp.zeros((1, *image_shape)))["params"]
+  labels = train_lib.param_labels(params, layers)
+  tx_thr, tx_w, _ = train_lib.make_optimizers(cfg, labels, steps_per_epoch)
+  state = train_lib.create_state(model, image_shape, tx_thr, tx_w, cfg.seed)
+  train_fn, eval_fn = train_lib.make_step_fns(model, tx_thr, tx_w, labels, cfg, num_classes,
+                                              bool(train_lib.threshold_names(layers)))
+  return model, layers, labels, tx_thr, tx_w, state, train_fn, eval_fn
+
+
+def run_steps(train_fn, state, batches, mesh, kind):
+  step = parallel.map_step(train_fn, mesh, kind)
+  state = parallel.put_state(state, mesh, kind)
+  losses = []
+  for batch in batches:
+    state, metrics = step(state, parallel.put_batch(batch, mesh, kind))
+    losses.append(float(train_lib.to_host(metrics["loss"])))
+  return train_lib.to_host(state), losses

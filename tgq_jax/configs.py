@@ -1,0 +1,149 @@
+"""Training options (a frozen dataclass), the authors' recipes as named presets, and the CLI parser.
+
+The command line is generated from :class:`Config`: every field is a flag
+(``--field-name``). Flags default to "not given" so that a preset
+(``--config NAME``) supplies the values and only explicitly passed flags
+override it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything a training run depends on (saved in summary.json)."""
+
+  # model and data
+  arch: str = "small_cnn"
+  dataset: str = "fashion_mnist"
+  data_dir: str | None = None
+  image_shape: tuple[int, ...] = ()  # (H, W, C) of synthetic data / ImageNet crops; () = the dataset's
+  num_train: int | None = None  # synthetic split sizes; for real data: only the first n examples
+  num_test: int | None = None
+  workdir: str | None = None  # default: runs/<arch>_<dataset>_<quantizer>
+  quantizer: str = "tga"
+  per_channel: bool = False
+  ternary_first: bool = True
+  ternary_last: bool = True
+  # schedule
+  epochs: int = 4
+  max_steps: int | None = None  # stop early (smoke runs)
+  batch_size: int = 128  # global, over all devices and hosts
+  eval_batch_size: int = 1000
+  # optimization
+  update: str = "sequential"  # sequential (the paper) | joint
+  optimizer: str = "adam"  # sgd | adam
+  lr: float = 5e-3
+  momentum: float = 0.9
+  nesterov: bool = True
+  lr_schedule: str = "cosine"  # step | cosine
+  schedule: tuple[int, ...] = ()  # epochs at which the step schedule multiplies the lr ...
+  gammas: tuple[float, ...] = ()  # ... by these factors (cumulative, like the reference)
+  weight_decay: float = 0.0
+  threshold_lr: float = 1e-4  # the threshold optimizer follows the same schedule shape
+  threshold_grad_clip: float = 0.001  # the reference clamps delta's gradient to +-0.001
+  threshold_weight_decay: float = 0.0  # deltas are not decayed by default
+  # initialization / modes
+  init_from: str | None = None  # full-precision checkpoint (workdir or checkpoint dir)
+  eval_only: bool = False
+  half_precision: bool = False  # bf16 activations; parameters and statistics stay float32
+  parallel: str = "shard_map"  # shard_map | pmap
+  seed: int = 0
+  # logging and checkpoints
+  log_every: int = 50
+  checkpoint_every: int = 0  # steps; 0 = at every epoch end only
+  keep_checkpoints: int = 2  # the last N, plus the best by test accuracy
+  # multi-host (see README/train.py): jax.distributed.initialize arguments
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+
+  def resolved_workdir(self) -> str:
+    return self.workdir or f"runs/{self.arch}_{self.dataset}_{self.quantizer}"
+
+
+_IMAGENET_FT = dict(
+  dataset="imagenet2012", optimizer="adam", lr=1e-4, epochs=50, lr_schedule="step",
+  schedule=(25, 30, 35), gammas=(0.2, 0.2, 0.5), weight_decay=5e-6, batch_size=256,
+  threshold_lr=1e-4, ternary_first=True, ternary_last=True, eval_batch_size=250,
+  log_every=100, checkpoint_every=2000)
+_CIFAR = dict(
+  dataset="cifar10", optimizer="sgd", momentum=0.9, nesterov=True, lr=0.1, weight_decay=1e-4,
+  epochs=200, lr_schedule="step", schedule=(80, 120, 160), gammas=(0.1, 0.1, 0.1), batch_size=128,
+  threshold_lr=1e-3)
+
+PRESETS: dict[str, dict[str, Any]] = {
+  # The demo: every field at its default.
+  "demo": {},
+  # He & Fan's ImageNet flow: fine-tune a full-precision checkpoint (pass --init-from).
+  "imagenet_resnet18": dict(_IMAGENET_FT, arch="resnet18"),
+  "imagenet_resnet34": dict(_IMAGENET_FT, arch="resnet34"),
+  "imagenet_resnet50": dict(_IMAGENET_FT, arch="resnet50"),
+  # CIFAR ResNets trained from scratch with the reference SGD recipe.
+  **{f"cifar10_{a}": dict(_CIFAR, arch=a) for a in ("resnet20", "resnet32", "resnet44", "resnet56")},
+  # Full-precision pretraining for the --init-from flow.
+  "imagenet_resnet18_fp": dict(dataset="imagenet2012", arch="resnet18", quantizer="fp", optimizer="sgd",
+                               lr=0.1, epochs=90, lr_schedule="step", schedule=(30, 60, 80),
+                               gammas=(0.1, 0.1, 0.1), weight_decay=1e-4, batch_size=256),
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+  "update": ("sequential", "joint"), "optimizer": ("sgd", "adam"), "lr_schedule": ("step", "cosine"),
+  "parallel": ("shard_map", "pmap"), "quantizer": ("tga", "twn", "ttq", "fp"),
+}
+
+
+def _field_type(field: dataclasses.Field) -> tuple[Any, bool]:
+  """(scalar parser, is_tuple) for a Config field."""
+  hints = typing.get_type_hints(Config)
+  t = hints[field.name]
+  origin, args = typing.get_origin(t), typing.get_args(t)
+  if origin is tuple:
+    return args[0], True
+  if args:  # Optional[X]
+    t = next(a for a in args if a is not type(None))
+  return t, False
+
+
+class _Parser(argparse.ArgumentParser):
+  """Bad options are one line on stderr (``error: ...``) and exit code 2, without the usage block."""
+
+  def error(self, message):
+    self.exit(2, f"error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = _Parser(
+    prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    description="Train a ternary-weight network with TGA (He & Fan, CVPR 2019). With no options: "
+                "the small CNN on Fashion-MNIST, every layer ternary (the demo). Defaults shown are "
+                "the demo's; a --config preset replaces them and explicit flags override the preset.")
+  parser.add_argument("--config", default="demo", choices=sorted(PRESETS), help="named preset")
+  for field in dataclasses.fields(Config):
+    flag = "--" + field.name.replace("_", "-")
+    scalar, is_tuple = _field_type(field)
+    kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=f"(default: {field.default})")
+    if scalar is bool:
+      parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+      continue
+    if is_tuple:
+      kw.update(nargs="*", type=scalar)
+    else:
+      kw["type"] = scalar
+    if field.name in CHOICES:
+      kw["choices"] = CHOICES[field.name]
+    parser.add_argument(flag, **kw)
+  return parser
+
+
+def from_args(argv: list[str] | None = None) -> Config:
+  """Parses a command line into a Config: the preset, then the explicitly given flags."""
+  args = vars(build_parser().parse_args(argv))
+  preset = PRESETS[args.pop("config")]
+  values = {**preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}}
+  return Config(**values)

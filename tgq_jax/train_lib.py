@@ -1,0 +1,488 @@
+"""The TGA trainer: train state, optimizers, the per-device train/eval steps, and helpers of the loop.
+
+The step functions are *per device* (pmap style): they see their shard of the
+batch and average gradients, BatchNorm statistics and metrics explicitly with
+``lax.pmean(..., "data")``. :func:`tgq_jax.parallel.map_step` maps them over
+the devices with ``jax.shard_map`` or ``jax.pmap``. :func:`train_and_evaluate`
+is the loop (``train.py`` and the notebooks call it).
+
+Update rules (He & Fan 2019, Fig. 1):
+
+* ``sequential`` (default): forward/backward, step the threshold optimizer;
+  forward/backward again with the new thresholds, step the weight optimizer.
+* ``joint``: one forward/backward; both optimizers step on the same gradients.
+
+BatchNorm in sequential mode: both passes start from the same running
+statistics and only the second pass's update is kept, so the running averages
+move once per step (as in joint mode), computed with the thresholds the
+weights are trained with. The first pass's statistics are discarded.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from jax import lax
+
+from tgq_jax import checkpoints, parallel
+from tgq_jax import data as data_lib
+from tgq_jax.configs import Config
+from tgq_jax.layers import layer_stats, quantized_layers, reinit_thresholds
+from tgq_jax.models import create_model
+from tgq_jax.parallel import AXIS
+
+THRESHOLD, WEIGHT = "threshold", "weight"
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (and goes into a checkpoint)."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  threshold_opt_state: Any
+  weight_opt_state: Any
+  rng: jax.Array  # raw uint32 key: orbax saves it as a plain array
+
+
+# --- optimizers --------------------------------------------------------------
+
+
+def threshold_names(layers: Mapping) -> frozenset[str]:
+  """Names of the quantizer leaves trained by the threshold optimizer (TGA: {"delta"})."""
+  return frozenset(name for q in layers.values() for name in q.threshold_params)
+
+
+def param_labels(params: Any, layers: Mapping) -> Any:
+  """THRESHOLD for the threshold leaves of quantized layers, WEIGHT for everything else."""
+  names = threshold_names(layers)
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  labels = {k: THRESHOLD if (k[-1] in names and tuple(k[:-1]) in layers) else WEIGHT for k in flat}
+  return flax.traverse_util.unflatten_dict(labels)
+
+
+def lr_schedule(cfg: Config, base_lr: float, steps_per_epoch: int) -> optax.Schedule:
+  """The learning rate per step: cosine to 0 over the run, or x gamma at each listed epoch."""
+  if cfg.lr_schedule == "cosine":
+    return optax.cosine_decay_schedule(base_lr, decay_steps=max(1, cfg.epochs * steps_per_epoch))
+  if cfg.lr_schedule == "step":
+    if len(cfg.schedule) != len(cfg.gammas):
+      raise ValueError(f"--schedule ({len(cfg.schedule)} epochs) and --gammas ({len(cfg.gammas)} factors) "
+                       "must have the same length.")
+    # piecewise_constant_schedule multiplies cumulatively, like the reference's gammas.
+    bounds = {int(e * steps_per_epoch): float(g) for e, g in zip(cfg.schedule, cfg.gammas)}
+    return optax.piecewise_constant_schedule(base_lr, bounds)
+  raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r}; valid: step, cosine.")
+
+
+def _base_optimizer(cfg: Config, lr: optax.Schedule, weight_decay: float) -> optax.GradientTransformation:
+  # Coupled L2 weight decay (added to the gradient), as torch's SGD/Adam weight_decay.
+  decay = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+  if cfg.optimizer == "sgd":
+    opt = optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov and bool(cfg.momentum))
+  elif cfg.optimizer == "adam":
+    opt = optax.adam(lr)
+  else:
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: sgd, adam.")
+  return optax.chain(*decay, opt)
+
+
+def make_optimizers(cfg: Config, labels: Any, steps_per_epoch: int):
+  """(threshold optimizer, weight optimizer, weight lr schedule).
+
+  Each optimizer sees the whole params tree; ``multi_transform`` zeroes the
+  group it must not touch (``set_to_zero``; not ``optax.masked``, which would
+  pass the other group's raw gradients through as updates).
+  """
+  thr_lr = lr_schedule(cfg, cfg.threshold_lr, steps_per_epoch)
+  w_lr = lr_schedule(cfg, cfg.lr, steps_per_epoch)
+  thr = optax.chain(optax.clip(cfg.threshold_grad_clip),  # the reference clamps delta's gradient
+                    _base_optimizer(cfg, thr_lr, cfg.threshold_weight_decay))
+  tx_thr = optax.multi_transform({THRESHOLD: thr, WEIGHT: optax.set_to_zero()}, labels)
+  tx_w = optax.multi_transform({THRESHOLD: optax.set_to_zero(),
+                                WEIGHT: _base_optimizer(cfg, w_lr, cfg.weight_decay)}, labels)
+  return tx_thr, tx_w, w_lr
+
+
+def create_state(model: nn.Module, image_shape: tuple[int, ...], tx_thr, tx_w, seed: int) -> TrainState:
+  """Initializes the variables and both optimizer states (host-identical on every process)."""
+  rng = jax.random.PRNGKey(seed)
+  init_rng, rng = jax.random.split(rng)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+    init_rng, jnp.zeros((1, *image_shape), jnp.float32))
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    threshold_opt_state=tx_thr.init(params), weight_opt_state=tx_w.init(params), rng=rng)
+
+
+# --- per-device steps --------------------------------------------------------
+
+
+def _metrics(logits: jax.Array, labels: jax.Array, num_classes: int) -> dict[str, jax.Array]:
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  out = {"loss": losses, "accuracy": (jnp.argmax(logits, -1) == labels).astype(jnp.float32)}
+  if num_classes > 10:
+    top5 = lax.top_k(logits, 5)[1]
+    out["top5_accuracy"] = jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.float32)
+  return out
+
+
+def _select(tree: Any, labels: Any, group: str, fn: Callable) -> Any:
+  """fn(leaf) on ``group``'s leaves, zeros elsewhere (XLA then drops the unused gradients)."""
+  return jax.tree.map(lambda g, lab: fn(g) if lab == group else jnp.zeros_like(g), tree, labels)
+
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_thr, tx_w, labels: Any,
+               sequential: bool, has_thresholds: bool, num_classes: int) -> tuple[TrainState, dict]:
+  """One per-device training step; call it mapped over the ``"data"`` axis."""
+  pmean = functools.partial(lax.pmean, axis_name=AXIS)
+
+  def loss_fn(params):
+    logits, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                                   train=True, mutable=["batch_stats"])
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
+    return loss, (logits, new_vars["batch_stats"])
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  params, thr_state = state.params, state.threshold_opt_state
+  if sequential and has_thresholds:
+    # Pass 1: only the threshold gradients are used (averaged); its BN update is dropped.
+    _, grads = grad_fn(params)
+    grads = _select(grads, labels, THRESHOLD, pmean)
+    updates, thr_state = tx_thr.update(grads, thr_state, params)
+    params = optax.apply_updates(params, updates)
+    # Pass 2: with the new thresholds, for the weights.
+    (_, (logits, batch_stats)), grads = grad_fn(params)
+    grads = _select(grads, labels, WEIGHT, pmean)
+    grad_norm = optax.tree.norm(grads)
+    updates, w_state = tx_w.update(grads, state.weight_opt_state, params)
+    params = optax.apply_updates(params, updates)
+  else:
+    (_, (logits, batch_stats)), grads = grad_fn(params)
+    grads = pmean(grads)
+    grad_norm = optax.tree.norm(grads)
+    thr_updates, thr_state = tx_thr.update(grads, thr_state, params)
+    w_updates, w_state = tx_w.update(grads, state.weight_opt_state, params)
+    params = optax.apply_updates(optax.apply_updates(params, thr_updates), w_updates)
+  metrics = jax.tree.map(jnp.mean, _metrics(logits, batch["label"], num_classes))
+  # The NaN guard watches the gradient too: ReLU/max-pool can hide a NaN from the loss.
+  metrics["grad_norm"] = grad_norm
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=pmean(batch_stats),
+                            threshold_opt_state=thr_state, weight_opt_state=w_state)
+  return new_state, pmean(metrics)
+
+
+def eval_step(state: TrainState, batch: dict, *, model: nn.Module, num_classes: int) -> dict:
+  """Per-device masked sums over an eval batch, summed over devices."""
+  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"],
+                       train=False)
+  per_example = _metrics(logits, batch["label"], num_classes)
+  sums = {k: jnp.sum(v * batch["mask"]) for k, v in per_example.items()}
+  sums["count"] = jnp.sum(batch["mask"])
+  return lax.psum(sums, AXIS)
+
+
+def make_step_fns(model: nn.Module, tx_thr, tx_w, labels: Any, cfg: Config, num_classes: int,
+                  has_thresholds: bool) -> tuple[Callable, Callable]:
+  """The per-device (train_step, eval_step) with everything static bound."""
+  train = functools.partial(train_step, model=model, tx_thr=tx_thr, tx_w=tx_w, labels=labels,
+                            sequential=cfg.update == "sequential", has_thresholds=has_thresholds,
+                            num_classes=num_classes)
+  return train, functools.partial(eval_step, model=model, num_classes=num_classes)
+
+
+# --- reports -----------------------------------------------------------------
+
+
+def model_size_bits(params: Any, layers: Mapping) -> tuple[int, int]:
+  """(FP32 bits, bits with every ternary kernel at 2 bits/weight and everything else at 32)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  fp32 = ternary = 0
+  for key, leaf in flat.items():
+    n = int(jnp.size(leaf))
+    fp32 += 32 * n
+    quantized = key[-1] == "kernel" and tuple(key[:-1]) in layers and layers[tuple(key[:-1])].ternary
+    ternary += (2 if quantized else 32) * n
+  return fp32, ternary
+
+
+def format_report(test_metrics: dict, stats: list, size_bits: tuple[int, int]) -> str:
+  """The table printed at the end of a run."""
+  lines = [f"test accuracy: {100 * test_metrics['accuracy']:.2f}%"
+           + (f"   top-5: {100 * test_metrics['top5_accuracy']:.2f}%" if "top5_accuracy" in test_metrics else ""),
+           f"{'layer':<28}{'shape':<20}{'quantizer':<10}{'sparsity':>9}{'threshold':>11}{'scale':>10}"]
+  for s in stats:
+    lines.append(f"{s.name:<28}{str(s.shape):<20}{s.quantizer:<10}{s.sparsity:>9.3f}"
+                 f"{s.threshold:>11.4g}{s.scale:>10.4g}")
+  fp32, tern = size_bits
+  lines.append(f"model size: FP32 {fp32 / 8 / 1024:.1f} KiB -> 2-bit ternary {tern / 8 / 1024:.1f} KiB "
+               f"({fp32 / tern:.1f}x smaller)")
+  return "\n".join(lines)
+
+
+# --- the loop ----------------------------------------------------------------
+
+
+class NonFiniteLossError(RuntimeError):
+  """The training loss became NaN or Inf."""
+
+
+def to_host(tree: Any) -> Any:
+  """Host numpy copies of replicated arrays (works for multi-process global arrays too)."""
+  def get(x):
+    if isinstance(x, jax.Array):
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+  return jax.tree.map(get, tree)
+
+
+class MetricsWriter:
+  """metrics.jsonl (one object per event) and TensorBoard events (tensorboardX, no TensorFlow).
+
+  Only process 0 writes.
+  """
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self._jsonl = self._tb = None
+    if enabled:
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:  # optional: metrics.jsonl is the record
+        self._tb = None
+
+  def write(self, record: dict) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in record.items():
+        if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+          self._tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
+      for layer in record.get("layers", []):
+        for k in ("sparsity", "threshold", "scale"):
+          self._tb.add_scalar(f"layers/{layer['name']}/{k}", layer[k], record["step"])
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def evaluate(eval_fn: Callable, state: TrainState, dataset, cfg: Config, mesh, kind: str) -> dict:
+  """Test metrics over the whole test split (padding masked out)."""
+  totals = None
+  for batch in dataset.eval_batches(global_batch_size=cfg.eval_batch_size):
+    sums = eval_fn(state, parallel.put_batch(batch, mesh, kind))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = to_host(totals)
+  count = max(float(totals.pop("count")), 1.0)
+  return {k: float(v) / count for k, v in totals.items()}
+
+
+def _check_finite(pending: tuple[int, Any] | None, last_saved: int | None) -> None:
+  if pending is None:
+    return
+  step, metrics = pending
+  loss, grad_norm = (float(to_host(metrics[k])) for k in ("loss", "grad_norm"))
+  if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+    kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None else \
+      "no checkpoint was written"
+    raise NonFiniteLossError(f"non-finite training loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
+                             f"stopping ({kept}).")
+
+
+class _Preemption:
+  """SIGTERM sets a flag the loop checks after every step (then: save, exit cleanly)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def setup(cfg: Config):
+  """Builds everything a run needs; raises ValueError (one line) on bad options."""
+  dataset = data_lib.get_dataset(cfg.dataset, data_dir=cfg.data_dir, image_shape=cfg.image_shape or None,
+                                 num_train=cfg.num_train, num_test=cfg.num_test)
+  info = dataset.info
+  for name, value, choices in (("update", cfg.update, ("sequential", "joint")),
+                               ("parallel", cfg.parallel, ("shard_map", "pmap"))):
+    if value not in choices:
+      raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(choices)}.")
+  parallel.check_batch_size(cfg.batch_size)
+  if cfg.init_from:
+    checkpoints.resolve(cfg.init_from)  # a missing path fails now, before anything starts
+  parallel.check_batch_size(cfg.eval_batch_size, "eval batch size")
+  dtype = jnp.bfloat16 if cfg.half_precision else jnp.float32
+  model = create_model(cfg.arch, info.num_classes, quantizer=cfg.quantizer, per_channel=cfg.per_channel,
+                       ternary_first=cfg.ternary_first, ternary_last=cfg.ternary_last, dtype=dtype)
+  layers = quantized_layers(model, jnp.zeros((1, *info.image_shape)), train=False)
+  train_iter = dataset.train_iterator(global_batch_size=cfg.batch_size, seed=cfg.seed)
+  return dataset, model, layers, train_iter
+
+
+def train_and_evaluate(cfg: Config, *, verbose: bool = True) -> dict:
+  """Trains (or resumes, or only evaluates) as ``cfg`` says; returns the summary (also summary.json)."""
+  with contextlib.ExitStack() as cleanup:  # close the checkpoint manager and writers on any exit
+    return _train_and_evaluate(cfg, verbose, cleanup)
+
+
+def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStack) -> dict:
+  t0 = time.time()
+  dataset, model, layers, train_iter = setup(cfg)
+  info, spe = dataset.info, train_iter.steps_per_epoch
+  workdir = cfg.resolved_workdir()
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  mesh, kind = parallel.make_mesh(), cfg.parallel
+  labels = param_labels(jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+                                       jnp.zeros((1, *info.image_shape)))["params"], layers)
+  tx_thr, tx_w, lr_fn = make_optimizers(cfg, labels, spe)
+  has_thr = bool(threshold_names(layers))
+  train_fn, eval_fn = make_step_fns(model, tx_thr, tx_w, labels, cfg, info.num_classes, has_thr)
+  train_fn, eval_fn = parallel.map_step(train_fn, mesh, kind), parallel.map_step(eval_fn, mesh, kind)
+
+  state = create_state(model, info.image_shape, tx_thr, tx_w, cfg.seed)
+  manager = checkpoints.make_manager(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
+  cleanup.callback(manager.close)
+  cleanup.callback(manager.wait_until_finished)  # (callbacks run last-in first-out)
+  extra = {"best_test_accuracy": None, "wall_seconds": 0.0}
+  if manager.latest_step() is not None:  # re-running the same command resumes
+    state, data_state = checkpoints.restore(manager, to_host(state))
+    train_iter.set_state(data_state["iterator"])
+    extra = {**extra, **data_state.get("extra", {})}
+    if verbose and is_main:
+      print(f"resuming from step {int(state.step)} in {workdir}")
+  elif cfg.init_from:
+    state = init_from_checkpoint(state, cfg.init_from, layers, tx_thr, tx_w)
+  state = parallel.put_state(state, mesh, kind)
+
+  writer = MetricsWriter(workdir, enabled=is_main)
+  cleanup.callback(writer.close)
+  total = spe * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, spe * cfg.epochs)
+  step = int(to_host(state.step))
+  last_saved = manager.latest_step()
+  interrupted = False
+
+  def data_state():
+    return {"iterator": train_iter.get_state(), "extra": {**extra, "wall_seconds": extra["wall_seconds"]
+                                                          + time.time() - t0}}
+
+  def save(step, metrics=None):
+    nonlocal last_saved
+    checkpoints.save(manager, step, to_host(state), data_state(), metrics)  # host copies: any topology
+    last_saved = step
+
+  def log_test(step):
+    test = evaluate(eval_fn, state, dataset, cfg, mesh, kind)
+    stats = layer_stats(to_host(state.params), layers)
+    writer.write({"step": step, "epoch": step / spe, "split": "test", **test,
+                  "layers": [s.as_dict() for s in stats]})
+    best = extra["best_test_accuracy"]
+    extra["best_test_accuracy"] = test["accuracy"] if best is None else max(best, test["accuracy"])
+    return test, stats
+
+  test = stats = None
+  with _Preemption() as preempt:
+    if cfg.eval_only:
+      total = step
+    while step < total:
+      epoch = step // spe
+      end = min((epoch + 1) * spe, total)
+      bar = tqdm.tqdm(total=end - step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                      disable=not (verbose and is_main and sys.stderr.isatty()))
+      window, t_window, pending = [], time.time(), None
+      while step < end:
+        state, metrics = train_fn(state, parallel.put_batch(next(train_iter), mesh, kind))
+        _check_finite(pending, last_saved)  # lagged one step: keeps the device busy
+        step += 1
+        pending = (step, metrics)
+        window.append(metrics)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == end:
+          _check_finite(pending, last_saved)
+          means = {k: float(np.mean([to_host(m[k]) for m in window])) for k in window[0]}
+          ips = len(window) * cfg.batch_size / max(time.time() - t_window, 1e-9)
+          writer.write({"step": step, "epoch": step / spe, "split": "train", **means,
+                        "lr": float(lr_fn(step - 1)), "img_per_sec": ips})
+          bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{ips:.0f}")
+          window, t_window = [], time.time()
+        if preempt.requested or manager.reached_preemption(step):
+          _check_finite(pending, last_saved)
+          save(step)
+          interrupted = True
+          break
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % spe:
+          _check_finite(pending, last_saved)
+          save(step)
+      bar.close()
+      if interrupted:
+        break
+      _check_finite(pending, last_saved)
+      test, stats = log_test(step)
+      save(step, {checkpoints.BEST_METRIC: test["accuracy"]})
+      if verbose and is_main:
+        print(f"epoch {step / spe:.2f} (step {step}): test accuracy {100 * test['accuracy']:.2f}%")
+
+  if not interrupted and test is None:  # eval-only, or resumed a finished run
+    test, stats = log_test(step)
+  extra["wall_seconds"] += time.time() - t0
+  summary = {"test_accuracy": None if test is None else test["accuracy"],
+             "best_test_accuracy": extra["best_test_accuracy"], "steps": step,
+             "wall_seconds": extra["wall_seconds"], "interrupted": interrupted,
+             "config": dataclasses.asdict(cfg)}
+  if test is not None:
+    summary["test_metrics"] = test
+    summary["report"] = format_report(test, stats, model_size_bits(to_host(state.params), layers))
+  if is_main:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump({k: v for k, v in summary.items() if k != "report"}, f, indent=2)
+    if verbose:
+      print("interrupted (SIGTERM): checkpoint saved at step", step) if interrupted else print(summary["report"])
+  return summary
+
+
+def init_from_checkpoint(state: TrainState, path: str, layers: Mapping, tx_thr, tx_w) -> TrainState:
+  """Loads full-precision weights, re-initializes the thresholds, fresh optimizer states (fine-tuning)."""
+  source = checkpoints.load_variables(path)
+  quantizer_leaves = {n for q in layers.values() for n in q.param_names}
+  host = to_host({"params": state.params, "batch_stats": state.batch_stats})
+  params = checkpoints.merge_pretrained(host["params"], source["params"], quantizer_leaves, "parameter")
+  batch_stats = checkpoints.merge_pretrained(host["batch_stats"], source["batch_stats"], set(),
+                                             "batch statistic")
+  params = jax.tree.map(np.asarray, reinit_thresholds(params, layers))
+  return state.replace(params=params, batch_stats=batch_stats,
+                       threshold_opt_state=tx_thr.init(params), weight_opt_state=tx_w.init(params))
