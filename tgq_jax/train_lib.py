@@ -381,9 +381,9 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
   cleanup.callback(manager.wait_until_finished)  # (callbacks run last-in first-out)
   extra = {"best_test_accuracy": None, "wall_seconds": 0.0}
   if manager.latest_step() is not None:  # re-running the same command resumes
-    state, data_state = checkpoints.restore(manager, to_host(state))
-    train_iter.set_state(data_state["iterator"])
-    extra = {**extra, **data_state.get("extra", {})}
+    state, restored = checkpoints.restore(manager, to_host(state))
+    train_iter.set_state(restored["iterator"])
+    extra = {**extra, **restored.get("extra", {})}
     if verbose and is_main:
       print(f"resuming from step {int(state.step)} in {workdir}")
   elif cfg.init_from:
