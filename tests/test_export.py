@@ -125,3 +125,31 @@ def test_errors_truncated_corrupt_version_arch(packed_file, tmp_path):
   _rewrite_header(packed_file, bad, lambda h: h["tensors"][0].update(shape=[3, 3]))
   with pytest.raises(export.PackedFormatError, match="corrupt tensor entry|expected"):
     export.load_packed(bad)
+
+
+def test_export_cli_from_a_train_workdir_gives_the_checkpoint_logits(tmp_path, capsys):
+  from trainer_helpers import quick  # registers the tiny test archs
+  from tgq_jax import checkpoints, train_lib
+
+  workdir = tmp_path / "run"
+  train_lib.train_and_evaluate(quick(workdir, max_steps=3), verbose=False)
+  out = tmp_path / "model.tgq"
+  assert export.main(["--workdir", str(workdir), "--out", str(out),
+                      "--report-json", str(tmp_path / "r.json")]) == 0
+  printed = capsys.readouterr().out
+  assert "wrote" in printed and "ternary layers: packed/fp32" in printed
+  assert json.loads((tmp_path / "r.json").read_text())["packed_bytes"] > 0
+
+  loaded_model, loaded, header = export.load_packed(out)
+  assert header["arch"] == "tiny_cnn" and header["dataset"] == "synthetic"
+  trained = create_model("tiny_cnn", 10, quantizer="tga")
+  variables = checkpoints.load_variables(str(workdir))
+  x = jax.random.normal(jax.random.key(3), (5, 28, 28, 1))
+  np.testing.assert_array_equal(np.asarray(loaded_model.apply(loaded, x, train=False)),
+                                np.asarray(trained.apply(variables, x, train=False)))
+
+
+def test_export_cli_errors_are_one_line(tmp_path, capsys):
+  assert export.main(["--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "m.tgq")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error:") and "config.json" in err and err.count("\n") == 1

@@ -209,3 +209,11 @@ def test_top5_is_reported_beyond_ten_classes():
   step = train_lib.parallel.map_step(train_fn, mesh_of(1), "shard_map")
   _, metrics = step(state, train_lib.parallel.put_batch(batch, mesh_of(1), "shard_map"))
   assert 0.0 <= float(metrics["top5_accuracy"]) <= 1.0
+
+
+def test_a_workdir_of_another_configuration_is_a_clear_error(tmp_path):
+  train_lib.train_and_evaluate(quick(tmp_path, max_steps=1), verbose=False)
+  record = json.loads((tmp_path / train_lib.RUN_CONFIG).read_text())
+  assert record["config"]["arch"] == "tiny_cnn" and record["dataset_info"]["image_shape"] == [28, 28, 1]
+  with pytest.raises(ValueError, match="--arch 'tiny_cnn' there, 'tiny_cnn_wide' now"):
+    train_lib.train_and_evaluate(quick(tmp_path, max_steps=2, arch="tiny_cnn_wide"), verbose=False)

@@ -350,3 +350,59 @@ def _read_tensor(entry: Mapping[str, Any], payload: bytes):
   else:
     raise PackedFormatError(f"unknown tensor kind {entry['kind']!r}.")
   return entry["collection"], list(entry["path"]), value
+
+
+# --- from a training workdir -------------------------------------------------
+
+
+def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike) -> SizeReport:
+  """Exports the latest checkpoint of a ``train.py`` workdir to ``out``.
+
+  The model's settings come from ``<workdir>/config.json``, which the trainer
+  writes when a run starts.
+  """
+  from tgq_jax import checkpoints
+  from tgq_jax.train_lib import RUN_CONFIG
+
+  config_path = os.path.join(workdir, RUN_CONFIG)
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"{config_path} not found: is {workdir} a train.py workdir?")
+  with open(config_path) as f:
+    record = json.load(f)
+  cfg, info = record["config"], record["dataset_info"]
+  settings = model_settings(cfg["arch"], info["num_classes"], quantizer=cfg["quantizer"],
+                            per_channel=cfg["per_channel"], ternary_first=cfg["ternary_first"],
+                            ternary_last=cfg["ternary_last"],
+                            dtype="bfloat16" if cfg.get("half_precision") else "float32")
+  variables = checkpoints.load_variables(os.fspath(workdir))
+  extra = {"dataset": info["name"]}
+  summary_path = os.path.join(workdir, "summary.json")
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      extra["test_accuracy"] = json.load(f).get("test_accuracy")
+  return export_variables(out, variables, settings, tuple(info["image_shape"]), extra=extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+    prog="python -m tgq_jax.export",
+    description="Write a train.py workdir's latest checkpoint as one 2-bit packed .tgq file.")
+  parser.add_argument("--workdir", required=True, help="the train.py --workdir of the run")
+  parser.add_argument("--out", required=True, help="output file, e.g. model.tgq")
+  parser.add_argument("--report-json", help="also write the size report as JSON here")
+  args = parser.parse_args(argv)
+  try:
+    report = export_workdir(args.workdir, args.out)
+  except (OSError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {args.out} ({os.path.getsize(args.out):,} bytes)")
+  print(report.format())
+  if args.report_json:
+    with open(args.report_json, "w") as f:
+      json.dump(report.as_dict(), f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -354,6 +354,36 @@ def setup(cfg: Config):
   return dataset, model, layers, train_iter
 
 
+# Fields that define the model: a workdir's checkpoints only fit a run with the same values.
+_MODEL_FIELDS = ("arch", "dataset", "quantizer", "per_channel", "ternary_first", "ternary_last")
+RUN_CONFIG = "config.json"
+
+
+def write_run_config(workdir: str, cfg: Config, info) -> None:
+  """Writes ``<workdir>/config.json`` (config + dataset facts: what export and resume read).
+
+  A workdir that already holds a run with other model-defining options is a
+  clear error instead of a shape mismatch deep inside the checkpoint restore.
+  """
+  path = os.path.join(workdir, RUN_CONFIG)
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)["config"]
+    diff = [f"--{k.replace('_', '-')} {previous.get(k)!r} there, {getattr(cfg, k)!r} now"
+            for k in _MODEL_FIELDS if previous.get(k) != getattr(cfg, k)]
+    if diff:
+      raise ValueError(f"workdir {workdir} holds a run with other options ({'; '.join(diff)}); "
+                       "use another --workdir.")
+  record = {"config": dataclasses.asdict(cfg),
+            "dataset_info": {"name": info.name, "num_classes": info.num_classes,
+                             "image_shape": list(info.image_shape), "num_train": info.num_train,
+                             "num_test": info.num_test}}
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(record, f, indent=2)
+  os.replace(tmp, path)
+
+
 def train_and_evaluate(cfg: Config, *, verbose: bool = True) -> dict:
   """Trains (or resumes, or only evaluates) as ``cfg`` says; returns the summary (also summary.json)."""
   with contextlib.ExitStack() as cleanup:  # close the checkpoint manager and writers on any exit
@@ -367,6 +397,8 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
   workdir = cfg.resolved_workdir()
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    write_run_config(workdir, cfg, info)
   mesh, kind = parallel.make_mesh(), cfg.parallel
   labels = param_labels(jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                                        jnp.zeros((1, *info.image_shape)))["params"], layers)
