@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ def _batches(n=3, batch_size=16):
 
 
 def _close(a, b, **kw):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **kw), a, b)
+  chex.assert_trees_all_close(a, b, **kw)
 
 
 @pytest.mark.parametrize("update", ["sequential", "joint"])

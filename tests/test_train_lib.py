@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -107,7 +108,7 @@ def test_resume_2_plus_2_equals_4_bitwise(tmp_path):
   train_lib.train_and_evaluate(quick(b, max_steps=4), verbose=False)
   assert _train_records(a) == _train_records(b)
   pa, pb = (checkpoints.load_variables(str(d)) for d in (a, b))
-  jax.tree.map(np.testing.assert_array_equal, pa, pb)
+  chex.assert_trees_all_equal(pa, pb)
   summary = json.loads((a / "summary.json").read_text())
   assert summary["steps"] == 4 and summary["config"]["max_steps"] == 4
 
