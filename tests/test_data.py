@@ -185,6 +185,14 @@ def test_fashion_train_is_two_pixel_crop_without_flip():
   assert len(shifts) > 5  # the offsets do vary
 
 
+def test_no_augment_gives_the_raw_training_images():
+  ds = ids_dataset("fashion_mnist", n_train=32, shape=(28, 28, 1))
+  b = next(ds.train_iterator(global_batch_size=32, seed=1, num_devices=1, augment=False, **ONE))
+  raw = np.rint((b["image"] * 0.3530 + 0.2860) * 255).astype(int)
+  for img, i in zip(raw, b["label"]):
+    np.testing.assert_array_equal(img, ds.train.images[i])
+
+
 def test_center_crop_box():
   assert data.center_crop_box(480, 640, 224, 256) == (110.0, 30.0, 530.0, 450.0)
 

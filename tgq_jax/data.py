@@ -433,8 +433,10 @@ class Dataset:
     # needs few (GIL), per-example JPEG work more.
     self.num_threads = num_threads
 
-  def _train_images(self, images, draws) -> np.ndarray:
+  def _train_images(self, images, draws, augment: bool = True) -> np.ndarray:
     r = self.recipe
+    if not augment:  # the evaluation transform: deterministic, no randomness
+      return self._eval_images(images)
     if r.augment == "inception":
       size = self.info.image_shape[:2]
       out = np.stack([_resized(im, inception_crop_box(*im.shape[:2], d), size)
@@ -455,7 +457,7 @@ class Dataset:
     return normalize(images, r.mean, r.std)
 
   def train_batch(self, step: int, *, global_batch_size: int, seed: int,
-                  process_index: int, process_count: int) -> dict[str, np.ndarray]:
+                  process_index: int, process_count: int, augment: bool = True) -> dict[str, np.ndarray]:
     """Process-local slice of global train batch ``step`` (counted over all epochs)."""
     n, local = len(self.train), global_batch_size // process_count
     epoch, s = divmod(step, n // global_batch_size)
@@ -463,7 +465,7 @@ class Dataset:
                  s * global_batch_size + (process_index + 1) * local)
     images, labels = self.train.take(_permutation(seed, epoch, n)[rows])
     draws = _draws(seed, step, global_batch_size)[process_index * local:(process_index + 1) * local]
-    return {"image": self._train_images(images, draws), "label": labels}
+    return {"image": self._train_images(images, draws, augment), "label": labels}
 
   def eval_batch(self, index: int, *, global_batch_size: int, process_index: int,
                  process_count: int) -> dict[str, np.ndarray]:
@@ -481,16 +483,20 @@ class Dataset:
     return out
 
   def train_iterator(self, *, global_batch_size: int, seed: int, process_index: int | None = None,
-                     process_count: int | None = None, num_devices: int | None = None
-                     ) -> "TrainIterator":
-    """Infinite iterator of this process's train batches (see module docstring)."""
+                     process_count: int | None = None, num_devices: int | None = None,
+                     augment: bool = True) -> "TrainIterator":
+    """Infinite iterator of this process's train batches (see module docstring).
+
+    ``augment=False`` feeds training images through the evaluation transform
+    (short runs, such as the demo, learn faster without augmentation).
+    """
     p, count = _process(process_index, process_count)
     _check_batch(global_batch_size, count, jax.device_count() if num_devices is None else num_devices,
                  len(self.train), "train")
     if seed < 0:
       raise ValueError(f"seed must be non-negative, got {seed}")
     fn = functools.partial(self.train_batch, global_batch_size=global_batch_size, seed=seed,
-                           process_index=p, process_count=count)
+                           process_index=p, process_count=count, augment=augment)
     return TrainIterator(self, fn, global_batch_size, seed)
 
   def num_eval_batches(self, global_batch_size: int) -> int:
