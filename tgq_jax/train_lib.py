@@ -350,7 +350,7 @@ def setup(cfg: Config):
   model = create_model(cfg.arch, info.num_classes, quantizer=cfg.quantizer, per_channel=cfg.per_channel,
                        ternary_first=cfg.ternary_first, ternary_last=cfg.ternary_last, dtype=dtype)
   layers = quantized_layers(model, jnp.zeros((1, *info.image_shape)), train=False)
-  train_iter = dataset.train_iterator(global_batch_size=cfg.batch_size, seed=cfg.seed)
+  train_iter = dataset.train_iterator(global_batch_size=cfg.batch_size, seed=cfg.seed, augment=cfg.augment)
   return dataset, model, layers, train_iter
 
 
