@@ -41,7 +41,8 @@ def test_preset_and_explicit_flags_override():
           cfg.batch_size) == ("resnet18", "adam", 3e-4, 50, (25, 30, 35), (0.2, 0.2, 0.5), 5e-6, 256)
   cifar = configs.from_args(["--config", "cifar10_resnet20", "--no-nesterov"])
   assert (cifar.optimizer, cifar.momentum, cifar.nesterov, cifar.weight_decay) == ("sgd", 0.9, False, 1e-4)
-  assert configs.from_args([]) == configs.Config()
+  assert configs.from_args([]) == configs.Config(augment=False)  # the demo preset
+  assert cifar.augment and configs.from_args(["--augment"]).augment
 
 
 @pytest.mark.parametrize("args, message", [

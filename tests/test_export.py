@@ -74,7 +74,7 @@ def test_size_bound_and_report(tmp_path):
   variables, _ = _trained_like_variables(model, (28, 28, 1))
   report = export.export_variables(tmp_path / "m.tgq", variables, settings, (28, 28, 1))
   ternary = [l for l in report.layers if l.ternary]
-  assert [l.name for l in ternary] == ["conv0", "conv1", "conv2", "head"]
+  assert [l.name for l in ternary] == ["conv0", "conv1", "conv2", "conv3", "head"]
   for layer in ternary:
     assert layer.fp32_bytes == 4 * layer.num_weights
     assert layer.packed_bytes == -(-layer.num_weights // 4) + 4  # codes + one float32 scale
