@@ -218,3 +218,15 @@ def test_a_workdir_of_another_configuration_is_a_clear_error(tmp_path):
   assert record["config"]["arch"] == "tiny_cnn" and record["dataset_info"]["image_shape"] == [28, 28, 1]
   with pytest.raises(ValueError, match="--arch 'tiny_cnn' there, 'tiny_cnn_wide' now"):
     train_lib.train_and_evaluate(quick(tmp_path, max_steps=2, arch="tiny_cnn_wide"), verbose=False)
+
+
+def test_train_rows_log_the_threshold_trajectories(tmp_path):
+  train_lib.train_and_evaluate(quick(tmp_path, max_steps=3), verbose=False)
+  rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+  train_rows = [r for r in rows if r["split"] == "train"]
+  assert [r["step"] for r in train_rows] == [1, 2, 3]
+  final = checkpoints.load_variables(str(tmp_path))["params"]
+  assert set(train_rows[-1]["delta"]) == {"conv0", "conv1", "head"}
+  for name, value in train_rows[-1]["delta"].items():
+    assert value == pytest.approx(float(abs(final[name]["delta"])), rel=1e-6)
+  assert train_rows[0]["delta"] != train_rows[-1]["delta"]  # the thresholds do train

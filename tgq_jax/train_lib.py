@@ -240,6 +240,21 @@ def format_report(test_metrics: dict, stats: list, size_bits: tuple[int, int]) -
 # --- the loop ----------------------------------------------------------------
 
 
+def threshold_values(params: Any, layers: Mapping) -> dict[str, float]:
+  """Each TGA layer's trainable threshold ``delta`` (mean |delta| over channels), by layer name.
+
+  Cheap enough for every train log row: the threshold trajectories of a run.
+  """
+  out = {}
+  for path, quantizer in layers.items():
+    for name in quantizer.threshold_params:
+      leaf = params
+      for key in (*path, name):
+        leaf = leaf[key]
+      out["/".join(path)] = float(np.mean(np.abs(to_host(leaf))))
+  return out
+
+
 class NonFiniteLossError(RuntimeError):
   """The training loss became NaN or Inf."""
 
@@ -279,6 +294,8 @@ class MetricsWriter:
       for k, v in record.items():
         if isinstance(v, (int, float)) and k not in ("step", "epoch"):
           self._tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
+      for name, value in record.get("delta", {}).items():
+        self._tb.add_scalar(f"delta/{name}", value, record["step"])
       for layer in record.get("layers", []):
         for k in ("sparsity", "threshold", "scale"):
           self._tb.add_scalar(f"layers/{layer['name']}/{k}", layer[k], record["step"])
@@ -469,7 +486,8 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
           means = {k: float(np.mean([to_host(m[k]) for m in window])) for k in window[0]}
           ips = len(window) * cfg.batch_size / max(time.time() - t_window, 1e-9)
           writer.write({"step": step, "epoch": step / spe, "split": "train", **means,
-                        "lr": float(lr_fn(step - 1)), "img_per_sec": ips})
+                        "lr": float(lr_fn(step - 1)), "img_per_sec": ips,
+                        **({"delta": threshold_values(state.params, layers)} if has_thr else {})})
           bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{ips:.0f}")
           window, t_window = [], time.time()
         if preempt.requested or manager.reached_preemption(step):
