@@ -1,6 +1,6 @@
 """Writes the notebooks' source cells (run once by developers; the .ipynb files are committed).
 
-    python notebooks/build_notebooks.py && python notebooks/run_notebooks.py
+    python notebooks/build_notebooks.py   # then execute them, e.g. with notebooks/run_notebooks.py
 
 Keeping the cells here makes notebook diffs reviewable; the notebooks import
 tgq_jax and never copy code out of it.
@@ -122,5 +122,105 @@ print("d loss / d delta =", float(grads["delta"]))'''),
                                              "language_info": {"name": "python"}})
 
 
+def train():
+  params = new_code_cell('''# Parameters (CI overrides them with a smaller budget).
+EPOCHS = 3            # per run; two runs (FP twin and TGA)
+NUM_TRAIN = None      # None: all 60,000 training images
+BATCH_SIZE = 128
+WORKDIR = "runs/notebook"   # re-running resumes (or just re-evaluates) the runs found here
+DATA_DIR = None       # a directory with the four Fashion-MNIST idx files, if not the default''')
+  params.metadata["tags"] = ["parameters"]
+  cells = [
+    new_markdown_cell(f"""# Training a ternary network with TGA
+
+{badge("02_train.ipynb")}
+
+Trains the small CNN on Fashion-MNIST twice with the same recipe: as a full-precision twin and with
+every conv and dense layer ternarized by TGA (trainable thresholds, the paper's sequential update).
+Then it compares the curves, looks at each layer's sparsity and threshold, and exports the ternary
+model as a 2-bit packed file. All the code lives in `tgq_jax`; this notebook only calls it."""),
+    new_code_cell(INSTALL),
+    params,
+    new_code_cell('''import json, os
+import jax
+import matplotlib.pyplot as plt
+import numpy as np
+
+from tgq_jax import data, export, train_lib
+from tgq_jax.configs import Config
+
+print("backend:", jax.default_backend(), "| devices:", jax.devices())'''),
+    new_markdown_cell("""## Data
+Fashion-MNIST's idx files are read locally (Debian's `dataset-fashion-mnist` package, or
+`DATA_DIR`). Without them (e.g. on Colab) TFDS prepares the dataset once; that needs TensorFlow and
+internet, which Colab has."""),
+    new_code_cell('''if not data.find_idx_files(DATA_DIR or data.DEFAULT_FASHION_MNIST_DIR):
+  import tensorflow_datasets as tfds
+  tfds.builder("fashion_mnist", file_format="array_record").download_and_prepare()
+info = data.get_dataset("fashion_mnist", data_dir=DATA_DIR).info
+print(info)'''),
+    new_markdown_cell("""## Train the full-precision twin, then TGA
+Same architecture, optimizer, schedule and data order; only the quantizer differs. Batch size must
+divide by the number of devices (all local devices are used, data parallel)."""),
+    new_code_cell('''common = dict(arch="small_cnn", dataset="fashion_mnist", data_dir=DATA_DIR, epochs=EPOCHS,
+              num_train=NUM_TRAIN, batch_size=BATCH_SIZE, augment=False, log_every=20)
+runs = {}
+for quantizer in ["fp", "tga"]:
+  cfg = Config(quantizer=quantizer, workdir=os.path.join(WORKDIR, quantizer), **common)
+  summary = train_lib.train_and_evaluate(cfg, verbose=False)
+  runs[quantizer] = cfg.workdir
+  print(f"{quantizer}: test accuracy {100 * summary['test_accuracy']:.2f}% "
+        f"({summary['steps']} steps, {summary['wall_seconds']:.0f} s)")
+print(summary["report"])'''),
+    new_code_cell('''def rows(workdir, split):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r["split"] == split]
+
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.5))
+for q, workdir in runs.items():
+  train, test = rows(workdir, "train"), rows(workdir, "test")
+  a1.plot([r["step"] for r in train], [r["loss"] for r in train], label=q)
+  a2.plot([r["epoch"] for r in test], [100 * r["accuracy"] for r in test], "o-", label=q)
+a1.set_xlabel("step"); a1.set_ylabel("train loss"); a1.legend()
+a2.set_xlabel("epoch"); a2.set_ylabel("test accuracy (%)"); a2.legend()
+fig.suptitle("full precision vs TGA (every layer ternary)");'''),
+    new_markdown_cell("""## Per-layer sparsity and thresholds
+Sparsity is the fraction of zero codes at the end of training; the trajectories are each layer's
+trainable threshold `delta`, logged every `log_every` steps."""),
+    new_code_cell('''final = rows(runs["tga"], "test")[-1]["layers"]
+train = rows(runs["tga"], "train")
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.5))
+a1.bar([l["name"] for l in final], [l["sparsity"] for l in final])
+a1.set_ylabel("sparsity (fraction of zeros)"); a1.set_title("final sparsity")
+for name in train[-1]["delta"]:
+  a2.plot([r["step"] for r in train], [r["delta"][name] for r in train], label=name)
+a2.set_xlabel("step"); a2.set_ylabel("delta"); a2.set_title("threshold trajectories"); a2.legend(fontsize=8)
+for l in final:
+  print(f"{l['name']:<8} sparsity {l['sparsity']:.3f}  threshold {l['threshold']:.4f}  scale {l['scale']:.4f}")'''),
+    new_markdown_cell("""## Export: 2 bits per weight
+One file: codes packed 4 per byte, one scale per layer, the full-precision leaves (BatchNorm, biases)
+and a JSON header. The packed model's logits equal the trained model's exactly."""),
+    new_code_cell('''from tgq_jax import checkpoints
+from tgq_jax.models import create_model
+
+path = os.path.join(WORKDIR, "small_cnn_tga.tgq")
+report = export.export_workdir(runs["tga"], path)
+print(f"{path}: {os.path.getsize(path):,} bytes")
+print(report.format())
+
+model, variables, header = export.load_packed(path)
+trained = create_model("small_cnn", info.num_classes, quantizer="tga")
+batch = next(data.get_dataset("fashion_mnist", data_dir=DATA_DIR).eval_batches(global_batch_size=jax.device_count() * 8))
+packed_logits = model.apply(variables, batch["image"], train=False)
+trained_logits = trained.apply(checkpoints.load_variables(runs["tga"]), batch["image"], train=False)
+print("identical logits:", bool(np.array_equal(packed_logits, trained_logits)))'''),
+  ]
+  return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"},
+                                             "language_info": {"name": "python"}})
+
+
+NOTEBOOKS = {"01_quickstart.ipynb": quickstart, "02_train.ipynb": train}
+
 if __name__ == "__main__":
-  nbformat.write(quickstart(), HERE / "01_quickstart.ipynb")
+  for name, build in NOTEBOOKS.items():
+    nbformat.write(build(), HERE / name)

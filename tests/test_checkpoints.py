@@ -59,20 +59,6 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path, m
   assert data_state == {"iterator": {"index": 1}}
   assert not partial.exists()  # cleaned up by the new manager
 
-
-def test_merge_pretrained_checks_the_architecture():
-  target = {"conv": {"kernel": np.zeros((3, 3)), "delta": np.array(0, np.float32)}}
-  fp = {"conv": {"kernel": np.ones((3, 3))}}
-  merged = checkpoints.merge_pretrained(target, fp, {"delta"}, "parameter")
-  np.testing.assert_array_equal(merged["conv"]["kernel"], 1)
-  with pytest.raises(checkpoints.CheckpointError, match="another architecture.*shape"):
-    checkpoints.merge_pretrained(target, {"conv": {"kernel": np.ones((3, 4))}}, {"delta"}, "parameter")
-  with pytest.raises(checkpoints.CheckpointError, match="another architecture.*missing"):
-    checkpoints.merge_pretrained(target, {"other": {"kernel": np.ones((3, 3))}}, {"delta"}, "parameter")
-  with pytest.raises(checkpoints.CheckpointError, match="unexpected"):
-    checkpoints.merge_pretrained(target, {**fp, "extra": {"kernel": np.ones(2)}}, {"delta"}, "parameter")
-
-
 def test_load_variables_accepts_workdir_checkpoint_dir_and_step_dir(tmp_path):
   manager = checkpoints.make_manager(str(tmp_path / "checkpoints"))
   checkpoints.save(manager, 5, _state(5.0), {"iterator": {}})

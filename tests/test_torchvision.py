@@ -15,7 +15,8 @@ import pytest
 from tgq_jax.layers import quantized_layers
 from tgq_jax.models import create_model
 from tgq_jax.models.resnet import ResNet
-from tgq_jax.models.torchvision import convert_state_dict, init_ternary_from_fp, load_torchvision_weights
+from tgq_jax.layers import init_ternary_from_fp
+from tgq_jax.models.torchvision import convert_state_dict, load_torchvision_weights
 from tgq_jax.quantizers import get_quantizer
 
 _TV_LAYERS = {"resnet18": ((2, 2, 2, 2), False), "resnet34": ((3, 4, 6, 3), False),

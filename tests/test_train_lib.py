@@ -168,8 +168,8 @@ def test_init_from_loads_fp_weights_and_reinitializes_thresholds(tmp_path):
   fp_dir = tmp_path / "fp"
   train_lib.train_and_evaluate(quick(fp_dir, quantizer="fp", max_steps=2), verbose=False)
   cfg = quick(tmp_path / "tern", init_from=str(fp_dir))
-  _, layers, _, tx_thr, tx_w, state, _, _ = build(cfg)
-  new = train_lib.init_from_checkpoint(state, str(fp_dir), layers, tx_thr, tx_w)
+  model, _, _, tx_thr, tx_w, state, _, _ = build(cfg)
+  new = train_lib.init_from_checkpoint(state, str(fp_dir), model, (28, 28, 1), tx_thr, tx_w)
   src = checkpoints.load_variables(str(fp_dir))
   np.testing.assert_array_equal(new.params["conv1"]["kernel"], src["params"]["conv1"]["kernel"])
   np.testing.assert_array_equal(new.batch_stats["bn0"]["mean"], src["batch_stats"]["bn0"]["mean"])

@@ -23,7 +23,6 @@ import os
 from typing import Any
 
 import flax.serialization
-import flax.traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -100,32 +99,3 @@ def load_variables(path: str) -> dict:
                               is_leaf=lambda x: hasattr(x, "shape"))
   state = checkpointer.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
-
-
-def merge_pretrained(target: dict, source: dict, fresh_ok: set[str], what: str) -> dict:
-  """Copies ``source``'s leaves into ``target``'s structure.
-
-  Leaves named in ``fresh_ok`` (quantizer parameters, absent from a
-  full-precision checkpoint) keep ``target``'s values when missing. Any other
-  difference (missing/extra leaf, shape) means another architecture:
-  CheckpointError.
-  """
-  flat_t = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(target))
-  flat_s = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(source))
-  out = {}
-  for key, value in flat_t.items():
-    name = "/".join(map(str, key))
-    if key not in flat_s:
-      if key[-1] in fresh_ok:
-        out[key] = value
-        continue
-      raise CheckpointError(f"--init-from: checkpoint is of another architecture ({what} {name} missing).")
-    if tuple(flat_s[key].shape) != tuple(value.shape):
-      raise CheckpointError(f"--init-from: checkpoint is of another architecture ({what} {name} has shape "
-                            f"{tuple(flat_s[key].shape)}, expected {tuple(value.shape)}).")
-    out[key] = flat_s[key]
-  extra = [k for k in flat_s if k not in flat_t and k[-1] not in fresh_ok]
-  if extra:
-    raise CheckpointError(f"--init-from: checkpoint is of another architecture "
-                          f"(unexpected {what} {'/'.join(map(str, extra[0]))}).")
-  return flax.traverse_util.unflatten_dict(out)

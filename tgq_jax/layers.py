@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tgq_jax.quantizers import Quantizer, get_quantizer
+from flax import traverse_util
+
+from tgq_jax.quantizers import QUANTIZERS, Quantizer, get_quantizer
 
 Path = tuple[str, ...]
 
@@ -171,3 +173,75 @@ def layer_stats(params: Mapping, layers: Mapping[Path, Quantizer]) -> list[Layer
       sparsity, scale, neg, thr = 0.0, float("nan"), float("nan"), float("nan")
     out.append(LayerStats("/".join(path), tuple(kernel.shape), n, quantizer.name, sparsity, scale, neg, thr))
   return out
+
+
+# Every quantizer leaf name any quantizer may create (a source model may be ternary already).
+_QUANTIZER_LEAVES = frozenset(n for q in QUANTIZERS for n in get_quantizer(q).param_names)
+
+
+def _list_keys(keys) -> str:
+  keys = sorted(keys)
+  shown = ", ".join(keys[:20])
+  return shown + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
+
+
+def init_ternary_from_fp(model: nn.Module, fp_variables: Mapping, image_shape: tuple[int, ...]) -> dict:
+  """Variables for ternary ``model`` from those of its full-precision twin.
+
+  Every leaf of ``fp_variables`` is copied; the quantizer leaves that
+  ``model`` adds (TGA ``delta``, TTQ ``pos_scale``/``neg_scale``) are then
+  initialized from the copied kernels by :func:`reinit_thresholds`
+  (``delta = 0.05 max|w|``), as the paper does before ternary fine-tuning.
+  Works for any model called as ``model.apply(variables, images, train=...)``,
+  e.g. every :func:`~tgq_jax.models.create_model` arch.
+
+  Args:
+    model: the ternary model (same architecture as the FP one).
+    fp_variables: its FP twin's variables (``params``, ``batch_stats``, ...).
+      Quantizer leaves in it (a ternary source) are ignored: they are
+      recomputed from the kernels.
+    image_shape: (H, W, C) of one input image (only traced).
+
+  Raises:
+    ValueError: the trees differ beyond quantizer leaves (names or shapes);
+      the message lists the differences.
+  """
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  # The model's init, traced only: its structure is what is needed, values come from fp_variables.
+  abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  layers = quantized_layers(model, x, train=False)
+  target = traverse_util.flatten_dict(nn.unbox(dict(abstract)))
+  source = traverse_util.flatten_dict(nn.unbox(dict(fp_variables)))
+
+  out, missing, mismatched = {}, [], []
+  for path, leaf in target.items():
+    collection, *modules, name = path
+    if path in source:
+      value = source[path]
+      if tuple(value.shape) != tuple(leaf.shape):
+        mismatched.append(f"{'/'.join(path)}: got {tuple(value.shape)}, expected {tuple(leaf.shape)}")
+      out[path] = value
+    elif (collection == "params" and tuple(modules) in layers
+          and name in layers[tuple(modules)].param_names):
+      out[path] = None  # a quantizer leaf: set by reinit_thresholds below
+    else:
+      missing.append("/".join(path))
+  unexpected = ["/".join(p) for p in source
+                if p not in target and not (p[0] == "params" and p[-1] in _QUANTIZER_LEAVES)]
+  problems = []
+  if missing:
+    problems.append(f"missing leaves: {_list_keys(missing)}")
+  if unexpected:
+    problems.append(f"unexpected leaves: {_list_keys(unexpected)}")
+  if mismatched:
+    problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+  if problems:
+    raise ValueError("fp_variables do not match the model: " + "; ".join(problems))
+
+  # Copied only once everything matches; placeholders just carry shape and dtype for reinit_thresholds.
+  out = {path: jnp.zeros(target[path].shape, target[path].dtype) if value is None
+         else jnp.asarray(value, target[path].dtype) for path, value in out.items()}
+  variables = traverse_util.unflatten_dict(out)
+  # Jitted: eager, each quantizer's init dispatches op by op, slow for deep models.
+  variables["params"] = jax.jit(lambda params: reinit_thresholds(params, layers))(variables["params"])
+  return variables

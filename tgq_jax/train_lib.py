@@ -43,7 +43,7 @@ from jax import lax
 from tgq_jax import checkpoints, parallel
 from tgq_jax import data as data_lib
 from tgq_jax.configs import Config
-from tgq_jax.layers import layer_stats, quantized_layers, reinit_thresholds
+from tgq_jax.layers import init_ternary_from_fp, layer_stats, quantized_layers
 from tgq_jax.models import create_model
 from tgq_jax.parallel import AXIS
 
@@ -436,7 +436,7 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
     if verbose and is_main:
       print(f"resuming from step {int(state.step)} in {workdir}")
   elif cfg.init_from:
-    state = init_from_checkpoint(state, cfg.init_from, layers, tx_thr, tx_w)
+    state = init_from_checkpoint(state, cfg.init_from, model, info.image_shape, tx_thr, tx_w)
   state = parallel.put_state(state, mesh, kind)
 
   writer = MetricsWriter(workdir, enabled=is_main)
@@ -525,14 +525,14 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
   return summary
 
 
-def init_from_checkpoint(state: TrainState, path: str, layers: Mapping, tx_thr, tx_w) -> TrainState:
+def init_from_checkpoint(state: TrainState, path: str, model: nn.Module, image_shape: tuple[int, ...],
+                         tx_thr, tx_w) -> TrainState:
   """Loads full-precision weights, re-initializes the thresholds, fresh optimizer states (fine-tuning)."""
   source = checkpoints.load_variables(path)
-  quantizer_leaves = {n for q in layers.values() for n in q.param_names}
-  host = to_host({"params": state.params, "batch_stats": state.batch_stats})
-  params = checkpoints.merge_pretrained(host["params"], source["params"], quantizer_leaves, "parameter")
-  batch_stats = checkpoints.merge_pretrained(host["batch_stats"], source["batch_stats"], set(),
-                                             "batch statistic")
-  params = jax.tree.map(np.asarray, reinit_thresholds(params, layers))
-  return state.replace(params=params, batch_stats=batch_stats,
+  try:
+    variables = init_ternary_from_fp(model, source, image_shape)
+  except ValueError as e:
+    raise checkpoints.CheckpointError(f"--init-from: checkpoint is of another architecture ({e})") from None
+  params = jax.tree.map(np.asarray, variables["params"])
+  return state.replace(params=params, batch_stats=jax.tree.map(np.asarray, variables.get("batch_stats", {})),
                        threshold_opt_state=tx_thr.init(params), weight_opt_state=tx_w.init(params))

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from tgq_jax.models.resnet import BasicBlock, Bottleneck, CifarResNet, ResNet
 from tgq_jax.models.small_cnn import SmallCNN
 # torchvision.py imports create_model lazily (inside a function), so this is no cycle.
-from tgq_jax.models.torchvision import convert_state_dict, init_ternary_from_fp, load_torchvision_weights
+from tgq_jax.layers import init_ternary_from_fp
+from tgq_jax.models.torchvision import convert_state_dict, load_torchvision_weights
 from tgq_jax.quantizers import get_quantizer
 
 # arch name -> (module class, fixed constructor arguments)

@@ -1,4 +1,4 @@
-"""torchvision ImageNet checkpoints for ``resnet18/34/50``, and FP -> ternary initialization.
+"""torchvision ImageNet checkpoints for ``resnet18/34/50``.
 
 The paper fine-tunes ternary ImageNet ResNets from full-precision
 checkpoints. The flow here:
@@ -12,8 +12,8 @@ checkpoints. The flow here:
 
 2. ``fp = load_torchvision_weights("resnet18.npz", "resnet18")``: the
    variables of ``create_model("resnet18", 1000, quantizer="fp")``.
-3. ``variables = init_ternary_from_fp(create_model("resnet18", 1000), fp,
-   (224, 224, 3))``: every weight copied, quantizer leaves (TGA ``delta``,
+3. ``variables = tgq_jax.layers.init_ternary_from_fp(create_model("resnet18", 1000),
+   fp, (224, 224, 3))``: every weight copied, quantizer leaves (TGA ``delta``,
    TTQ scales) initialized from the loaded kernels (``delta = 0.05 max|w|``).
 
 Name mapping (see :mod:`tgq_jax.models.resnet`): torchvision ``layer{i}.{j}``
@@ -37,8 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from tgq_jax.layers import quantized_layers, reinit_thresholds
-from tgq_jax.quantizers import QUANTIZERS, get_quantizer
+from tgq_jax.layers import _list_keys as _fmt_keys
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
@@ -105,12 +104,6 @@ def _fp_structure(arch: str, num_classes: int, in_channels: int) -> dict[tuple[s
   x = jax.ShapeDtypeStruct((1, 32, 32, in_channels), jnp.float32)
   abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
   return traverse_util.flatten_dict(nn.unbox(dict(abstract)))
-
-
-def _fmt_keys(keys) -> str:
-  keys = sorted(keys)
-  shown = ", ".join(keys[:20])
-  return shown + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict:
@@ -197,69 +190,3 @@ def load_torchvision_weights(path: str | os.PathLike, arch: str) -> dict:
     raise ValueError(f"load_torchvision_weights: expected a .npz (or .pth/.pt with torch installed), "
                      f"got {path!r}. {_NPZ_HOWTO}")
   return convert_state_dict(state_dict, arch)
-
-
-# Every quantizer leaf name any quantizer may create (a source model may be ternary already).
-_QUANTIZER_LEAVES = frozenset(n for q in QUANTIZERS for n in get_quantizer(q).param_names)
-
-
-def init_ternary_from_fp(model: nn.Module, fp_variables: Mapping, image_shape: tuple[int, ...]) -> dict:
-  """Variables for ternary ``model`` from those of its full-precision twin.
-
-  Every leaf of ``fp_variables`` is copied; the quantizer leaves that
-  ``model`` adds (TGA ``delta``, TTQ ``pos_scale``/``neg_scale``) are then
-  initialized from the copied kernels by :func:`~tgq_jax.layers.reinit_thresholds`
-  (``delta = 0.05 max|w|``), as the paper does before ternary fine-tuning.
-  Works for any model called as ``model.apply(variables, images, train=...)``,
-  e.g. every :func:`~tgq_jax.models.create_model` arch.
-
-  Args:
-    model: the ternary model (same architecture as the FP one).
-    fp_variables: its FP twin's variables (``params``, ``batch_stats``, ...).
-      Quantizer leaves in it (a ternary source) are ignored: they are
-      recomputed from the kernels.
-    image_shape: (H, W, C) of one input image (only traced).
-
-  Raises:
-    ValueError: the trees differ beyond quantizer leaves (names or shapes);
-      the message lists the differences.
-  """
-  x = jnp.zeros((1, *image_shape), jnp.float32)
-  # The model's init, traced only: its structure is what is needed, values come from fp_variables.
-  abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-  layers = quantized_layers(model, x, train=False)
-  target = traverse_util.flatten_dict(nn.unbox(dict(abstract)))
-  source = traverse_util.flatten_dict(nn.unbox(dict(fp_variables)))
-
-  out, missing, mismatched = {}, [], []
-  for path, leaf in target.items():
-    collection, *modules, name = path
-    if path in source:
-      value = source[path]
-      if tuple(value.shape) != tuple(leaf.shape):
-        mismatched.append(f"{'/'.join(path)}: got {tuple(value.shape)}, expected {tuple(leaf.shape)}")
-      out[path] = value
-    elif (collection == "params" and tuple(modules) in layers
-          and name in layers[tuple(modules)].param_names):
-      out[path] = None  # a quantizer leaf: set by reinit_thresholds below
-    else:
-      missing.append("/".join(path))
-  unexpected = ["/".join(p) for p in source
-                if p not in target and not (p[0] == "params" and p[-1] in _QUANTIZER_LEAVES)]
-  problems = []
-  if missing:
-    problems.append(f"missing leaves: {_fmt_keys(missing)}")
-  if unexpected:
-    problems.append(f"unexpected leaves: {_fmt_keys(unexpected)}")
-  if mismatched:
-    problems.append(f"shape mismatches: {'; '.join(mismatched)}")
-  if problems:
-    raise ValueError("init_ternary_from_fp: fp_variables do not match the model:\n  " + "\n  ".join(problems))
-
-  # Copied only once everything matches; placeholders just carry shape and dtype for reinit_thresholds.
-  out = {path: jnp.zeros(target[path].shape, target[path].dtype) if value is None
-         else jnp.asarray(value, target[path].dtype) for path, value in out.items()}
-  variables = traverse_util.unflatten_dict(out)
-  # Jitted: eager, each quantizer's init dispatches op by op, slow for deep models.
-  variables["params"] = jax.jit(lambda params: reinit_thresholds(params, layers))(variables["params"])
-  return variables
