@@ -161,4 +161,4 @@ def test_layer_stats_on_a_hand_built_tree():
   assert mid.threshold == pytest.approx(t_mid, rel=1e-6)
 
   assert (head.name, head.num_weights, head.quantizer, head.sparsity) == ("head", 6, "fp", 0.0)
-  assert math.isnan(head.scale) and math.isnan(head.threshold)
+  assert head.scale is None and head.threshold is None and head.neg_scale is None

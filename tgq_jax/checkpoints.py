@@ -19,6 +19,7 @@ simulates this.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -82,6 +83,10 @@ def resolve(path: str) -> tuple[str, int | None]:
   return path, None
 
 
+def _ignore_missing_item_metadata(record: logging.LogRecord) -> bool:
+  return not record.getMessage().startswith("Metadata file does not exist")
+
+
 def load_variables(path: str) -> dict:
   """Loads ``{"params", "batch_stats"}`` from a checkpoint of this trainer (host numpy arrays)."""
   directory, step = resolve(path)
@@ -93,6 +98,9 @@ def load_variables(path: str) -> dict:
   # Restore as host numpy arrays: the checkpoint may come from another device topology.
   item = os.path.join(os.path.abspath(directory), str(step), "state")
   checkpointer = ocp.PyTreeCheckpointer()
+  # The step-level metadata lives one folder up (the manager's); orbax warns that the item has
+  # none of its own, which is expected here and would only confuse users.
+  logging.getLogger("absl").addFilter(_ignore_missing_item_metadata)
   tree = checkpointer.metadata(item).item_metadata
   tree = getattr(tree, "tree", tree)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,

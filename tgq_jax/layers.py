@@ -146,9 +146,10 @@ class LayerStats:
   num_weights: int
   quantizer: str
   sparsity: float  # fraction of zero codes (0 for full-precision layers)
-  scale: float  # value of a +1 code (mean over channels for per-channel statistics)
-  neg_scale: float  # magnitude of a -1 code
-  threshold: float  # clipped threshold t (mean over channels)
+  # None for full-precision layers (JSON null: metrics files stay standard JSON).
+  scale: float | None  # value of a +1 code (mean over channels for per-channel statistics)
+  neg_scale: float | None  # magnitude of a -1 code
+  threshold: float | None  # clipped threshold t (mean over channels)
 
   def as_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -158,7 +159,7 @@ def layer_stats(params: Mapping, layers: Mapping[Path, Quantizer]) -> list[Layer
   """Per-layer statistics of the quantized layers of a params tree.
 
   ``layers`` is :func:`quantized_layers` of the model. Full-precision layers
-  report sparsity 0 and NaN scale/threshold.
+  report sparsity 0 and None for scale and threshold.
   """
   out = []
   for path, quantizer in layers.items():
@@ -170,7 +171,7 @@ def layer_stats(params: Mapping, layers: Mapping[Path, Quantizer]) -> list[Layer
       sparsity = float(jnp.mean(parts.codes == 0))
       scale, neg, thr = (float(jnp.mean(x)) for x in (parts.scale, parts.neg_scale, parts.threshold))
     else:
-      sparsity, scale, neg, thr = 0.0, float("nan"), float("nan"), float("nan")
+      sparsity, scale, neg, thr = 0.0, None, None, None
     out.append(LayerStats("/".join(path), tuple(kernel.shape), n, quantizer.name, sparsity, scale, neg, thr))
   return out
 

@@ -229,8 +229,8 @@ def format_report(test_metrics: dict, stats: list, size_bits: tuple[int, int]) -
            + (f"   top-5: {100 * test_metrics['top5_accuracy']:.2f}%" if "top5_accuracy" in test_metrics else ""),
            f"{'layer':<28}{'shape':<20}{'quantizer':<10}{'sparsity':>9}{'threshold':>11}{'scale':>10}"]
   for s in stats:
-    lines.append(f"{s.name:<28}{str(s.shape):<20}{s.quantizer:<10}{s.sparsity:>9.3f}"
-                 f"{s.threshold:>11.4g}{s.scale:>10.4g}")
+    thr, scale = ("-", "-") if s.scale is None else (f"{s.threshold:.4g}", f"{s.scale:.4g}")
+    lines.append(f"{s.name:<28}{str(s.shape):<20}{s.quantizer:<10}{s.sparsity:>9.3f}{thr:>11}{scale:>10}")
   fp32, tern = size_bits
   lines.append(f"model size: FP32 {fp32 / 8 / 1024:.1f} KiB -> 2-bit ternary {tern / 8 / 1024:.1f} KiB "
                f"({fp32 / tern:.1f}x smaller)")
@@ -298,7 +298,8 @@ class MetricsWriter:
         self._tb.add_scalar(f"delta/{name}", value, record["step"])
       for layer in record.get("layers", []):
         for k in ("sparsity", "threshold", "scale"):
-          self._tb.add_scalar(f"layers/{layer['name']}/{k}", layer[k], record["step"])
+          if layer[k] is not None:  # None: a full-precision layer
+            self._tb.add_scalar(f"layers/{layer['name']}/{k}", layer[k], record["step"])
 
   def close(self) -> None:
     if self._jsonl is not None:
