@@ -243,6 +243,15 @@ def _delta_from(params: Any, w, per_channel: bool) -> jax.Array:
   return delta
 
 
+def _validated(w, params, per_channel: bool, who: str) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
+  """Checks the inputs (at trace time); returns w and delta in the compute dtype, and the axes."""
+  _check_w(w, per_channel, who)
+  delta = _delta_from(params, w, per_channel)
+  w = jnp.asarray(w)
+  compute = _compute_dtype(w.dtype)
+  return w.astype(compute), jnp.asarray(delta).astype(compute), _reduction_axes(w.ndim, per_channel)
+
+
 def ternarize(w: jax.Array, params: Mapping[str, jax.Array], *, per_channel: bool = False) -> jax.Array:
   """TGA-ternarizes ``w``: returns ``alpha * q`` with ``w``'s shape and dtype.
 
@@ -255,13 +264,8 @@ def ternarize(w: jax.Array, params: Mapping[str, jax.Array], *, per_channel: boo
   Gradients flow to both ``w`` and ``params["delta"]`` as derived in the module
   docstring. Works under ``jit``, ``vmap``, ``grad`` and ``lax.scan``.
   """
-  _check_w(w, per_channel, "ternarize")
-  delta = _delta_from(params, w, per_channel)
-  w = jnp.asarray(w)
-  compute = _compute_dtype(w.dtype)
-  axes = _reduction_axes(w.ndim, per_channel)
-  out = _tga(w.astype(compute), jnp.asarray(delta).astype(compute), axes)
-  return out.astype(w.dtype)
+  wc, delta, axes = _validated(w, params, per_channel, "ternarize")
+  return _tga(wc, delta, axes).astype(jnp.result_type(w))
 
 
 def init_params(w: jax.Array, *, per_channel: bool = False, dtype=jnp.float32) -> dict[str, jax.Array]:
@@ -286,13 +290,9 @@ def ternary_parts(w: jax.Array, params: Mapping[str, jax.Array], *, per_channel:
 
   ``dequantize(ternary_parts(w, p))`` equals ``ternarize(w, p)`` (in float32).
   """
-  _check_w(w, per_channel, "ternary_parts")
-  delta = _delta_from(params, w, per_channel)
-  w = jnp.asarray(w)
-  compute = _compute_dtype(w.dtype)
-  axes = _reduction_axes(w.ndim, per_channel)
-  s = _forward_stats(w.astype(compute), jnp.asarray(delta).astype(compute), axes)
-  shape = (w.shape[-1],) if per_channel else ()
+  wc, delta, axes = _validated(w, params, per_channel, "ternary_parts")
+  s = _forward_stats(wc, delta, axes)
+  shape = (wc.shape[-1],) if per_channel else ()
   flat = lambda x: jnp.reshape(x, shape)
   return TernaryParts(
     codes=s.q.astype(jnp.int8), scale=flat(s.alpha), neg_scale=flat(s.alpha),
