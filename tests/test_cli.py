@@ -43,6 +43,7 @@ def test_preset_and_explicit_flags_override():
   assert (cifar.optimizer, cifar.momentum, cifar.nesterov, cifar.weight_decay) == ("sgd", 0.9, False, 1e-4)
   assert configs.from_args([]) == configs.Config(augment=False)  # the demo preset
   assert cifar.augment and configs.from_args(["--augment"]).augment
+  assert configs.from_args(["--num-classes", "1000"]).num_classes == 1000
 
 
 @pytest.mark.parametrize("args, message", [

@@ -25,6 +25,7 @@ class Config:
   image_shape: tuple[int, ...] = ()  # (H, W, C) of synthetic data / ImageNet crops; () = the dataset's
   num_train: int | None = None  # synthetic split sizes; for real data: only the first n examples
   num_test: int | None = None
+  num_classes: int | None = None  # synthetic data's class count; None = the dataset's
   augment: bool = True  # the dataset's training augmentation (crops, flips)
   workdir: str | None = None  # default: runs/<arch>_<dataset>_<quantizer>
   quantizer: str = "tga"

@@ -354,7 +354,7 @@ class _Preemption:
 def setup(cfg: Config):
   """Builds everything a run needs; raises ValueError (one line) on bad options."""
   dataset = data_lib.get_dataset(cfg.dataset, data_dir=cfg.data_dir, image_shape=cfg.image_shape or None,
-                                 num_train=cfg.num_train, num_test=cfg.num_test)
+                                 num_classes=cfg.num_classes, num_train=cfg.num_train, num_test=cfg.num_test)
   info = dataset.info
   for name, value, choices in (("update", cfg.update, ("sequential", "joint")),
                                ("parallel", cfg.parallel, ("shard_map", "pmap"))):
