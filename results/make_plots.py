@@ -29,12 +29,17 @@ def main():
     print(f"| {name} | {c['quantizer']} | {update} | {init} | {c['seed']} | {c['epochs']} | "
           f"{100 * s['test_accuracy']:.2f} | {100 * s['best_test_accuracy']:.2f} | {s['wall_seconds']:.0f} |")
 
-  fig, ax = plt.subplots(figsize=(8, 4))
+  # Test accuracy per epoch (one point per epoch) and the train accuracy between them.
+  fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
   for name, (rows, _) in runs.items():
     test = [r for r in rows if r["split"] == "test"]
-    ax.plot([r["epoch"] for r in test], [100 * r["accuracy"] for r in test], "o-", label=name)
-  ax.set_xlabel("epoch"); ax.set_ylabel("test accuracy (%)"); ax.legend(fontsize=7, ncol=2)
-  ax.set_title("Fashion-MNIST, ResNet-20, every layer ternary")
+    train = [r for r in rows if r["split"] == "train"]
+    line, = a1.plot([r["epoch"] for r in train], [100 * r["accuracy"] for r in train], lw=0.8, label=name)
+    a2.plot([r["epoch"] for r in test], [100 * r["accuracy"] for r in test], "o-", color=line.get_color(),
+            label=name)
+  a1.set_xlabel("epoch"); a1.set_ylabel("train accuracy (%, last 50 steps)"); a1.set_ylim(70, 95)
+  a2.set_xlabel("epoch"); a2.set_ylabel("test accuracy (%)"); a2.legend(fontsize=7, ncol=2)
+  fig.suptitle("Fashion-MNIST, ResNet-20, every layer ternary")
   fig.tight_layout(); fig.savefig(HERE / "accuracy.png", dpi=90)
 
   ternary = {n: r for n, r in runs.items() if r[1]["config"]["quantizer"] != "fp"}
