@@ -186,6 +186,18 @@ def _list_keys(keys) -> str:
   return shown + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
 
 
+def _mismatch_problems(missing, unexpected, mismatched, noun: str, shapes: str = "shape mismatches") -> list[str]:
+  """What differs between two trees, one phrase per kind (empty when they match)."""
+  problems = []
+  if missing:
+    problems.append(f"missing {noun}: {_list_keys(missing)}")
+  if unexpected:
+    problems.append(f"unexpected {noun}: {_list_keys(unexpected)}")
+  if mismatched:
+    problems.append(f"{shapes}: {'; '.join(mismatched)}")
+  return problems
+
+
 def init_ternary_from_fp(model: nn.Module, fp_variables: Mapping, image_shape: tuple[int, ...]) -> dict:
   """Variables for ternary ``model`` from those of its full-precision twin.
 
@@ -229,13 +241,7 @@ def init_ternary_from_fp(model: nn.Module, fp_variables: Mapping, image_shape: t
       missing.append("/".join(path))
   unexpected = ["/".join(p) for p in source
                 if p not in target and not (p[0] == "params" and p[-1] in _QUANTIZER_LEAVES)]
-  problems = []
-  if missing:
-    problems.append(f"missing leaves: {_list_keys(missing)}")
-  if unexpected:
-    problems.append(f"unexpected leaves: {_list_keys(unexpected)}")
-  if mismatched:
-    problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+  problems = _mismatch_problems(missing, unexpected, mismatched, "leaves")
   if problems:
     raise ValueError("fp_variables do not match the model: " + "; ".join(problems))
 

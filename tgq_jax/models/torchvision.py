@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from tgq_jax.layers import _list_keys as _fmt_keys
+from tgq_jax.layers import _mismatch_problems
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
@@ -149,13 +149,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict:
       mismatched.append(f"{key}: got {tuple(state_dict[key].shape)}, expected {_to_torch_shape(leaf.shape)}")
   used = set(sources.values())
   unexpected = [k for k in state_dict if k not in used and not k.endswith(_IGNORED_SUFFIX)]
-  problems = []
-  if missing:
-    problems.append(f"missing keys: {_fmt_keys(missing)}")
-  if unexpected:
-    problems.append(f"unexpected keys: {_fmt_keys(unexpected)}")
-  if mismatched:
-    problems.append(f"shape mismatches (torch layout): {'; '.join(mismatched)}")
+  problems = _mismatch_problems(missing, unexpected, mismatched, "keys", "shape mismatches (torch layout)")
   if problems:
     raise ValueError(f"convert_state_dict: the state dict does not match torchvision {arch} "
                      f"({num_classes} classes):\n  " + "\n  ".join(problems))
