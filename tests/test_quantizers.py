@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tgq_jax import ternarize as tga
-from tgq_jax.quantizers import QUANTIZERS, get_quantizer, ttq, ttq_init, twn
+from tgq_jax.quantizers import QUANTIZERS, absmean, get_quantizer, ttq, ttq_init, twn
 
 # --- TWN -------------------------------------------------------------------------
 
@@ -133,12 +133,42 @@ def test_ttq_invalid():
     jax.jit(lambda w: ttq(w, {}))(w)
 
 
+# --- absmean (BitNet b1.58) --------------------------------------------------------
+
+
+def test_absmean_hand_example():
+  # mean|w| = (1.0 + 0.2 + 0.6 + 1.4 + 0.3 + 0.5) / 6 = 0.666...; w / scale rounds to
+  # 1.5 -> 2 -> clip 1, 0.3 -> 0, -0.9 -> -1, 2.1 -> 1, 0.45 -> 0, -0.75 -> -1.
+  w = jnp.asarray([1.0, 0.2, -0.6, 1.4, 0.3, -0.5])
+  scale = 4.0 / 6.0
+  np.testing.assert_allclose(absmean(w), scale * np.array([1, 0, -1, 1, 0, -1]), rtol=1e-6)
+  parts = get_quantizer("absmean").parts(w, {})
+  np.testing.assert_array_equal(parts.codes, [1, 0, -1, 1, 0, -1])
+  np.testing.assert_allclose([parts.scale, parts.neg_scale, parts.threshold], [scale, scale, scale / 2],
+                             rtol=1e-6)
+
+
+def test_absmean_per_channel_and_straight_through_gradient():
+  w = jnp.asarray([[0.1, 4.0], [-0.3, -1.0], [0.8, 1.0]])  # per column: mean|w| = 0.4, 2.0
+  q = get_quantizer("absmean", per_channel=True)
+  np.testing.assert_allclose(q(w, {}), [[0.0, 2.0], [-0.4, 0.0], [0.4, 0.0]], rtol=1e-6)
+  g = jax.random.normal(jax.random.key(3), w.shape)
+  _, vjp = jax.vjp(lambda w: q(w, {}), w)
+  np.testing.assert_array_equal(vjp(g)[0], g)
+
+
+def test_absmean_zero_tensor_is_finite():
+  np.testing.assert_array_equal(absmean(jnp.zeros((3, 3))), 0)
+  with pytest.raises(ValueError, match="absmean"):
+    absmean(jnp.ones(3), {"delta": 0.1})
+
+
 # --- FP and the registry ---------------------------------------------------------
 
 
 def test_registry_names():
-  """The registry lists tga, twn, ttq, fp; each entry is callable and applies its quantizer."""
-  assert set(QUANTIZERS) == {"tga", "twn", "ttq", "fp"}
+  """The registry lists tga, twn, ttq, absmean, fp; each entry is callable and applies its quantizer."""
+  assert set(QUANTIZERS) == {"tga", "twn", "ttq", "absmean", "fp"}
   w = jax.random.normal(jax.random.key(4), (3, 5))
   for name in QUANTIZERS:
     q = get_quantizer(name)
@@ -156,7 +186,7 @@ def test_registry_unknown_name_lists_valid_ones():
   """An unknown name raises ValueError naming every valid quantizer."""
   with pytest.raises(ValueError) as e:
     get_quantizer("binary")
-  for name in ("tga", "twn", "ttq", "fp"):
+  for name in ("tga", "twn", "ttq", "absmean", "fp"):
     assert name in str(e.value)
   assert "binary" in str(e.value)
 
@@ -165,7 +195,7 @@ def test_registry_ttq_per_channel_rejected():
   """get_quantizer('ttq', per_channel=True) raises a clear ValueError; others accept it."""
   with pytest.raises(ValueError, match="ttq.*per-channel"):
     get_quantizer("ttq", per_channel=True)
-  for name in ("tga", "twn", "fp"):
+  for name in ("tga", "twn", "absmean", "fp"):
     assert get_quantizer(name, per_channel=True).per_channel
 
 
@@ -187,7 +217,7 @@ def test_fp_is_identity_with_identity_gradient():
 
 @settings(max_examples=25, deadline=None)
 @given(
-  name=st.sampled_from(["tga", "twn", "ttq"]),
+  name=st.sampled_from(["tga", "twn", "ttq", "absmean"]),
   shape=st.sampled_from([(7,), (3, 4), (2, 3, 4)]),
   seed=st.integers(0, 2 ** 16),
   scale=st.sampled_from([1e-3, 1.0, 50.0]),

@@ -84,15 +84,45 @@ def test_joint_uses_the_old_threshold_and_differs_from_sequential():
   assert not np.allclose(seq["kernel"], got["kernel"], rtol=1e-5, atol=1e-7)
 
 
-def test_thresholds_are_not_decayed_and_weights_are():
-  cfg = Config(arch="tiny_cnn", optimizer="sgd", momentum=0.0, lr=0.1, weight_decay=0.5)
+def _decay_updates(cfg):
+  """Both optimizers' first updates for zero gradients: what weight decay alone does."""
   _, _, labels, tx_thr, tx_w, state, _, _ = build(cfg)
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   u_thr, _ = tx_thr.update(zeros, state.threshold_opt_state, state.params)
   u_w, _ = tx_w.update(zeros, state.weight_opt_state, state.params)
-  assert not np.any(u_thr["conv0"]["delta"]) and not np.any(u_w["conv0"]["delta"])
-  np.testing.assert_allclose(u_w["conv0"]["kernel"], -0.1 * 0.5 * state.params["conv0"]["kernel"], rtol=1e-6)
+  return labels, state.params, u_thr, u_w
+
+
+def test_sgd_pairing_decays_thresholds_like_weights():
+  # The authors' --optimizer SGD: both groups SGD with the same lr and the same weight decay.
+  labels, params, u_thr, u_w = _decay_updates(
+    Config(arch="tiny_cnn", optimizer="sgd", momentum=0.0, lr=0.1, weight_decay=0.5))
+  np.testing.assert_allclose(u_thr["conv0"]["delta"], -0.1 * 0.5 * params["conv0"]["delta"], rtol=1e-6)
+  np.testing.assert_allclose(u_w["conv0"]["kernel"], -0.1 * 0.5 * params["conv0"]["kernel"], rtol=1e-6)
+  assert not np.any(u_w["conv0"]["delta"]) and not np.any(u_thr["conv0"]["kernel"])
   assert labels["conv0"]["delta"] == "threshold" and labels["bn0"]["scale"] == "weight"
+
+
+def test_adam_pairing_thresholds_take_nesterov_sgd_without_decay():
+  # The authors' --optimizer Adam: thresholds SGD(momentum, nesterov), weight decay 0, same lr.
+  cfg = Config(arch="tiny_cnn", optimizer="adam", lr=0.1, momentum=0.9, weight_decay=0.5, lr_schedule="step")
+  assert train_lib.threshold_recipe(cfg) == ("sgd", 0.1, 0.0)
+  _, params, u_thr, u_w = _decay_updates(cfg)
+  assert not np.any(u_thr["conv0"]["delta"])
+  assert np.any(u_w["conv0"]["kernel"])  # Adam's step of the decay term alone
+  # Two steps of a constant gradient g: torch's nesterov SGD moves -lr*g*(1+m), then -lr*g*(1+m+m^2).
+  _, _, labels, tx_thr, _, state, _, _ = build(cfg)
+  g = jax.tree.map(lambda x: jnp.full_like(x, 1e-4), state.params)
+  u1, s1 = tx_thr.update(g, state.threshold_opt_state, state.params)
+  u2, _ = tx_thr.update(g, s1, state.params)
+  np.testing.assert_allclose(u1["conv0"]["delta"], -0.1 * 1e-4 * 1.9, rtol=1e-5)
+  np.testing.assert_allclose(u2["conv0"]["delta"], -0.1 * 1e-4 * (1 + 0.9 + 0.81), rtol=1e-5)
+
+
+def test_explicit_threshold_options_override_the_pairing():
+  cfg = Config(optimizer="sgd", lr=0.1, weight_decay=1e-4, threshold_optimizer="adam",
+               threshold_lr=1e-3, threshold_weight_decay=0.0)
+  assert train_lib.threshold_recipe(cfg) == ("adam", 1e-3, 0.0)
 
 
 def _train_records(workdir):

@@ -12,6 +12,8 @@ import dataclasses
 import typing
 from typing import Any
 
+from tgq_jax.quantizers import QUANTIZERS
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +49,13 @@ class Config:
   schedule: tuple[int, ...] = ()  # epochs at which the step schedule multiplies the lr ...
   gammas: tuple[float, ...] = ()  # ... by these factors (cumulative, like the reference)
   weight_decay: float = 0.0
-  threshold_lr: float = 1e-4  # the threshold optimizer follows the same schedule shape
+  # The threshold optimizer. "auto" is the authors' pairing (main_dc.py): SGD with --momentum
+  # and Nesterov for the thresholds whatever the weights use, at the weights' learning rate and
+  # schedule; weight decay as the weights' under --optimizer sgd, none under adam.
+  threshold_optimizer: str = "auto"  # auto | sgd | adam
+  threshold_lr: float | None = None  # None: --lr (the same schedule shape in any case)
+  threshold_weight_decay: float | None = None  # None: the pairing's (sgd: --weight-decay; adam: 0)
   threshold_grad_clip: float = 0.001  # the reference clamps delta's gradient to +-0.001
-  threshold_weight_decay: float = 0.0  # deltas are not decayed by default
   # initialization / modes
   init_from: str | None = None  # full-precision checkpoint (workdir or checkpoint dir)
   eval_only: bool = False
@@ -72,12 +78,11 @@ class Config:
 _IMAGENET_FT = dict(
   dataset="imagenet2012", optimizer="adam", lr=1e-4, epochs=50, lr_schedule="step",
   schedule=(25, 30, 35), gammas=(0.2, 0.2, 0.5), weight_decay=5e-6, batch_size=256,
-  threshold_lr=1e-4, ternary_first=True, ternary_last=True, eval_batch_size=250,
+  ternary_first=True, ternary_last=True, eval_batch_size=250,
   log_every=100, checkpoint_every=2000)
 _CIFAR = dict(
   dataset="cifar10", optimizer="sgd", momentum=0.9, nesterov=True, lr=0.1, weight_decay=1e-4,
-  epochs=200, lr_schedule="step", schedule=(80, 120, 160), gammas=(0.1, 0.1, 0.1), batch_size=128,
-  threshold_lr=1e-3)
+  epochs=200, lr_schedule="step", schedule=(80, 120, 160), gammas=(0.1, 0.1, 0.1), batch_size=128)
 
 PRESETS: dict[str, dict[str, Any]] = {
   # The demo: the defaults, without augmentation (a 5-epoch run learns faster without it;
@@ -96,8 +101,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
-  "update": ("sequential", "joint"), "optimizer": ("sgd", "adam"), "lr_schedule": ("step", "cosine"),
-  "parallel": ("shard_map", "pmap"), "quantizer": ("tga", "twn", "ttq", "fp"),
+  "update": ("sequential", "joint"), "optimizer": ("sgd", "adam"),
+  "threshold_optimizer": ("auto", "sgd", "adam"), "lr_schedule": ("step", "cosine"),
+  "parallel": ("shard_map", "pmap"), "quantizer": QUANTIZERS,
 }
 
 

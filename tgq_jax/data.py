@@ -22,7 +22,8 @@ augmented per batch with vectorized numpy; ImageNet is read and cropped per
 example. Either way a batch is a pure function of ``(seed, step)``: grain
 (``MapDataset.range(...).map(...)``) only runs those functions ahead of time
 in threads and counts where the iterator is, which is what makes the
-iterator's state one integer.
+iterator's state one integer. grain is optional: without it (a typical GPU
+image) a small thread pool does the same, with the same batches and states.
 
 Order and randomness
 --------------------
@@ -44,9 +45,13 @@ import pathlib
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 
-import grain
 import jax
 import numpy as np
+
+try:  # optional: see _ordered_map
+  import grain
+except ImportError:  # pragma: no cover - exercised where grain is not installed
+  grain = None
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet2012", "synthetic")
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -423,6 +428,46 @@ def _draws(seed: int, step: int, global_batch_size: int) -> np.ndarray:
   return np.random.default_rng([seed, 1, step]).random((global_batch_size, 3 + 4 * _CROP_ATTEMPTS))
 
 
+class _PrefetchMap:
+  """``fn(k)`` for ``k = start, start + 1, ...`` (below ``stop``), computed ahead in threads, in order.
+
+  The stand-in for grain's ``MapDataset.range(start, stop).map(fn)`` iterator
+  where grain is not installed: same items, same ``{"next_index"}`` state.
+  """
+
+  def __init__(self, fn, start: int, stop: int, threads: int):
+    self._fn, self._stop, self._ahead = fn, stop, 2 * threads
+    self._pool = futures.ThreadPoolExecutor(threads, thread_name_prefix="tgq-data")
+    self._next, self._queue = start, []
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    while len(self._queue) < self._ahead and self._next + len(self._queue) < self._stop:
+      self._queue.append(self._pool.submit(self._fn, self._next + len(self._queue)))
+    if not self._queue:
+      raise StopIteration
+    self._next += 1
+    return self._queue.pop(0).result()
+
+  def get_state(self) -> dict:
+    return {"next_index": self._next}
+
+  def set_state(self, state: dict) -> None:
+    for f in self._queue:
+      f.cancel()
+    self._next, self._queue = int(state["next_index"]), []
+
+
+def _ordered_map(fn, start: int, stop: int, threads: int):
+  """An iterator of ``fn(k)`` for ``k`` in ``[start, stop)`` in order, with ``get_state``/``set_state``."""
+  if grain is None:
+    return _PrefetchMap(fn, start, stop, threads)
+  ds = grain.MapDataset.range(start, stop).map(fn)
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)))
+
+
 class Dataset:
   """A named dataset: facts, a train iterator and an evaluation pass."""
 
@@ -514,9 +559,7 @@ class Dataset:
                  len(self.test), "test")
     fn = functools.partial(self.eval_batch, global_batch_size=global_batch_size,
                            process_index=p, process_count=count)
-    ds = grain.MapDataset.range(self.num_eval_batches(global_batch_size)).map(fn)
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
-                                                     prefetch_buffer_size=2 * self.num_threads)))
+    return _ordered_map(fn, 0, self.num_eval_batches(global_batch_size), self.num_threads)
 
 
 class TrainIterator:
@@ -529,12 +572,9 @@ class TrainIterator:
   def __init__(self, dataset: Dataset, batch_fn, global_batch_size: int, seed: int):
     self.steps_per_epoch = len(dataset.train) // global_batch_size
     self._key = {"seed": seed, "global_batch_size": global_batch_size, "dataset": dataset.info.name}
-    threads = dataset.num_threads
-    # An index range as long as any run: grain maps index k to batch_fn(k)
-    # in threads, keeps order, and its state is the next index.
-    ds = grain.MapDataset.range(0, 1 << 62).map(batch_fn)
-    self._it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                                         prefetch_buffer_size=2 * threads)))
+    # An index range as long as any run: index k maps to batch_fn(k) in
+    # threads, in order, and the iterator's state is the next index.
+    self._it = _ordered_map(batch_fn, 0, 1 << 62, dataset.num_threads)
 
   def __iter__(self):
     return self

@@ -13,10 +13,15 @@ helper for inspection and export:
   Gradients: ``dL/dW_p = sum_{I_p} g``, ``dL/dW_n = -sum_{I_n} g`` (the exact
   derivative of ``w_t = -W_n``; the paper's Eq. 7 drops that minus sign) and
   ``dL/dw = W_p g`` on ``I_p``, ``g`` on ``I_z``, ``W_n g`` on ``I_n``.
+* ``"absmean"``: BitNet b1.58's weight quantizer (Ma et al. 2024).
+  ``scale = mean|w|`` (+ a 1e-5 floor as BitNet's ``eps``), ``codes =
+  clip(round(w / scale), -1, 1)`` (so the threshold is ``scale / 2``),
+  straight-through gradient (``dL/dw = dL/dw_t``, the scale is detached as in
+  BitNet's ``w + (quant(w) - w).detach()``); no trainable parameter.
 * ``"fp"``: identity, so every model has a full-precision twin of identical
   structure.
 
-Statistics are per tensor by default; TGA and TWN take ``per_channel=True``
+Statistics are per tensor by default; TGA, TWN and absmean take ``per_channel=True``
 (statistics per slice of the last axis, Flax's output-channel axis).
 """
 from __future__ import annotations
@@ -111,6 +116,47 @@ def twn_parts(w: jax.Array, params: Params | None = None, *, per_channel: bool =
   scale = jnp.reshape(scale, shape)
   return TernaryParts(codes.astype(jnp.int8), scale, scale, jnp.reshape(t, shape),
                       jnp.zeros(shape, scale.dtype), jnp.reshape(sigma, shape))
+
+
+# --- absmean (BitNet b1.58) ---------------------------------------------------
+
+ABSMEAN_EPS = 1e-5
+
+
+def _absmean_codes_and_scale(w: jax.Array, per_channel: bool):
+  scale = jnp.maximum(jnp.mean(jnp.abs(w), axis=_axes(w, per_channel), keepdims=True), ABSMEAN_EPS)
+  return jnp.clip(jnp.round(w / scale), -1, 1), scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _absmean(w: jax.Array, per_channel: bool) -> jax.Array:
+  codes, scale = _absmean_codes_and_scale(w, per_channel)
+  return scale * codes
+
+
+def _absmean_fwd(w, per_channel):
+  return _absmean(w, per_channel), None
+
+
+_absmean.defvjp(_absmean_fwd, _twn_bwd)  # straight-through, like TWN
+
+
+def absmean(w: jax.Array, params: Params | None = None, *, per_channel: bool = False) -> jax.Array:
+  """BitNet b1.58's absmean ternarization of ``w`` (no trainable parameters)."""
+  _check_empty(params, "absmean")
+  w = jnp.asarray(w)
+  return _absmean(_compute(w), per_channel).astype(w.dtype)
+
+
+def absmean_parts(w: jax.Array, params: Params | None = None, *, per_channel: bool = False) -> TernaryParts:
+  _check_empty(params, "absmean")
+  wc = _compute(w)
+  codes, scale = _absmean_codes_and_scale(wc, per_channel)
+  shape = _stat_shape(wc, per_channel)
+  _, _, sigma = _moments(wc, _axes(wc, per_channel))  # reported, not used
+  scale = jnp.reshape(scale, shape)
+  return TernaryParts(codes.astype(jnp.int8), scale, scale, 0.5 * scale, jnp.zeros(shape, scale.dtype),
+                      jnp.reshape(sigma, shape))
 
 
 # --- TTQ ---------------------------------------------------------------------
@@ -243,17 +289,18 @@ _REGISTRY: dict[str, tuple] = {
   "tga": (tga, tga_init, tga_parts, ("delta",), ("delta",), True),
   "twn": (twn, twn_init, twn_parts, (), (), True),
   "ttq": (ttq, ttq_init, ttq_parts, ("neg_scale", "pos_scale"), (), False),
+  "absmean": (absmean, twn_init, absmean_parts, (), (), True),
   "fp": (fp, fp_init, None, (), (), True),
 }
 QUANTIZERS: tuple[str, ...] = tuple(_REGISTRY)
 
 
 def get_quantizer(name: str, *, per_channel: bool = False) -> Quantizer:
-  """Returns the quantizer registered under ``name`` ("tga", "twn", "ttq", "fp")."""
+  """Returns the quantizer registered under ``name`` (one of :data:`QUANTIZERS`)."""
   if name not in _REGISTRY:
     raise ValueError(f"unknown quantizer {name!r}; valid quantizers: {', '.join(QUANTIZERS)}.")
   apply, init, parts, param_names, thresholds, per_channel_ok = _REGISTRY[name]
   if per_channel and not per_channel_ok:
     raise ValueError(f"quantizer {name!r} does not support per-channel statistics "
-                     "(supported by: tga, twn, fp).")
+                     "(supported by: " + ", ".join(n for n, r in _REGISTRY.items() if r[-1]) + ").")
   return Quantizer(name, per_channel, parts is not None, param_names, thresholds, apply, init, parts)

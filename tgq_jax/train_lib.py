@@ -92,15 +92,33 @@ def lr_schedule(cfg: Config, base_lr: float, steps_per_epoch: int) -> optax.Sche
   raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r}; valid: step, cosine.")
 
 
-def _base_optimizer(cfg: Config, lr: optax.Schedule, weight_decay: float) -> optax.GradientTransformation:
+def threshold_recipe(cfg: Config) -> tuple[str, float, float]:
+  """(kind, base lr, weight decay) of the threshold optimizer.
+
+  ``threshold_optimizer="auto"`` is the authors' pairing (main_dc.py): the
+  thresholds always use SGD (``cfg.momentum``, Nesterov) at the weights'
+  learning rate; with SGD weights they share the weights' weight decay, with
+  Adam weights they get none. Explicit ``threshold_*`` fields override.
+  """
+  kind = "sgd" if cfg.threshold_optimizer == "auto" else cfg.threshold_optimizer
+  lr = cfg.lr if cfg.threshold_lr is None else cfg.threshold_lr
+  if cfg.threshold_weight_decay is not None:
+    decay = cfg.threshold_weight_decay
+  else:
+    decay = cfg.weight_decay if cfg.optimizer == "sgd" else 0.0
+  return kind, lr, decay
+
+
+def _base_optimizer(kind: str, lr: optax.Schedule, weight_decay: float, cfg: Config
+                    ) -> optax.GradientTransformation:
   # Coupled L2 weight decay (added to the gradient), as torch's SGD/Adam weight_decay.
   decay = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
-  if cfg.optimizer == "sgd":
+  if kind == "sgd":
     opt = optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov and bool(cfg.momentum))
-  elif cfg.optimizer == "adam":
-    opt = optax.adam(lr)
+  elif kind == "adam":
+    opt = optax.adam(lr)  # torch's defaults: b1 0.9, b2 0.999, eps 1e-8 outside the sqrt
   else:
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: sgd, adam.")
+    raise ValueError(f"unknown optimizer {kind!r}; valid: sgd, adam.")
   return optax.chain(*decay, opt)
 
 
@@ -109,15 +127,17 @@ def make_optimizers(cfg: Config, labels: Any, steps_per_epoch: int):
 
   Each optimizer sees the whole params tree; ``multi_transform`` zeroes the
   group it must not touch (``set_to_zero``; not ``optax.masked``, which would
-  pass the other group's raw gradients through as updates).
+  pass the other group's raw gradients through as updates). The threshold
+  gradient is clipped before weight decay is added, as the reference's
+  backward hook does.
   """
-  thr_lr = lr_schedule(cfg, cfg.threshold_lr, steps_per_epoch)
+  thr_kind, thr_base_lr, thr_decay = threshold_recipe(cfg)
+  thr_lr = lr_schedule(cfg, thr_base_lr, steps_per_epoch)
   w_lr = lr_schedule(cfg, cfg.lr, steps_per_epoch)
-  thr = optax.chain(optax.clip(cfg.threshold_grad_clip),  # the reference clamps delta's gradient
-                    _base_optimizer(cfg, thr_lr, cfg.threshold_weight_decay))
+  thr = optax.chain(optax.clip(cfg.threshold_grad_clip), _base_optimizer(thr_kind, thr_lr, thr_decay, cfg))
   tx_thr = optax.multi_transform({THRESHOLD: thr, WEIGHT: optax.set_to_zero()}, labels)
   tx_w = optax.multi_transform({THRESHOLD: optax.set_to_zero(),
-                                WEIGHT: _base_optimizer(cfg, w_lr, cfg.weight_decay)}, labels)
+                                WEIGHT: _base_optimizer(cfg.optimizer, w_lr, cfg.weight_decay, cfg)}, labels)
   return tx_thr, tx_w, w_lr
 
 
