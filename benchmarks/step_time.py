@@ -35,10 +35,11 @@ CASES = {"resnet20": (128, (32, 32, 3), 10), "resnet18": (8, (224, 224, 3), 1000
 VARIANTS = (("fp", "joint"), ("tga", "joint"), ("tga", "sequential"))
 
 
-def build_step(arch: str, quantizer: str, update: str, batch: int, image_shape, num_classes: int):
-  """A jitted single-device train step and its initial state and batch."""
+def build_step(arch: str, quantizer: str, update: str, batch: int, image_shape, num_classes: int,
+               dtype=jnp.float32):
+  """A jitted single-device train step and its initial state and batch (``dtype``: activations)."""
   cfg = Config(arch=arch, quantizer=quantizer, update=update, optimizer="sgd", lr=0.01)
-  model = models.create_model(arch, num_classes, quantizer=quantizer)
+  model = models.create_model(arch, num_classes, quantizer=quantizer, dtype=dtype)
   layers = quantized_layers(model, jnp.zeros((1, *image_shape)), train=False)
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                           jnp.zeros((1, *image_shape)))["params"]
