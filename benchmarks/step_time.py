@@ -36,9 +36,10 @@ VARIANTS = (("fp", "joint"), ("tga", "joint"), ("tga", "sequential"))
 
 
 def build_step(arch: str, quantizer: str, update: str, batch: int, image_shape, num_classes: int,
-               dtype=jnp.float32):
-  """A jitted single-device train step and its initial state and batch (``dtype``: activations)."""
-  cfg = Config(arch=arch, quantizer=quantizer, update=update, optimizer="sgd", lr=0.01)
+               dtype=jnp.float32, **config):
+  """A jitted single-device train step and its initial state and batch (``dtype``: activations;
+  ``config``: Config fields of the optimizers, SGD 0.01 by default)."""
+  cfg = Config(arch=arch, quantizer=quantizer, update=update, **{"optimizer": "sgd", "lr": 0.01, **config})
   model = models.create_model(arch, num_classes, quantizer=quantizer, dtype=dtype)
   layers = quantized_layers(model, jnp.zeros((1, *image_shape)), train=False)
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),

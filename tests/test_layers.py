@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import tgq_jax
-from tgq_jax.layers import TernaryConv, TernaryDense, layer_stats, quantized_layers, reinit_thresholds
+from tgq_jax.layers import (TernaryConv, TernaryDense, layer_stats, quantized_layers, reinit_thresholds,
+                            threshold_pass)
 from tgq_jax.quantizers import get_quantizer
 
 KEY = jax.random.key(0)
@@ -162,3 +163,45 @@ def test_layer_stats_on_a_hand_built_tree():
 
   assert (head.name, head.num_weights, head.quantizer, head.sparsity) == ("head", 6, "fp", 0.0)
   assert head.scale is None and head.threshold is None and head.neg_scale is None
+
+
+class _BiasNet(nn.Module):
+  """A conv with bias, a per-channel conv and a dense with bias: every threshold-pass case."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(TernaryConv(6, (3, 3), use_bias=True, name="c0")(x))
+    x = nn.relu(TernaryConv(5, (3, 3), use_bias=False, per_channel=True, name="c1")(x))
+    x = TernaryConv(4, (1, 1), quantizer="twn", name="c2")(x)  # no thresholds: unchanged path
+    return TernaryDense(3, use_bias=True, name="d")(jnp.mean(x, axis=(1, 2)))
+
+
+def test_threshold_pass_same_output_same_threshold_gradients_no_kernel_gradients():
+  jax.config.update("jax_enable_x64", True)
+  try:
+    model = _BiasNet()
+    x = jax.random.normal(jax.random.key(0), (2, 7, 7, 3), jnp.float64)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(1), x)["params"])
+    params["c0"]["bias"] = jnp.linspace(-0.5, 0.5, 6)  # nonzero biases: added after the scale
+    params["d"]["bias"] = jnp.asarray([0.3, -0.2, 0.1])
+    target = jax.random.normal(jax.random.key(2), (2, 3), jnp.float64)
+
+    def loss(p):
+      return jnp.sum((model.apply({"params": p}, x) - target) ** 2)
+
+    plain_loss, plain = jax.value_and_grad(loss)(params)
+    with threshold_pass():
+      split_loss, split = jax.value_and_grad(loss)(params)
+      split_jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+    plain_jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+    np.testing.assert_allclose(split_loss, plain_loss, rtol=1e-13)
+    for layer in ("c0", "c1", "d"):
+      np.testing.assert_allclose(split[layer]["delta"], plain[layer]["delta"], rtol=1e-10, atol=1e-14)
+      assert np.any(plain[layer]["delta"] != 0)
+      assert not np.any(split[layer]["kernel"])  # the kernels get nothing in this pass
+    # Convolutions: 3 forward, the input gradients of c1 and c2, and the kernel gradients of
+    # all three (8); in the threshold pass only TWN's c2 (no threshold) keeps its kernel gradient.
+    assert plain_jaxpr.count("conv_general_dilated") == 8
+    assert split_jaxpr.count("conv_general_dilated") == 6
+  finally:
+    jax.config.update("jax_enable_x64", False)

@@ -443,3 +443,24 @@ def test_layout_invariance(w, delta):
   np.testing.assert_allclose(np.asarray(T(jnp.asarray(w.reshape(-1)), p)), out.reshape(-1),
                              rtol=1e-6, atol=0)
   np.testing.assert_array_equal(np.sign(np.asarray(T(jnp.asarray(w.T), p))), np.sign(out.T))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_threshold_split_recombines_and_carries_only_the_threshold_gradient(per_channel):
+  w = jax.random.normal(jax.random.key(3), (3, 3, 4, 5))
+  params = T.init_params(w, per_channel=per_channel)
+  params = {"delta": params["delta"] * 3.0}
+  g = jax.random.normal(jax.random.key(4), w.shape)
+  q, alpha = T.threshold_split(w, params, per_channel=per_channel)
+  np.testing.assert_allclose(alpha * q, T(w, params, per_channel=per_channel), rtol=1e-6)
+  assert set(np.unique(np.asarray(q))) <= {-1.0, 0.0, 1.0}
+
+  def split_loss(w, p):
+    q, alpha = T.threshold_split(w, p, per_channel=per_channel)
+    return jnp.sum(g * (alpha * q))
+
+  dw, dp = jax.grad(split_loss, argnums=(0, 1))(w, params)
+  ref = jax.grad(lambda p: jnp.sum(g * T(w, p, per_channel=per_channel)))(params)
+  np.testing.assert_allclose(dp["delta"], ref["delta"], rtol=1e-5, atol=1e-7)
+  assert np.any(np.asarray(ref["delta"]) != 0)
+  assert not np.any(dw)

@@ -13,8 +13,10 @@ kernel while the quantizer's statistics stay in float32.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +31,27 @@ from tgq_jax.quantizers import QUANTIZERS, Quantizer, get_quantizer
 Path = tuple[str, ...]
 
 
+_THRESHOLD_PASS = contextvars.ContextVar("tgq_threshold_pass", default=False)
+
+
+@contextlib.contextmanager
+def threshold_pass() -> Iterator[None]:
+  """Traces the layers for a pass whose gradient is wanted for the thresholds alone.
+
+  Within it, a layer whose quantizer has thresholds (TGA) computes
+  ``alpha * (x conv q) + bias`` instead of ``(x conv alpha q) + bias``: the same
+  output, but ``dL/dalpha`` then comes from the output (an element-wise product)
+  and the kernel-gradient convolutions, a third of the backward pass, are not
+  computed. The kernels receive no gradient. The sequential update's first pass
+  runs in it (:func:`tgq_jax.train_lib.train_step`). It acts at trace time.
+  """
+  token = _THRESHOLD_PASS.set(True)
+  try:
+    yield
+  finally:
+    _THRESHOLD_PASS.reset(token)
+
+
 class _QuantizedKernel:
   """Mixin: the ``kernel`` param is returned ternarized; quantizer params live beside it."""
 
@@ -41,6 +64,10 @@ class _QuantizedKernel:
   @nn.nowrap
   def param(self, name: str, init_fn: Callable[..., Any], *init_args, **init_kwargs):
     value = super().param(name, init_fn, *init_args, **init_kwargs)
+    scaled = self.__dict__.get("_output_scale")
+    if name == "bias" and scaled is not None:  # threshold pass: added after the scale (__call__)
+      scaled["bias"] = value
+      return jnp.zeros_like(value)
     if name != "kernel":
       return value
     quantizer = self.get_quantizer()
@@ -48,7 +75,22 @@ class _QuantizedKernel:
       key: super(_QuantizedKernel, self).param(key, lambda _rng, key=key: quantizer.init(value)[key])
       for key in quantizer.param_names
     }
-    return quantizer(value, qparams)
+    split = quantizer.threshold_split(value, qparams) if _THRESHOLD_PASS.get() else None
+    if split is None:
+      return quantizer(value, qparams)
+    codes, scale = split
+    object.__setattr__(self, "_output_scale", {"scale": jnp.reshape(scale, scale.shape[-1:])})
+    return codes.astype(value.dtype)
+
+  def __call__(self, inputs, *args, **kwargs):
+    object.__setattr__(self, "_output_scale", None)
+    y = super().__call__(inputs, *args, **kwargs)
+    scaled = self.__dict__.get("_output_scale")
+    if scaled is None:
+      return y
+    object.__setattr__(self, "_output_scale", None)
+    y = y * scaled["scale"].astype(y.dtype)  # (1,) per tensor, (out,) per channel
+    return y + scaled["bias"].astype(y.dtype) if "bias" in scaled else y
 
 
 class TernaryDense(_QuantizedKernel, nn.Dense):

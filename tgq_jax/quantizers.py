@@ -38,6 +38,7 @@ from tgq_jax.ternarize import TernaryParts, _moments
 from tgq_jax.ternarize import init_params as tga_init
 from tgq_jax.ternarize import ternarize as tga
 from tgq_jax.ternarize import ternary_parts as tga_parts
+from tgq_jax.ternarize import threshold_split as tga_threshold_split
 
 Params = Mapping[str, jax.Array]
 
@@ -271,6 +272,7 @@ class Quantizer:
   _apply: Callable = dataclasses.field(repr=False)
   _init: Callable = dataclasses.field(repr=False)
   _parts: Callable | None = dataclasses.field(repr=False)
+  _threshold_split: Callable | None = dataclasses.field(default=None, repr=False)
 
   def __call__(self, w: jax.Array, params: Params) -> jax.Array:
     return self._apply(w, params, per_channel=self.per_channel)
@@ -283,10 +285,17 @@ class Quantizer:
       raise ValueError(f"quantizer {self.name!r} is not ternary: it has no codes.")
     return self._parts(w, params, per_channel=self.per_channel)
 
+  def threshold_split(self, w: jax.Array, params: Params) -> tuple[jax.Array, jax.Array] | None:
+    """``(codes, scale)`` with the gradient reaching the thresholds only (see
+    :func:`tgq_jax.ternarize.threshold_split`), or None for a quantizer without thresholds."""
+    if self._threshold_split is None:
+      return None
+    return self._threshold_split(w, params, per_channel=self.per_channel)
 
-# name: (apply, init, parts, param names, threshold param names, per-channel supported)
+
+# name: (apply, init, parts, param names, threshold param names, per-channel supported[, threshold split])
 _REGISTRY: dict[str, tuple] = {
-  "tga": (tga, tga_init, tga_parts, ("delta",), ("delta",), True),
+  "tga": (tga, tga_init, tga_parts, ("delta",), ("delta",), True, tga_threshold_split),
   "twn": (twn, twn_init, twn_parts, (), (), True),
   "ttq": (ttq, ttq_init, ttq_parts, ("neg_scale", "pos_scale"), (), False),
   "absmean": (absmean, twn_init, absmean_parts, (), (), True),
@@ -299,8 +308,9 @@ def get_quantizer(name: str, *, per_channel: bool = False) -> Quantizer:
   """Returns the quantizer registered under ``name`` (one of :data:`QUANTIZERS`)."""
   if name not in _REGISTRY:
     raise ValueError(f"unknown quantizer {name!r}; valid quantizers: {', '.join(QUANTIZERS)}.")
-  apply, init, parts, param_names, thresholds, per_channel_ok = _REGISTRY[name]
+  apply, init, parts, param_names, thresholds, per_channel_ok, *split = _REGISTRY[name]
   if per_channel and not per_channel_ok:
     raise ValueError(f"quantizer {name!r} does not support per-channel statistics "
-                     "(supported by: " + ", ".join(n for n, r in _REGISTRY.items() if r[-1]) + ").")
-  return Quantizer(name, per_channel, parts is not None, param_names, thresholds, apply, init, parts)
+                     "(supported by: " + ", ".join(n for n, r in _REGISTRY.items() if r[5]) + ").")
+  return Quantizer(name, per_channel, parts is not None, param_names, thresholds, apply, init, parts,
+                   *split)

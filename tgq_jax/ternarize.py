@@ -82,6 +82,7 @@ __all__ = [
   "scale_from_stats",
   "ternarize",
   "ternary_parts",
+  "threshold_split",
   "dequantize",
 ]
 
@@ -198,22 +199,64 @@ def _tga_fwd(w, delta, axes):
   return s.alpha * s.q, (w, delta, s)
 
 
-def _tga_bwd(axes, residuals, g):
-  w, delta, s = residuals
-  dalpha = jnp.sum(g * s.q, axis=axes, keepdims=True)  # S = dL/dalpha
+def _delta_cotangent(delta: jax.Array, s: _Stats, dalpha: jax.Array) -> jax.Array:
+  """dL/ddelta from dL/dalpha: ``S * lam' * sign(delta)`` inside the 3-sigma clip, 0 beyond."""
   dlam = s.lam * (s.lam - s.a)
   inside_clip = jnp.abs(jnp.reshape(delta, s.mu.shape)) < CLIP_SIGMAS * s.sigma
   sign = jnp.sign(jnp.reshape(delta, s.mu.shape))
   ddelta = jnp.where(inside_clip, dalpha * dlam * sign, jnp.zeros_like(dalpha))
+  return jnp.reshape(ddelta, delta.shape)
+
+
+def _tga_bwd(axes, residuals, g):
+  w, delta, s = residuals
+  dalpha = jnp.sum(g * s.q, axis=axes, keepdims=True)  # S = dL/dalpha
+  dlam = s.lam * (s.lam - s.a)
   # alpha's path through mu and sigma; sigma == 0 (N = 1 or constant) has q == 0
   # hence S == 0, and the sigma term is dropped rather than divided by zero.
   dsigma_dw = jnp.where(
     s.sigma > 0, (w - s.mu) / (max(s.n - 1, 1) * s.safe_sigma), jnp.zeros_like(w))
   dw = g + dalpha * (1.0 / s.n + (s.lam - s.a * dlam) * dsigma_dw)
-  return dw, jnp.reshape(ddelta, delta.shape)
+  return dw, _delta_cotangent(delta, s, dalpha)
 
 
 _tga.defvjp(_tga_fwd, _tga_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _threshold_scale(w: jax.Array, delta: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  return _forward_stats(w, delta, axes).alpha
+
+
+def _threshold_scale_fwd(w, delta, axes):
+  s = _forward_stats(w, delta, axes)
+  return s.alpha, (delta, s)
+
+
+def _threshold_scale_bwd(axes, residuals, dalpha):
+  delta, s = residuals
+  return jnp.zeros(s.q.shape, s.q.dtype), _delta_cotangent(delta, s, dalpha)
+
+
+_threshold_scale.defvjp(_threshold_scale_fwd, _threshold_scale_bwd)
+
+
+def threshold_split(w: jax.Array, params: Mapping[str, jax.Array], *, per_channel: bool = False
+                    ) -> tuple[jax.Array, jax.Array]:
+  """``(q, alpha)`` with ``alpha * q == ternarize(w, params)``, differentiable in ``delta`` only.
+
+  For the threshold pass of the sequential update, which needs nothing but
+  ``dL/ddelta``: a layer that computes ``alpha * (x @ q)`` instead of
+  ``x @ (alpha q)`` gets ``dL/dalpha = sum(dL/dy * (x @ q))`` from its output,
+  so the kernel-gradient products (a third of a backward pass) are never
+  computed. ``dL/ddelta`` is exactly :func:`ternarize`'s; ``w`` gets no gradient
+  (zeros). ``q`` is in ``w``'s compute dtype; ``alpha`` has size-1 dims on the
+  reduced axes (a scalar's worth per tensor, or ``(1, ..., out)`` per channel).
+  """
+  wc, delta, axes = _validated(w, params, per_channel, "threshold_split")
+  wc = jax.lax.stop_gradient(wc)
+  q = jax.lax.stop_gradient(_forward_stats(wc, delta, axes).q)
+  return q, _threshold_scale(wc, delta, axes)
 
 
 def _check_w(w, per_channel: bool, who: str) -> None:

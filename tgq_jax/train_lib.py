@@ -43,7 +43,7 @@ from jax import lax
 from tgq_jax import checkpoints, parallel
 from tgq_jax import data as data_lib
 from tgq_jax.configs import Config
-from tgq_jax.layers import init_ternary_from_fp, layer_stats, quantized_layers
+from tgq_jax.layers import init_ternary_from_fp, layer_stats, quantized_layers, threshold_pass
 from tgq_jax.models import create_model
 from tgq_jax.parallel import AXIS
 
@@ -184,7 +184,10 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_thr, tx_w
   params, thr_state = state.params, state.threshold_opt_state
   if sequential and has_thresholds:
     # Pass 1: only the threshold gradients are used (averaged); its BN update is dropped.
-    _, grads = grad_fn(params)
+    # threshold_pass: the layers scale their outputs instead of their kernels, so no
+    # kernel gradient is computed in this pass (the same threshold gradients).
+    with threshold_pass():
+      _, grads = grad_fn(params)
     grads = _select(grads, labels, THRESHOLD, pmean)
     updates, thr_state = tx_thr.update(grads, thr_state, params)
     params = optax.apply_updates(params, updates)
