@@ -16,6 +16,11 @@ helper for inspection and export:
 * ``"fp"``: identity, so every model has a full-precision twin of identical
   structure.
 
+``"packed:<name>"`` (:func:`packed_name`) is the inference form of a ternary
+quantizer: a layer built with it holds the 2-bit packed codes and scales
+instead of a float kernel (see :mod:`tgq_jax.layers`); ``"packed:fp"`` is
+``"fp"``.
+
 Statistics are per tensor by default; TGA and TWN take ``per_channel=True``
 (statistics per slice of the last axis, Flax's output-channel axis).
 """
@@ -225,6 +230,13 @@ class Quantizer:
   _apply: Callable = dataclasses.field(repr=False)
   _init: Callable = dataclasses.field(repr=False)
   _parts: Callable | None = dataclasses.field(repr=False)
+  #: Inference form: the layer holds packed codes and scales, not a float kernel.
+  packed: bool = False
+
+  @property
+  def symmetric(self) -> bool:
+    """Whether a -1 code is ``-scale`` (TGA, TWN); TTQ has its own magnitude for -1."""
+    return self.name.removeprefix(PACKED_PREFIX) != "ttq"
 
   def __call__(self, w: jax.Array, params: Params) -> jax.Array:
     return self._apply(w, params, per_channel=self.per_channel)
@@ -246,10 +258,27 @@ _REGISTRY: dict[str, tuple] = {
   "fp": (fp, fp_init, None, (), (), True),
 }
 QUANTIZERS: tuple[str, ...] = tuple(_REGISTRY)
+PACKED_PREFIX = "packed:"
+
+
+def packed_name(name: str) -> str:
+  """The packed (inference) form of quantizer ``name``: ``"tga"`` -> ``"packed:tga"``."""
+  return name if name.startswith(PACKED_PREFIX) else PACKED_PREFIX + name
+
+
+def _packed_only(*_args, **_kwargs):
+  raise ValueError("a packed quantizer has no float kernel to quantize: its layer holds 2-bit codes "
+                   "and scales (tgq_jax.export.load_packed fills them).")
 
 
 def get_quantizer(name: str, *, per_channel: bool = False) -> Quantizer:
-  """Returns the quantizer registered under ``name`` ("tga", "twn", "ttq", "fp")."""
+  """Returns the quantizer registered under ``name`` ("tga", "twn", "ttq", "fp", or "packed:" one of them)."""
+  if isinstance(name, str) and name.startswith(PACKED_PREFIX):
+    base = get_quantizer(name[len(PACKED_PREFIX):], per_channel=per_channel)
+    if not base.ternary:
+      return base  # nothing to pack: "packed:fp" is "fp"
+    return dataclasses.replace(base, name=PACKED_PREFIX + base.name, param_names=(), threshold_params=(),
+                               _apply=_packed_only, _init=_packed_only, _parts=_packed_only, packed=True)
   if name not in _REGISTRY:
     raise ValueError(f"unknown quantizer {name!r}; valid quantizers: {', '.join(QUANTIZERS)}.")
   apply, init, parts, param_names, thresholds, per_channel_ok = _REGISTRY[name]
