@@ -96,3 +96,23 @@ def test_packed_quantizer_names_and_errors():
   v = layer.init(jax.random.key(0), jnp.ones((1, 5)))
   assert jax.tree.map(lambda a: (a.shape, a.dtype.name), v["params"]) == {
     "bias": ((3,), "float32"), "codes": ((2, 3), "uint8"), "scale": ((), "float32")}
+
+
+def test_compiled_forward_rebuilds_one_kernel_at_a_time():
+  """XLA may not hoist every layer's unpacking to the start: temporaries grow by about one float kernel."""
+  settings = export.model_settings("resnet20", 10)
+  model = create_model("resnet20", 10)
+  variables, x = _variables(model, (8, 8, 3))
+  packed_model = create_model("resnet20", 10, packed=True)
+  packed = export.pack_variables(variables, settings, (8, 8, 3))
+
+  def temp_bytes(m, v):
+    return jax.jit(lambda v, x: m.apply(v, x, train=False)).lower(v, x).compile().memory_analysis().temp_size_in_bytes
+
+  fp_model = create_model("resnet20", 10, quantizer="fp")
+  fp_variables = {**variables, "params": jax.tree.map(lambda a: a, variables["params"])}
+  kernels = [a.nbytes for p, a in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+             if "kernel" in jax.tree_util.keystr(p)]
+  all_kernels, largest = sum(kernels), max(kernels)
+  fp_temp, packed_temp = temp_bytes(fp_model, fp_variables), temp_bytes(packed_model, packed)
+  assert packed_temp <= fp_temp + 2 * largest < fp_temp + all_kernels / 2

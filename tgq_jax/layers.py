@@ -24,6 +24,8 @@ Models need no change: they pass their ``quantizer`` on to their layers.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -39,6 +41,34 @@ from tgq_jax.kernels import ternary_matmul as _tm
 from tgq_jax.quantizers import QUANTIZERS, Quantizer, get_quantizer
 
 Path = tuple[str, ...]
+
+# The input of the packed layer being called (set while its __call__ runs; read when its kernel is built).
+_LAYER_INPUT: contextvars.ContextVar = contextvars.ContextVar("tgq_packed_layer_input", default=None)
+
+
+@contextlib.contextmanager
+def _layer_input(inputs):
+  token = _LAYER_INPUT.set(inputs)
+  try:
+    yield
+  finally:
+    _LAYER_INPUT.reset(token)
+
+
+def _after_input(codes: jax.Array) -> jax.Array:
+  """``codes``, made to depend on the current packed layer's input: its kernel is rebuilt just in time.
+
+  Without a data dependence XLA schedules every layer's unpacking at the start
+  of the forward pass and holds all float kernels at once (``optimization_barrier``
+  does not prevent it on CPU). ``x * 0`` is +-0 or NaN, and both convert to the
+  integer 0, so the codes are unchanged; XLA cannot fold a float ``x * 0``, so the
+  dependence stays.
+  """
+  x = _LAYER_INPUT.get()
+  if x is None:
+    return codes
+  first = jnp.reshape(x, (-1,))[0]
+  return codes | (first * 0).astype(codes.dtype)
 
 
 class _QuantizedKernel:
@@ -73,7 +103,7 @@ class _QuantizedKernel:
     k4, n = _tm.planar_shape(shape)
     scale_shape = (n,) if quantizer.per_channel else ()
     param = super(_QuantizedKernel, self).param
-    codes = param("codes", lambda _rng: jnp.zeros((k4, n), jnp.uint8))
+    codes = _after_input(param("codes", lambda _rng: jnp.zeros((k4, n), jnp.uint8)))
     scale = param("scale", lambda _rng: jnp.zeros(scale_shape, jnp.float32))
     neg = None if quantizer.symmetric else param("neg_scale", lambda _rng: jnp.zeros(scale_shape, jnp.float32))
     return codes, scale, neg
@@ -92,11 +122,15 @@ class TernaryDense(_QuantizedKernel, nn.Dense):
 
   @nn.compact
   def __call__(self, inputs):
-    custom_dot = self.dot_general is not None or self.dot_general_cls is not None
-    if not self.get_quantizer().packed or custom_dot or _tm._pallas_choice() is None:
+    if not self.get_quantizer().packed:
       return super().__call__(inputs)
+    custom_dot = self.dot_general is not None or self.dot_general_cls is not None
+    if custom_dot or _tm._pallas_choice() is None:
+      with _layer_input(inputs):
+        return super().__call__(inputs)
     # Packed, on GPU/TPU: the Pallas kernel multiplies by the packed codes directly.
-    codes, scale, neg = self._packed_params((jnp.shape(inputs)[-1], self.features))
+    with _layer_input(inputs):
+      codes, scale, neg = self._packed_params((jnp.shape(inputs)[-1], self.features))
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     dtype = self.dtype or jnp.result_type(inputs, self.param_dtype)
     y = _tm.ternary_dense(jnp.asarray(inputs, dtype), codes, scale, neg)
@@ -115,6 +149,13 @@ class TernaryConv(_QuantizedKernel, nn.Conv):
 
   quantizer: str = "tga"
   per_channel: bool = False
+
+  @nn.compact
+  def __call__(self, inputs):
+    if not self.get_quantizer().packed:
+      return super().__call__(inputs)
+    with _layer_input(inputs):
+      return super().__call__(inputs)
 
 
 # --- tools over a params tree ------------------------------------------------
