@@ -1,6 +1,8 @@
 """tgq_jax.export: 2-bit packing, exact logits from the packed file, the size bound, the errors."""
+import hashlib
 import itertools
 import json
+import os
 import struct
 
 import jax
@@ -49,20 +51,29 @@ def _trained_like_variables(model, shape, seed=0):
   return {"params": v["params"], **stats}, x
 
 
+@pytest.mark.parametrize("suffix", ["tgq", "safetensors"])
 @pytest.mark.parametrize("quantizer,first,per_channel", [
   ("tga", True, False), ("tga", False, True), ("twn", True, False), ("ttq", False, False), ("fp", True, False)])
-def test_packed_logits_equal_trained_logits_exactly(tmp_path, quantizer, first, per_channel):
+def test_packed_logits_equal_trained_logits_exactly(tmp_path, quantizer, first, per_channel, suffix):
   settings = export.model_settings("small_cnn", 10, quantizer=quantizer, ternary_first=first,
                                    per_channel=per_channel)
   model = create_model(**{**settings, "dtype": jnp.float32})
   variables, x = _trained_like_variables(model, (28, 28, 1))
-  path = tmp_path / "m.tgq"
+  path = tmp_path / f"m.{suffix}"
   report = export.export_variables(path, variables, settings, (28, 28, 1), extra={"note": "test"})
   loaded_model, loaded, header = export.load_packed(path)
   assert header["arch"] == "small_cnn" and header["quantizer"] == quantizer and header["note"] == "test"
+  assert header["format_version"] == export.FORMAT_VERSION
   want = model.apply(variables, x, train=False)
   got = loaded_model.apply(loaded, x, train=False)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # Packed inference: codes and scales resident, kernels rebuilt in the forward pass, eager and jitted.
+  packed_model, packed, _ = export.load_packed(path, packed=True)
+  assert packed_model.quantizer == ("fp" if quantizer == "fp" else f"packed:{quantizer}")
+  np.testing.assert_array_equal(np.asarray(packed_model.apply(packed, x, train=False)), np.asarray(want))
+  jitted = jax.jit(lambda v, x: packed_model.apply(v, x, train=False))
+  np.testing.assert_allclose(np.asarray(jitted(packed, x)), np.asarray(want), rtol=0,
+                             atol=1e-5 * float(jnp.max(jnp.abs(want))))
   assert path.stat().st_size < report.packed_bytes + 20_000  # payload + a JSON header
   if quantizer == "fp":
     assert report.ratio == 1.0
@@ -95,61 +106,207 @@ def packed_file(tmp_path_factory):
   return path
 
 
-def _rewrite_header(src, dst, change):
-  blob = src.read_bytes()
-  magic, version, n = struct.unpack_from("<4sIQ", blob)
+def _to_v1(blob: bytes) -> bytes:
+  """A version-2 .tgq file rewritten in version 1's layout: no trailer, the payload's SHA-256 in the header."""
+  _, _, n = struct.unpack_from("<4sIQ", blob)
+  header = json.loads(blob[16:16 + n])
+  payload = blob[16 + n:-32]
+  header.update(format_version=1, payload_sha256=hashlib.sha256(payload).hexdigest())
+  new = json.dumps(header).encode()
+  return struct.pack("<4sIQ", b"TGQ\x00", 1, len(new)) + new + payload
+
+
+def _rewrite_v1_header(blob: bytes, change) -> bytes:
+  _, _, n = struct.unpack_from("<4sIQ", blob)
   header = json.loads(blob[16:16 + n])
   change(header)
   new = json.dumps(header).encode()
-  dst.write_bytes(struct.pack("<4sIQ", magic, version, len(new)) + new + blob[16 + n:])
+  return struct.pack("<4sIQ", b"TGQ\x00", 1, len(new)) + new + blob[16 + n:]
 
 
 def test_errors_truncated_corrupt_version_arch(packed_file, tmp_path):
   blob = packed_file.read_bytes()
   bad = tmp_path / "bad.tgq"
   cases = [
+    (b"", "truncated"),
     (blob[:10], "truncated"),
-    (blob[:40], "truncated inside the header"),
-    (blob[:-7], "truncated or padded payload"),
-    (b"XXXX" + blob[4:], "not a tgq_jax packed model"),
+    (blob[:40], "truncated"),
+    (blob[:-7], "SHA-256"),
+    (blob + b"\x00", "SHA-256"),
+    (b"XXXX" + blob[4:], "neither a tgq_jax .tgq file nor a safetensors file"),
     (blob[:4] + struct.pack("<I", 99) + blob[8:], "format version 99"),
     (blob[:-1] + bytes([blob[-1] ^ 0xFF]), "SHA-256"),
+    (blob[:20] + bytes([blob[20] ^ 1]) + blob[21:], "SHA-256"),  # inside the header: covered too
   ]
   for data, message in cases:
     bad.write_bytes(data)
     with pytest.raises(export.PackedFormatError, match=message):
       export.load_packed(bad)
-  _rewrite_header(packed_file, bad, lambda h: h.update(arch="resnet9000"))
-  with pytest.raises(export.PackedFormatError, match="unknown arch 'resnet9000'"):
+  v1 = _to_v1(blob)
+  for change, message in [(lambda h: h.update(arch="resnet9000"), "unknown arch 'resnet9000'"),
+                          (lambda h: h["tensors"][0].update(shape=[3, 3]), "tensor|expected"),
+                          (lambda h: h["tensors"][1]["scale"].update(offset=3), "do not tile|does not fit"),
+                          (lambda h: h["tensors"][0].update(path=["conv9", "kernel"]), "do not match the model")]:
+    bad.write_bytes(_rewrite_v1_header(v1, change))
+    with pytest.raises(export.PackedFormatError, match=message):
+      export.load_packed(bad)
+  bad.write_bytes(v1[:-1] + bytes([v1[-1] ^ 0xFF]))
+  with pytest.raises(export.PackedFormatError, match="SHA-256"):
     export.load_packed(bad)
-  _rewrite_header(packed_file, bad, lambda h: h["tensors"][0].update(shape=[3, 3]))
-  with pytest.raises(export.PackedFormatError, match="corrupt tensor entry|expected"):
+  bad.write_bytes(b"\x00" * 100)
+  with pytest.raises(export.PackedFormatError, match="neither"):
     export.load_packed(bad)
+  with pytest.raises(export.PackedFormatError, match="directory"):
+    export.load_packed(tmp_path)
 
 
-def test_export_cli_from_a_train_workdir_gives_the_checkpoint_logits(tmp_path, capsys):
+def test_reads_version_1_files(packed_file, tmp_path):
+  model = create_model("small_cnn", 10)
+  variables, x = _trained_like_variables(model, (28, 28, 1))
+  v2 = tmp_path / "m.tgq"
+  export.export_variables(v2, variables, export.model_settings("small_cnn", 10), (28, 28, 1))
+  v1 = tmp_path / "old.tgq"
+  v1.write_bytes(_to_v1(v2.read_bytes()))
+  want = np.asarray(model.apply(variables, x, train=False))
+  for packed in (False, True):
+    loaded_model, loaded, header = export.load_packed(v1, packed=packed)
+    assert header["format_version"] == 1
+    np.testing.assert_array_equal(np.asarray(loaded_model.apply(loaded, x, train=False)), want)
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+  """A tiny ternary model (conv 3x3x1x4, dense 4x10; TTQ, so a neg_scale too) in both containers."""
+  import trainer_helpers  # noqa: F401  (registers "nobn")
+
+  root = tmp_path_factory.mktemp("tiny")
+  settings = export.model_settings("nobn", 10, quantizer="ttq")
+  model = create_model(**{**settings, "dtype": jnp.float32})
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 1))
+  variables = model.init(jax.random.key(0), x, train=False)
+  paths = {}
+  for suffix in ("tgq", "safetensors"):
+    paths[suffix] = root / f"m.{suffix}"
+    export.export_variables(paths[suffix], variables, settings, (6, 6, 1), extra={"dataset": "synthetic"})
+  return paths
+
+
+@pytest.mark.parametrize("suffix", ["tgq", "safetensors"])
+def test_every_single_byte_change_and_truncation_is_rejected(tiny_files, tmp_path, suffix):
+  blob = tiny_files[suffix].read_bytes()
+  export.load_packed(tiny_files[suffix])  # the intact file loads
+  bad = tmp_path / f"bad.{suffix}"
+  for i in range(len(blob)):  # every byte, the header's included
+    for flip in (0x01, 0xFF):
+      bad.write_bytes(blob[:i] + bytes([blob[i] ^ flip]) + blob[i + 1:])
+      with pytest.raises(export.PackedFormatError):
+        export.load_packed(bad)
+  for n in sorted({0, 1, 7, 8, 9, 15, 16, 17, len(blob) // 2, len(blob) - 33, len(blob) - 1}):
+    bad.write_bytes(blob[:n])
+    with pytest.raises(export.PackedFormatError):
+      export.load_packed(bad)
+
+
+def test_version_1_header_changes_are_caught_by_validation(tiny_files, tmp_path):
+  """Version 1 has no checksum over its header: every entry is validated against the payload and the model.
+
+  Each digit of the tensor entries (offsets, sizes, shapes, names) changed to another digit,
+  and each letter to another letter (the JSON stays valid), must be an error.
+  """
+  v1 = _to_v1(tiny_files["tgq"].read_bytes())
+  start = v1.index(b'"tensors"', 16)
+  end = v1.index(b', "dataset"', start)  # the extra facts after the entries are not checked (nor checkable)
+  bad = tmp_path / "bad.tgq"
+  changed = 0
+  for i in range(start + len(b'"tensors"'), end):
+    c = chr(v1[i])
+    if c.isdigit():
+      new = str((int(c) + 1) % 10)
+    elif c.isalpha() and c.islower():
+      new = "q" if c != "q" else "r"
+    else:
+      continue
+    bad.write_bytes(v1[:i] + new.encode() + v1[i + 1:])
+    with pytest.raises(export.PackedFormatError):
+      export.load_packed(bad)
+    changed += 1
+  assert changed > 100
+
+
+def test_safetensors_file_is_standard_and_holds_the_packed_variables(tiny_files):
+  from safetensors.numpy import load_file
+  from safetensors import safe_open
+
+  tensors = load_file(str(tiny_files["safetensors"]))
+  assert sorted(tensors) == ["params/conv/bias", "params/conv/codes", "params/conv/neg_scale", "params/conv/scale",
+                             "params/head/bias", "params/head/codes", "params/head/neg_scale", "params/head/scale"]
+  assert tensors["params/conv/codes"].dtype == np.uint8 and tensors["params/conv/codes"].shape == (3, 4)  # ceil(9/4)
+  with safe_open(str(tiny_files["safetensors"]), "np") as f:
+    metadata = f.metadata()
+  assert metadata["format"] == "tgq_jax.packed" and metadata["format_version"] == str(export.FORMAT_VERSION)
+  assert json.loads(metadata["model"])["arch"] == "nobn"
+  assert json.loads(metadata["ternary"])["conv"] == {"kernel_shape": [3, 3, 1, 4]}
+  _, _, header = export.load_packed(tiny_files["safetensors"])
+  assert header["dataset"] == "synthetic" and header["image_shape"] == [6, 6, 1]
+
+
+def test_export_refuses_non_finite_models_and_directories(tmp_path):
+  settings = export.model_settings("small_cnn", 10)
+  model = create_model("small_cnn", 10)
+  variables, _ = _trained_like_variables(model, (28, 28, 1))
+  broken = jax.tree.map(lambda a: a, variables)
+  broken["batch_stats"]["bn1"]["var"] = broken["batch_stats"]["bn1"]["var"].at[0].set(jnp.inf)
+  for suffix in ("tgq", "safetensors"):
+    with pytest.raises(ValueError, match="non-finite.*batch_stats/bn1/var"):
+      export.export_variables(tmp_path / f"m.{suffix}", broken, settings, (28, 28, 1))
+  with pytest.raises(ValueError, match="is a directory"):
+    export.export_variables(tmp_path, variables, settings, (28, 28, 1))
+  assert sorted(os.listdir(tmp_path)) == []  # nothing written, no temporary left behind
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "tgq"])
+def test_export_cli_from_a_train_workdir_gives_the_checkpoint_logits(tmp_path, capsys, suffix):
   from trainer_helpers import quick  # registers the tiny test archs
   from tgq_jax import checkpoints, train_lib
 
   workdir = tmp_path / "run"
   train_lib.train_and_evaluate(quick(workdir, max_steps=3), verbose=False)
-  out = tmp_path / "model.tgq"
+  out = tmp_path / f"model.{suffix}"
   assert export.main(["--workdir", str(workdir), "--out", str(out),
                       "--report-json", str(tmp_path / "r.json")]) == 0
   printed = capsys.readouterr().out
   assert "wrote" in printed and "ternary layers: packed/fp32" in printed
   assert json.loads((tmp_path / "r.json").read_text())["packed_bytes"] > 0
 
-  loaded_model, loaded, header = export.load_packed(out)
-  assert header["arch"] == "tiny_cnn" and header["dataset"] == "synthetic"
   trained = create_model("tiny_cnn", 10, quantizer="tga")
   variables = checkpoints.load_variables(str(workdir))
   x = jax.random.normal(jax.random.key(3), (5, 28, 28, 1))
-  np.testing.assert_array_equal(np.asarray(loaded_model.apply(loaded, x, train=False)),
-                                np.asarray(trained.apply(variables, x, train=False)))
+  want = np.asarray(trained.apply(variables, x, train=False))
+  for packed in (False, True):
+    loaded_model, loaded, header = export.load_packed(out, packed=packed)
+    assert header["arch"] == "tiny_cnn" and header["dataset"] == "synthetic"
+    np.testing.assert_array_equal(np.asarray(loaded_model.apply(loaded, x, train=False)), want)
 
 
 def test_export_cli_errors_are_one_line(tmp_path, capsys):
-  assert export.main(["--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "m.tgq")]) == 2
-  err = capsys.readouterr().err
-  assert err.startswith("error:") and "config.json" in err and err.count("\n") == 1
+  def error(*argv):
+    assert export.main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1, err
+    return err
+
+  assert "config.json" in error("--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "m.tgq"))
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps({
+    "config": {"arch": "small_cnn", "quantizer": "tga", "per_channel": False, "ternary_first": True,
+               "ternary_last": True},
+    "dataset_info": {"name": "synthetic", "num_classes": 10, "image_shape": [28, 28, 1]}}))
+  err = error("--workdir", str(workdir), "--out", str(tmp_path / "m.safetensors"))
+  assert "no checkpoint to export" in err and "--init-from" not in err
+  out_dir = tmp_path / "out.safetensors"
+  out_dir.mkdir()
+  assert "is a directory" in error("--workdir", str(workdir), "--out", str(out_dir))
+  assert "is a directory" in error("--workdir", str(workdir), "--out", str(tmp_path))
+  assert os.listdir(out_dir) == [] and not any(".tmp-" in p.name for p in tmp_path.iterdir())
+  assert "must end in .safetensors or .tgq" in error("--workdir", str(workdir), "--out", str(tmp_path / "m.bin"))

@@ -10,6 +10,17 @@ from the initialized kernel, so an optimizer can label them by name.
 The quantizer sees the kernel in ``param_dtype`` (float32 by default): with
 ``dtype=jnp.bfloat16`` the convolution runs in bfloat16 on the ternarized
 kernel while the quantizer's statistics stay in float32.
+
+Packed (inference) mode: with a packed quantizer (``quantizer="packed:tga"``,
+``create_model(..., packed=True)``; see :func:`tgq_jax.quantizers.packed_name`)
+the layer holds no float kernel. Its ``params`` are ``codes`` (``uint8 (ceil(K/4), N)``,
+2-bit codes in the planar layout of :mod:`tgq_jax.kernels.ternary_matmul`),
+``scale`` (float32, scalar or per output channel) and, for TTQ, ``neg_scale``;
+the kernel is rebuilt from them inside the layer's call (so inside the
+compiled forward, one layer at a time) with the values the trained layer
+computes with. On GPU/TPU a packed ``TernaryDense`` multiplies by the Pallas
+ternary kernel instead (codes unpacked on chip, scale after accumulation).
+Models need no change: they pass their ``quantizer`` on to their layers.
 """
 from __future__ import annotations
 
@@ -26,9 +37,38 @@ import numpy as np
 
 from flax import traverse_util
 
+from tgq_jax.kernels import ternary_matmul as _tm
 from tgq_jax.quantizers import QUANTIZERS, Quantizer, get_quantizer
 
 Path = tuple[str, ...]
+
+# The input of the packed layer being called (set while its __call__ runs; read when its kernel is built).
+_LAYER_INPUT: contextvars.ContextVar = contextvars.ContextVar("tgq_packed_layer_input", default=None)
+
+
+@contextlib.contextmanager
+def _layer_input(inputs):
+  token = _LAYER_INPUT.set(inputs)
+  try:
+    yield
+  finally:
+    _LAYER_INPUT.reset(token)
+
+
+def _after_input(codes: jax.Array) -> jax.Array:
+  """``codes``, made to depend on the current packed layer's input: its kernel is rebuilt just in time.
+
+  Without a data dependence XLA schedules every layer's unpacking at the start
+  of the forward pass and holds all float kernels at once (``optimization_barrier``
+  does not prevent it on CPU). ``x * 0`` is +-0 or NaN, and both convert to the
+  integer 0, so the codes are unchanged; XLA cannot fold a float ``x * 0``, so the
+  dependence stays.
+  """
+  x = _LAYER_INPUT.get()
+  if x is None:
+    return codes
+  first = jnp.reshape(x, (-1,))[0]
+  return codes | (first * 0).astype(codes.dtype)
 
 
 _THRESHOLD_PASS = contextvars.ContextVar("tgq_threshold_pass", default=False)
@@ -63,6 +103,10 @@ class _QuantizedKernel:
 
   @nn.nowrap
   def param(self, name: str, init_fn: Callable[..., Any], *init_args, **init_kwargs):
+    if name == "kernel" and self.get_quantizer().packed:
+      # flax's Dense and Conv call self.param("kernel", init, shape, param_dtype).
+      shape = tuple(init_args[0] if init_args else init_kwargs["shape"])
+      return _tm.dequantize_planar(*self._packed_params(shape), shape, self.param_dtype)
     value = super().param(name, init_fn, *init_args, **init_kwargs)
     scaled = self.__dict__.get("_output_scale")
     if name == "bias" and scaled is not None:  # threshold pass: added after the scale (__call__)
@@ -92,29 +136,66 @@ class _QuantizedKernel:
     y = y * scaled["scale"].astype(y.dtype)  # (1,) per tensor, (out,) per channel
     return y + scaled["bias"].astype(y.dtype) if "bias" in scaled else y
 
+  @nn.nowrap
+  def _packed_params(self, shape: tuple[int, ...]):
+    """The packed layer's (codes, scale, neg_scale or None) for a kernel of ``shape``."""
+    quantizer = self.get_quantizer()
+    k4, n = _tm.planar_shape(shape)
+    scale_shape = (n,) if quantizer.per_channel else ()
+    param = super(_QuantizedKernel, self).param
+    codes = _after_input(param("codes", lambda _rng: jnp.zeros((k4, n), jnp.uint8)))
+    scale = param("scale", lambda _rng: jnp.zeros(scale_shape, jnp.float32))
+    neg = None if quantizer.symmetric else param("neg_scale", lambda _rng: jnp.zeros(scale_shape, jnp.float32))
+    return codes, scale, neg
+
 
 class TernaryDense(_QuantizedKernel, nn.Dense):
   """``nn.Dense`` with a ternarized kernel.
 
   Attributes (beyond ``nn.Dense``'s):
-    quantizer: "tga" (default), "twn", "ttq" or "fp" (full precision).
+    quantizer: "tga" (default), "twn", "ttq" or "fp" (full precision); "packed:..." for inference.
     per_channel: per-output-feature quantizer statistics (TGA, TWN).
   """
 
   quantizer: str = "tga"
   per_channel: bool = False
 
+  @nn.compact
+  def __call__(self, inputs):
+    if not self.get_quantizer().packed:
+      return super().__call__(inputs)
+    custom_dot = self.dot_general is not None or self.dot_general_cls is not None
+    if custom_dot or _tm._pallas_choice() is None:
+      with _layer_input(inputs):
+        return super().__call__(inputs)
+    # Packed, on GPU/TPU: the Pallas kernel multiplies by the packed codes directly.
+    with _layer_input(inputs):
+      codes, scale, neg = self._packed_params((jnp.shape(inputs)[-1], self.features))
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    dtype = self.dtype or jnp.result_type(inputs, self.param_dtype)
+    y = _tm.ternary_dense(jnp.asarray(inputs, dtype), codes, scale, neg)
+    if bias is not None:
+      y += jnp.reshape(jnp.asarray(bias, dtype), (1,) * (y.ndim - 1) + (-1,))
+    return y
+
 
 class TernaryConv(_QuantizedKernel, nn.Conv):
   """``nn.Conv`` with a ternarized kernel (HWIO; statistics per tensor or per output channel).
 
   Attributes (beyond ``nn.Conv``'s):
-    quantizer: "tga" (default), "twn", "ttq" or "fp" (full precision).
+    quantizer: "tga" (default), "twn", "ttq" or "fp" (full precision); "packed:..." for inference.
     per_channel: per-output-channel quantizer statistics (TGA, TWN).
   """
 
   quantizer: str = "tga"
   per_channel: bool = False
+
+  @nn.compact
+  def __call__(self, inputs):
+    if not self.get_quantizer().packed:
+      return super().__call__(inputs)
+    with _layer_input(inputs):
+      return super().__call__(inputs)
 
 
 # --- tools over a params tree ------------------------------------------------

@@ -21,6 +21,11 @@ helper for inspection and export:
 * ``"fp"``: identity, so every model has a full-precision twin of identical
   structure.
 
+``"packed:<name>"`` (:func:`packed_name`) is the inference form of a ternary
+quantizer: a layer built with it holds the 2-bit packed codes and scales
+instead of a float kernel (see :mod:`tgq_jax.layers`); ``"packed:fp"`` is
+``"fp"``.
+
 Statistics are per tensor by default; TGA, TWN and absmean take ``per_channel=True``
 (statistics per slice of the last axis, Flax's output-channel axis).
 """
@@ -273,6 +278,13 @@ class Quantizer:
   _init: Callable = dataclasses.field(repr=False)
   _parts: Callable | None = dataclasses.field(repr=False)
   _threshold_split: Callable | None = dataclasses.field(default=None, repr=False)
+  #: Inference form: the layer holds packed codes and scales, not a float kernel.
+  packed: bool = False
+
+  @property
+  def symmetric(self) -> bool:
+    """Whether a -1 code is ``-scale`` (TGA, TWN); TTQ has its own magnitude for -1."""
+    return self.name.removeprefix(PACKED_PREFIX) != "ttq"
 
   def __call__(self, w: jax.Array, params: Params) -> jax.Array:
     return self._apply(w, params, per_channel=self.per_channel)
@@ -302,10 +314,28 @@ _REGISTRY: dict[str, tuple] = {
   "fp": (fp, fp_init, None, (), (), True),
 }
 QUANTIZERS: tuple[str, ...] = tuple(_REGISTRY)
+PACKED_PREFIX = "packed:"
+
+
+def packed_name(name: str) -> str:
+  """The packed (inference) form of quantizer ``name``: ``"tga"`` -> ``"packed:tga"``."""
+  return name if name.startswith(PACKED_PREFIX) else PACKED_PREFIX + name
+
+
+def _packed_only(*_args, **_kwargs):
+  raise ValueError("a packed quantizer has no float kernel to quantize: its layer holds 2-bit codes "
+                   "and scales (tgq_jax.export.load_packed fills them).")
 
 
 def get_quantizer(name: str, *, per_channel: bool = False) -> Quantizer:
-  """Returns the quantizer registered under ``name`` (one of :data:`QUANTIZERS`)."""
+  """Returns the quantizer registered under ``name`` (one of :data:`QUANTIZERS`, or "packed:" one of them)."""
+  if isinstance(name, str) and name.startswith(PACKED_PREFIX):
+    base = get_quantizer(name[len(PACKED_PREFIX):], per_channel=per_channel)
+    if not base.ternary:
+      return base  # nothing to pack: "packed:fp" is "fp"
+    return dataclasses.replace(base, name=PACKED_PREFIX + base.name, param_names=(), threshold_params=(),
+                               _apply=_packed_only, _init=_packed_only, _parts=_packed_only,
+                               _threshold_split=None, packed=True)
   if name not in _REGISTRY:
     raise ValueError(f"unknown quantizer {name!r}; valid quantizers: {', '.join(QUANTIZERS)}.")
   apply, init, parts, param_names, thresholds, per_channel_ok, *split = _REGISTRY[name]

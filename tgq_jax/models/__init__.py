@@ -24,7 +24,7 @@ from tgq_jax.models.small_cnn import SmallCNN
 # torchvision.py imports create_model lazily (inside a function), so this is no cycle.
 from tgq_jax.layers import init_ternary_from_fp
 from tgq_jax.models.torchvision import convert_state_dict, load_torchvision_weights
-from tgq_jax.quantizers import get_quantizer
+from tgq_jax.quantizers import get_quantizer, packed_name
 
 # arch name -> (module class, fixed constructor arguments)
 _ARCHS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
@@ -52,7 +52,7 @@ def archs() -> tuple[str, ...]:
 
 def create_model(arch: str, num_classes: int, *, quantizer: str = "tga", per_channel: bool = False,
                  ternary_first: bool = True, ternary_last: bool = True,
-                 dtype: Any = jnp.float32) -> nn.Module:
+                 dtype: Any = jnp.float32, packed: bool = False) -> nn.Module:
   """Builds ``arch`` with ``num_classes`` outputs.
 
   Args:
@@ -64,7 +64,12 @@ def create_model(arch: str, num_classes: int, *, quantizer: str = "tga", per_cha
     ternary_last: quantize the classifier too (the paper's default) or keep it FP.
     dtype: computation dtype (``jnp.bfloat16`` for mixed precision); parameters
       and quantizer statistics stay float32.
+    packed: the inference form: ternary layers hold 2-bit packed codes and
+      scales instead of float kernels (``quantizer`` becomes ``"packed:<quantizer>"``;
+      :func:`tgq_jax.export.load_packed` fills its variables).
   """
+  if packed and get_quantizer(quantizer, per_channel=per_channel).ternary:
+    quantizer = packed_name(quantizer)
   if arch not in _ARCHS:
     raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(sorted(_ARCHS))}.")
   if num_classes < 1:

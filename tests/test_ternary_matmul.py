@@ -1,0 +1,70 @@
+"""tgq_jax.kernels.ternary_matmul: the planar 2-bit layout, and the Pallas kernel (interpreter) vs the dense path."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tgq_jax.kernels import ternary_matmul as tm
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (4, 2), (7, 3), (3, 3, 5, 6), (130, 17)])
+def test_planar_round_trip_and_kernel_rebuild(shape):
+  rng = np.random.default_rng(sum(shape))
+  codes = rng.integers(-1, 2, size=shape).astype(np.int8)
+  packed = tm.pack_planar(codes)
+  assert packed.dtype == np.uint8 and packed.shape == tm.planar_shape(shape)
+  np.testing.assert_array_equal(tm.unpack_planar(packed, shape), codes)
+  scale = rng.uniform(0.1, 1, size=(shape[-1],)).astype(np.float32)
+  kernel = tm.dequantize_planar(jnp.asarray(packed), scale, jnp.float32(0.3), shape)
+  np.testing.assert_array_equal(np.asarray(kernel), np.where(codes > 0, scale, np.where(codes < 0, -np.float32(0.3), 0)).astype(np.float32))
+
+
+def test_planar_bit_layout_is_the_documented_one():
+  # K = 5 rows -> K4 = 2; row k in plane k // 2 at packed row k % 2; 01 = +1, 10 = -1.
+  codes = np.array([[1], [-1], [0], [1], [-1]], np.int8)
+  assert tm.pack_planar(codes)[:, 0].tolist() == [0b00_10_00_01, 0b00_00_01_10]
+  with pytest.raises(ValueError, match="codes must be in"):
+    tm.pack_planar(np.array([[2]]))
+
+
+def _case(m, k, n, per_channel, symmetric, dtype=jnp.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  codes = rng.integers(-1, 2, size=(k, n)).astype(np.int8)
+  scale = jnp.asarray(rng.uniform(0.1, 1, size=(n,) if per_channel else ()), jnp.float32)
+  neg = None if symmetric else jnp.float32(0.37)
+  x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+  return x, jnp.asarray(tm.pack_planar(codes)), scale, neg
+
+
+@pytest.mark.parametrize("m,k,n,per_channel,symmetric", [
+  (1, 64, 32, False, True), (3, 37, 20, True, True), (17, 130, 40, False, False), (5, 256, 130, True, True)])
+def test_pallas_kernel_matches_the_dense_path_in_interpret_mode(m, k, n, per_channel, symmetric):
+  x, packed, scale, neg = _case(m, k, n, per_channel, symmetric)
+  want = tm.ternary_matmul_reference(x, packed, scale, neg, precision=jax.lax.Precision.HIGHEST)
+  got = tm.ternary_matmul(x, packed, scale, neg, interpret=True, block_k=16)
+  assert got.shape == (m, n) and got.dtype == x.dtype
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_pallas_kernel_bfloat16_accumulates_in_float32():
+  x, packed, scale, _ = _case(16, 512, 64, True, True, dtype=jnp.bfloat16, seed=1)
+  want = np.asarray(tm.ternary_matmul_reference(x.astype(jnp.float32), packed, scale))
+  got = np.asarray(tm.ternary_matmul(x, packed, scale, interpret=True), np.float32)
+  assert np.max(np.abs(got - want)) <= 2 ** -7 * np.max(np.abs(want))  # bf16 output rounding only
+
+
+def test_ternary_dense_dispatch_modes():
+  x, packed, scale, neg = _case(2, 3 * 8, 6, False, False)
+  x = x.reshape(2, 1, 24)  # leading axes are kept
+  with tm.use_pallas("off"):
+    dense = tm.ternary_dense(x, packed, scale, neg)
+  np.testing.assert_array_equal(np.asarray(dense), np.asarray(tm.ternary_matmul_reference(x, packed, scale, neg)))
+  with tm.use_pallas("interpret"):
+    kernel = tm.ternary_dense(x, packed, scale, neg)
+  assert kernel.shape == (2, 1, 6)
+  np.testing.assert_allclose(np.asarray(kernel), np.asarray(dense), atol=1e-5 * float(jnp.max(jnp.abs(dense))))
+  assert tm.pallas_mode() == "auto"
+  with pytest.raises(ValueError, match="pallas mode"):
+    tm.set_pallas_mode("fast")
