@@ -68,3 +68,14 @@ def test_ternary_dense_dispatch_modes():
   assert tm.pallas_mode() == "auto"
   with pytest.raises(ValueError, match="pallas mode"):
     tm.set_pallas_mode("fast")
+
+
+def test_auto_mode_uses_the_kernel_only_for_few_rows_on_an_accelerator(monkeypatch):
+  calls = []
+  monkeypatch.setattr(tm.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(tm, "ternary_matmul", lambda x, *a, **k: calls.append(x.shape[0]) or
+                      tm.ternary_matmul_reference(x, *a[:3]))
+  for rows in (1, tm.AUTO_MAX_ROWS, tm.AUTO_MAX_ROWS + 1, 64):
+    x, packed, scale, neg = _case(rows, 16, 4, False, True)
+    tm.ternary_dense(x, packed, scale, neg)
+  assert calls == [1, tm.AUTO_MAX_ROWS]

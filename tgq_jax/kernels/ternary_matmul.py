@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 
 import jax
@@ -42,8 +43,13 @@ __all__ = ["pack_planar", "unpack_planar", "planar_shape", "dequantize_planar", 
            "ternary_matmul_reference", "ternary_dense", "pallas_mode", "set_pallas_mode", "use_pallas"]
 
 _MODES = ("auto", "on", "off", "interpret")
-# "auto": Pallas on GPU/TPU, the jnp fallback elsewhere. Overridden by set_pallas_mode / pallas_mode.
+# "auto": Pallas on GPU/TPU for products of at most AUTO_MAX_ROWS rows, the jnp fallback otherwise.
+# Overridden by set_pallas_mode / use_pallas or the TGQ_PALLAS environment variable.
 _mode = os.environ.get("TGQ_PALLAS", "auto")
+#: "auto" uses the kernel up to this many activation rows: there the product is bound by reading
+#: the weights, and 2-bit codes win (H200, K = N = 4096: 0.78x the bf16 dot's time at 1 row);
+#: from 64 rows on it computes, and cuBLAS's bf16 dot is faster (1.46x at 64, 1.70x at 4096).
+AUTO_MAX_ROWS = 16
 
 
 # --- layout (host side, numpy) ---------------------------------------------
@@ -273,7 +279,8 @@ def ternary_dense(x: jax.Array, packed: jax.Array, scale: jax.Array, neg_scale: 
   agree to float rounding.
   """
   choice = _pallas_choice()
-  if choice is None:
+  rows = math.prod(x.shape[:-1])
+  if choice is None or (_mode == "auto" and rows > AUTO_MAX_ROWS):
     return ternary_matmul_reference(x, packed, scale, neg_scale)
   lead = x.shape[:-1]
   y = ternary_matmul(x.reshape(-1, x.shape[-1]), packed, scale, neg_scale, interpret=choice == "interpret")
