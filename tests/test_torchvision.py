@@ -269,3 +269,21 @@ def test_init_ternary_mismatch():
     init_ternary_from_fp(create_model("resnet20", 10), fp32, (8, 8, 3))
   with pytest.raises(ValueError, match=re.escape("params/fc/kernel: got (64, 10), expected (64, 7)")):
     init_ternary_from_fp(create_model("resnet20", 7), fp, (8, 8, 3))
+
+
+def test_float64_stays_float64_under_x64():
+  """A float64 state dict converts, initializes and computes in float64 (no float32 rounding)."""
+  sd = {k: v.astype(np.float64) for k, v in fake_state_dict("resnet18", seed=5, num_classes=10).items()}
+  with jax.enable_x64(True):
+    fp = convert_state_dict(sd, "resnet18")
+    assert {leaf.dtype for leaf in jax.tree.leaves(fp)} == {np.dtype(np.float64)}
+    np.testing.assert_array_equal(fp["params"]["layer1_0"]["conv2"]["kernel"],
+                                  sd["layer1.0.conv2.weight"].transpose(2, 3, 1, 0))
+    model = create_model("resnet18", 10, quantizer="tga", dtype=jnp.float64)
+    ternary = init_ternary_from_fp(model, fp, (32, 32, 3))
+    assert {leaf.dtype for leaf in jax.tree.leaves(ternary)} == {np.dtype(np.float64)}
+    np.testing.assert_array_equal(ternary["params"]["fc"]["delta"], 0.05 * np.abs(sd["fc.weight"]).max())
+    logits = jax.jit(functools.partial(model.apply, train=False))(ternary, jnp.ones((1, 32, 32, 3)))
+    assert logits.dtype == np.float64
+  # Without x64 the same state dict gives float32, as before.
+  assert {leaf.dtype for leaf in jax.tree.leaves(convert_state_dict(sd, "resnet18"))} == {np.dtype(np.float32)}
