@@ -170,6 +170,11 @@ def create_state(model: nn.Module, image_shape: tuple[int, ...], tx_thr, tx_w, s
   init_rng, rng = jax.random.split(rng)
   variables = jax.jit(functools.partial(model.init, train=False))(
     init_rng, jnp.zeros((1, *image_shape), jnp.float32))
+  return state_from_variables(variables, tx_thr, tx_w, rng)
+
+
+def state_from_variables(variables: Mapping, tx_thr, tx_w, rng: jax.Array) -> TrainState:
+  """Step 0 of training from given variables: fresh optimizer states (e.g. fine-tuning)."""
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     threshold_opt_state=tx_thr.init(params), weight_opt_state=tx_w.init(params), rng=rng)
