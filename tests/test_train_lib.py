@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import chex
 import flax.linen as nn
@@ -12,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from torchvision_helpers import fake_state_dict
 from trainer_helpers import build, mesh_of, quick, run_steps, synthetic_batches
 from tgq_jax import checkpoints, data, ternarize, train_lib
 from tgq_jax.configs import Config
@@ -260,3 +262,58 @@ def test_train_rows_log_the_threshold_trajectories(tmp_path):
   for name, value in train_rows[-1]["delta"].items():
     assert value == pytest.approx(float(abs(final[name]["delta"])), rel=1e-6)
   assert train_rows[0]["delta"] != train_rows[-1]["delta"]  # the thresholds do train
+
+
+# --- --init-from a torchvision state dict ---------------------------------------
+
+
+def _torchvision_npz(tmp_path, arch="resnet18", num_classes=10):
+  path = tmp_path / f"{arch}.npz"
+  sd = fake_state_dict(arch, seed=3, num_classes=num_classes)
+  np.savez(path, **sd)  # what docs/torchvision.md's one-liner writes
+  return str(path), sd
+
+
+def _resnet18_cfg(tmp_path, init_from, **kw):
+  return Config(arch="resnet18", dataset="synthetic", image_shape=(32, 32, 3), num_classes=10, num_train=8,
+                num_test=8, batch_size=4, eval_batch_size=8, workdir=str(tmp_path / "run"), init_from=init_from,
+                log_every=1, **kw)
+
+
+def test_init_from_a_torchvision_npz_loads_it_and_reinitializes_the_thresholds(tmp_path):
+  path, sd = _torchvision_npz(tmp_path)
+  cfg = _resnet18_cfg(tmp_path, path)
+  model, _, _, tx_thr, tx_w, state, _, _ = build(cfg, image_shape=(32, 32, 3))
+  new = train_lib.init_from_checkpoint(state, path, model, (32, 32, 3), tx_thr, tx_w, arch="resnet18")
+  p, s = new.params, new.batch_stats
+  np.testing.assert_array_equal(p["layer2_0"]["downsample_conv"]["kernel"],
+                                sd["layer2.0.downsample.0.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(p["fc"]["kernel"], sd["fc.weight"].T)
+  np.testing.assert_array_equal(s["layer3_1"]["bn2"]["var"], sd["layer3.1.bn2.running_var"])
+  for module, key in (("conv1", "conv1.weight"), ("fc", "fc.weight")):  # first and last ternary too
+    np.testing.assert_allclose(p[module]["delta"], 0.05 * np.abs(sd[key]).max(), rtol=1e-6)
+  np.testing.assert_allclose(p["layer4_1"]["conv2"]["delta"], 0.05 * np.abs(sd["layer4.1.conv2.weight"]).max(),
+                             rtol=1e-6)
+  # The whole flow, as `train.py --config imagenet_resnet18 --init-from resnet18.npz ...` runs it.
+  summary = train_lib.train_and_evaluate(dataclasses.replace(cfg, max_steps=1), verbose=False)
+  assert summary["steps"] == 1 and np.isfinite(summary["test_metrics"]["loss"])
+
+
+def test_init_from_torchvision_errors(tmp_path):
+  path34, _ = _torchvision_npz(tmp_path, "resnet34")
+  with pytest.raises(checkpoints.CheckpointError, match=r"--init-from: .*does not match torchvision resnet18"):
+    train_lib.load_fp_variables(path34, "resnet18")
+  with pytest.raises(checkpoints.CheckpointError, match="no such torchvision state dict file"):
+    train_lib.check_init_from(str(tmp_path / "missing.npz"))
+  path, _ = _torchvision_npz(tmp_path, num_classes=1000)
+  model, _, _, tx_thr, tx_w, state, _, _ = build(_resnet18_cfg(tmp_path, path), image_shape=(32, 32, 3))
+  with pytest.raises(checkpoints.CheckpointError, match=r"another architecture.*fc/kernel: got \(512, 1000\)"):
+    train_lib.init_from_checkpoint(state, path, model, (32, 32, 3), tx_thr, tx_w, arch="resnet18")
+
+
+def test_init_from_a_pth_needs_torch(tmp_path, monkeypatch):
+  pth = tmp_path / "resnet18.pth"
+  pth.write_bytes(b"not read")
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError, installed or not
+  with pytest.raises(checkpoints.CheckpointError, match=r"(?s)needs torch.*np\.savez"):
+    train_lib.load_fp_variables(str(pth), "resnet18")

@@ -64,7 +64,9 @@ class Config:
   # or "authors" (both passes of a sequential step, unbiased variance: the reference's torch rule).
   bn_running_stats: str = "once"  # once | authors
   # initialization / modes
-  init_from: str | None = None  # full-precision checkpoint (workdir or checkpoint dir)
+  # Full-precision start: a checkpoint of this trainer (workdir or checkpoint dir), or a
+  # torchvision state dict of --arch resnet18/34/50 (.npz; .pth/.pt when torch is installed).
+  init_from: str | None = None
   eval_only: bool = False
   half_precision: bool = False  # bf16 activations; parameters and statistics stay float32
   parallel: str = "shard_map"  # shard_map | pmap

@@ -50,7 +50,7 @@ from tgq_jax import checkpoints, parallel
 from tgq_jax import data as data_lib
 from tgq_jax.configs import Config
 from tgq_jax.layers import init_ternary_from_fp, layer_stats, quantized_layers
-from tgq_jax.models import create_model
+from tgq_jax.models import create_model, load_torchvision_weights
 from tgq_jax.parallel import AXIS
 
 THRESHOLD, WEIGHT = "threshold", "weight"
@@ -433,7 +433,7 @@ def setup(cfg: Config):
       raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(choices)}.")
   parallel.check_batch_size(cfg.batch_size)
   if cfg.init_from:
-    checkpoints.resolve(cfg.init_from)  # a missing path fails now, before anything starts
+    check_init_from(cfg.init_from)  # a missing path fails now, before anything starts
   parallel.check_batch_size(cfg.eval_batch_size, "eval batch size")
   model = make_model(cfg, info.num_classes)
   layers = quantized_layers(model, jnp.zeros((1, *info.image_shape)), train=False)
@@ -506,7 +506,7 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
     if verbose and is_main:
       print(f"resuming from step {int(state.step)} in {workdir}")
   elif cfg.init_from:
-    state = init_from_checkpoint(state, cfg.init_from, model, info.image_shape, tx_thr, tx_w)
+    state = init_from_checkpoint(state, cfg.init_from, model, info.image_shape, tx_thr, tx_w, arch=cfg.arch)
   state = parallel.put_state(state, mesh, kind)
 
   writer = MetricsWriter(workdir, enabled=is_main)
@@ -595,14 +595,49 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
   return summary
 
 
+TORCHVISION_SUFFIXES = (".npz", ".pth", ".pt")
+
+
+def is_torchvision_file(path: str) -> bool:
+  """``--init-from`` names a torchvision state dict (a file), not a checkpoint of this trainer."""
+  return os.path.splitext(path)[1].lower() in TORCHVISION_SUFFIXES
+
+
+def check_init_from(path: str) -> None:
+  """Raises CheckpointError (one line) unless ``path`` can be an ``--init-from`` source."""
+  if is_torchvision_file(path):
+    if not os.path.isfile(path):
+      raise checkpoints.CheckpointError(f"--init-from: no such torchvision state dict file: {path}")
+  else:
+    checkpoints.resolve(path)
+
+
+def load_fp_variables(path: str, arch: str) -> dict:
+  """The full-precision variables ``--init-from`` names: a torchvision file or a trainer checkpoint."""
+  if not is_torchvision_file(path):
+    return checkpoints.load_variables(path)
+  try:
+    return load_torchvision_weights(path, arch)
+  except ImportError as e:  # a .pth without torch: the message says how to make a .npz
+    raise checkpoints.CheckpointError(f"--init-from: {e}") from None
+  except ValueError as e:  # another arch, or not a torchvision ResNet state dict
+    raise checkpoints.CheckpointError(f"--init-from: {e}") from None
+
+
 def init_from_checkpoint(state: TrainState, path: str, model: nn.Module, image_shape: tuple[int, ...],
-                         tx_thr, tx_w) -> TrainState:
-  """Loads full-precision weights, re-initializes the thresholds, fresh optimizer states (fine-tuning)."""
-  source = checkpoints.load_variables(path)
+                         tx_thr, tx_w, arch: str | None = None) -> TrainState:
+  """Loads full-precision weights, re-initializes the thresholds, fresh optimizer states (fine-tuning).
+
+  ``path``: a checkpoint of this trainer (workdir, checkpoints dir or step dir) or a torchvision
+  state dict of ``arch`` (``.npz``; ``.pth``/``.pt`` when torch is importable). Thresholds start at
+  ``delta = 0.05 max|w|`` of the loaded kernels, as the authors re-initialize them after loading.
+  """
+  if is_torchvision_file(path) and arch is None:
+    raise ValueError("init_from_checkpoint: a torchvision state dict needs arch=.")
+  source = load_fp_variables(path, arch)
   try:
     variables = init_ternary_from_fp(model, source, image_shape)
   except ValueError as e:
     raise checkpoints.CheckpointError(f"--init-from: checkpoint is of another architecture ({e})") from None
-  params = jax.tree.map(np.asarray, variables["params"])
-  return state.replace(params=params, batch_stats=jax.tree.map(np.asarray, variables.get("batch_stats", {})),
-                       threshold_opt_state=tx_thr.init(params), weight_opt_state=tx_w.init(params))
+  variables = jax.tree.map(np.asarray, variables)
+  return state_from_variables(variables, tx_thr, tx_w, state.rng).replace(step=state.step)
