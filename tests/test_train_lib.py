@@ -317,3 +317,19 @@ def test_init_from_a_pth_needs_torch(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError, installed or not
   with pytest.raises(checkpoints.CheckpointError, match=r"(?s)needs torch.*np\.savez"):
     train_lib.load_fp_variables(str(pth), "resnet18")
+
+
+@pytest.mark.parametrize("preset, expected", [
+  ("imagenet_resnet18", ("adam", 1e-4, 5e-6, ("sgd", 1e-4, 0.0))),
+  ("imagenet_resnet34", ("adam", 1e-4, 5e-6, ("sgd", 1e-4, 0.0))),
+  ("imagenet_resnet50", ("adam", 1e-4, 5e-6, ("sgd", 1e-4, 0.0))),
+  ("cifar10_resnet20", ("sgd", 0.1, 1e-4, ("sgd", 0.1, 1e-4))),
+  ("cifar10_resnet56", ("sgd", 0.1, 1e-4, ("sgd", 0.1, 1e-4))),
+  ("demo", ("adam", 5e-3, 0.0, ("sgd", 5e-3, 0.0))),
+])
+def test_presets_follow_the_authors_optimizer_pairs(preset, expected):
+  """main_dc.py: Adam weights -> Nesterov SGD thresholds without decay; SGD -> the same SGD for both."""
+  from tgq_jax import configs
+  cfg = configs.from_args(["--config", preset])
+  assert (cfg.optimizer, cfg.lr, cfg.weight_decay, train_lib.threshold_recipe(cfg)) == expected
+  assert (cfg.momentum, cfg.nesterov, cfg.threshold_grad_clip) == (0.9, True, 0.001)
