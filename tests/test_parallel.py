@@ -109,6 +109,7 @@ def _losses(workdir):
   return [r["loss"] for r in rows if r["split"] == "train"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["shard_map", "pmap"])
 def test_two_processes_agree_with_one_process_on_four_devices(tmp_path, kind):
   """jax.distributed on localhost (gloo CPU collectives), 2 devices each, vs 1 process x 4 devices."""

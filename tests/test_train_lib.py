@@ -228,20 +228,42 @@ def test_eval_only_reproduces_the_final_test_accuracy(tmp_path):
   assert again["steps"] == 2 and again["test_accuracy"] == trained["test_accuracy"]
 
 
-def test_half_precision_runs_with_float32_params(tmp_path):
-  summary = train_lib.train_and_evaluate(quick(tmp_path, max_steps=2, half_precision=True), verbose=False)
+def test_half_precision_computes_in_bfloat16_with_float32_params(tmp_path):
+  cfg = quick(tmp_path, max_steps=2, half_precision=True)
+  _, model, _, _ = train_lib.setup(cfg)
+  assert model.dtype == jnp.bfloat16
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 1)), train=False)
+  logits, state = model.apply(variables, jnp.ones((2, 28, 28, 1)), train=False, capture_intermediates=True,
+                              mutable=["intermediates"])
+  inter = state["intermediates"]
+  assert inter["conv0"]["__call__"][0].dtype == jnp.bfloat16  # the convolutions run in bfloat16
+  assert inter["bn1"]["__call__"][0].dtype == jnp.bfloat16
+  assert logits.dtype == jnp.float32  # logits (and the loss) in float32
+  summary = train_lib.train_and_evaluate(cfg, verbose=False)
   assert np.isfinite(summary["test_metrics"]["loss"])
   params = checkpoints.load_variables(str(tmp_path))["params"]
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
 
 
-def test_top5_is_reported_beyond_ten_classes():
+def test_top5_against_an_independent_count():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(64, 20)).astype(np.float32)
+  labels = rng.integers(0, 20, 64)
+  metrics = train_lib._metrics(jnp.asarray(logits), jnp.asarray(labels), 20)
+  beaten_by = (logits > logits[np.arange(64), labels][:, None]).sum(axis=1)  # classes scoring above the label
+  np.testing.assert_array_equal(metrics["accuracy"], beaten_by == 0)
+  np.testing.assert_array_equal(metrics["top5_accuracy"], beaten_by < 5)
+  assert np.mean(beaten_by < 5) > np.mean(beaten_by == 0) > 0  # a case where they differ
+  assert "top5_accuracy" not in train_lib._metrics(jnp.asarray(logits[:, :10]), jnp.asarray(labels % 10), 10)
+
+
+def test_top5_is_reported_by_the_step_beyond_ten_classes():
   cfg = Config(arch="tiny_cnn")
   *_, state, train_fn, _ = build(cfg, num_classes=20)
   batch = _batches(1)[0]
   step = train_lib.parallel.map_step(train_fn, mesh_of(1), "shard_map")
   _, metrics = step(state, train_lib.parallel.put_batch(batch, mesh_of(1), "shard_map"))
-  assert 0.0 <= float(metrics["top5_accuracy"]) <= 1.0
+  assert float(metrics["accuracy"]) <= float(metrics["top5_accuracy"]) <= 1.0
 
 
 def test_a_workdir_of_another_configuration_is_a_clear_error(tmp_path):
@@ -333,3 +355,27 @@ def test_presets_follow_the_authors_optimizer_pairs(preset, expected):
   cfg = configs.from_args(["--config", preset])
   assert (cfg.optimizer, cfg.lr, cfg.weight_decay, train_lib.threshold_recipe(cfg)) == expected
   assert (cfg.momentum, cfg.nesterov, cfg.threshold_grad_clip) == (0.9, True, 0.001)
+
+
+def test_dropout_draws_a_fresh_key_from_the_state_every_step():
+  cfg = Config(arch="dropout_net", optimizer="sgd", lr=0.1)
+  model, *_, state, train_fn, _ = build(cfg)
+  batch = _batches(1)[0]
+  step = train_lib.parallel.map_step(train_fn, mesh_of(1), "shard_map")
+  put = lambda b: train_lib.parallel.put_batch(b, mesh_of(1), "shard_map")
+  new, metrics = step(state, put(batch))
+  # The key the step documents: split off TrainState.rng, folded with the device index (0 here).
+  next_rng, dropout_rng = train_lib.step_rngs(state.rng)
+  np.testing.assert_array_equal(new.rng, next_rng)
+  assert not np.array_equal(new.rng, state.rng)
+
+  def loss(key):
+    logits = model.apply({"params": state.params}, batch["image"], train=True, rngs={"dropout": key})
+    return float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])))
+
+  # Pass 1 runs at the step's starting params, so its loss is reproducible from outside.
+  assert float(metrics["threshold_pass_loss"]) == pytest.approx(loss(jax.random.fold_in(dropout_rng, 0)), rel=1e-6)
+  assert loss(jax.random.fold_in(dropout_rng, 0)) != pytest.approx(loss(jax.random.fold_in(next_rng, 0)), rel=1e-3)
+  no_dropout = model.apply({"params": state.params}, batch["image"], train=False)
+  assert float(metrics["threshold_pass_loss"]) != pytest.approx(
+    float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(no_dropout, batch["label"]))), rel=1e-3)

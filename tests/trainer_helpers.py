@@ -36,9 +36,29 @@ class NoBNNet(nn.Module):
     return TernaryDense(self.num_classes, quantizer=self.quantizer, name="head")(x)
 
 
+class DropoutNet(nn.Module):
+  """dense -> relu -> dropout(0.5) -> dense: a model whose training step needs a dropout key."""
+
+  num_classes: int
+  quantizer: str = "tga"
+  per_channel: bool = False
+  ternary_first: bool = True
+  ternary_last: bool = True
+  dtype: object = jnp.float32
+  bn_axis_name: str | None = None  # no BatchNorm: accepted and unused
+  bn_unbiased_running_var: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(TernaryDense(32, quantizer=self.quantizer, name="hidden")(x.reshape((x.shape[0], -1))))
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    return TernaryDense(self.num_classes, quantizer=self.quantizer, name="head")(x)
+
+
 models.register("tiny_cnn", SmallCNN, widths=(4, 8))
 models.register("tiny_cnn_wide", SmallCNN, widths=(4, 6))
 models.register("nobn", NoBNNet)
+models.register("dropout_net", DropoutNet)
 # BatchNorm without max-pooling: ternary kernels on uint8 images give exactly tied activations,
 # and max-pooling then routes the gradient by last-bit rounding (a subgradient choice).
 models.register("tiny_resnet", CifarResNet, depth=8, width=4)
