@@ -379,3 +379,12 @@ def test_dropout_draws_a_fresh_key_from_the_state_every_step():
   no_dropout = model.apply({"params": state.params}, batch["image"], train=False)
   assert float(metrics["threshold_pass_loss"]) != pytest.approx(
     float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(no_dropout, batch["label"]))), rel=1e-3)
+
+
+def test_init_from_a_pth_when_torch_is_installed(tmp_path):
+  torch = pytest.importorskip("torch")
+  npz, sd = _torchvision_npz(tmp_path)
+  pth = tmp_path / "resnet18.pth"
+  torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, pth)
+  jax.tree.map(np.testing.assert_array_equal, train_lib.load_fp_variables(str(pth), "resnet18"),
+               train_lib.load_fp_variables(npz, "resnet18"))
