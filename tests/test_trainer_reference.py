@@ -55,10 +55,10 @@ def config_from_meta(meta: dict) -> Config:
   if weights["name"] == "adam":
     assert (tuple(weights["betas"]), weights["eps"], weights["amsgrad"]) == ((0.9, 0.999), 1e-8, False), weights
   else:
-    assert weights["dampening"] == 0 and weights["momentum"] == recipe["momentum"], weights
-    assert weights["nesterov"] == thresholds["nesterov"], (weights, thresholds)
-  assert weights["weight_decay_kind"].startswith("coupled"), weights
-  assert thresholds["name"] == "sgd" or thresholds["name"] == "adam", thresholds
+    assert weights.get("dampening", 0) == 0 and weights["momentum"] == recipe["momentum"], weights
+    assert weights.get("nesterov", True) == thresholds.get("nesterov", True), (weights, thresholds)
+  assert weights.get("weight_decay_kind", "coupled").startswith("coupled"), weights
+  assert thresholds["name"] in ("sgd", "adam"), thresholds
   assert thresholds.get("dampening", 0) == 0 and thresholds.get("grad_clip_before_weight_decay", True)
   assert meta["update"] == "sequential" and meta["dtype"] == "float64", meta
   assert recipe["arch"] == meta["arch"] and recipe["batch"] == meta["batch"] and recipe["steps"] == meta["steps"]
