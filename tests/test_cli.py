@@ -27,6 +27,7 @@ def _run(*args, timeout=240):
                         capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_help_lists_every_option_with_its_default():
   out = _run("--help").stdout
   for field in dataclasses.fields(configs.Config):
@@ -46,6 +47,7 @@ def test_preset_and_explicit_flags_override():
   assert configs.from_args(["--num-classes", "1000"]).num_classes == 1000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
   (["--arch", "nope"], "unknown arch 'nope'"),
   (["--dataset", "nope"], "unknown dataset 'nope'"),
@@ -79,6 +81,7 @@ def test_init_from_another_architecture_is_a_one_line_error(tmp_path, capsys):
   assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_cleanly_and_the_same_command_resumes(tmp_path):
   cmd = [sys.executable, os.path.join(REPO, "train.py"), *SYNTH, "--epochs", "1000", "--log-every", "1",
          "--workdir", str(tmp_path)]
@@ -102,6 +105,7 @@ def test_sigterm_saves_exits_cleanly_and_the_same_command_resumes(tmp_path):
   assert json.loads((tmp_path / "summary.json").read_text())["steps"] == summary["steps"] + 1
 
 
+@pytest.mark.slow
 def test_the_demo_command_runs_and_prints_the_table(tmp_path):
   result = _run("--max-steps", "3", "--workdir", str(tmp_path), timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import tgq_jax
-from tgq_jax.layers import (TernaryConv, TernaryDense, layer_stats, quantized_layers, reinit_thresholds,
-                            threshold_pass)
+from tgq_jax.layers import (BatchNorm, TernaryConv, TernaryDense, layer_stats, quantized_layers,
+                            reinit_thresholds, threshold_pass)
 from tgq_jax.quantizers import get_quantizer
 
 KEY = jax.random.key(0)
@@ -205,3 +205,47 @@ def test_threshold_pass_same_output_same_threshold_gradients_no_kernel_gradients
     assert split_jaxpr.count("conv_general_dilated") == 6
   finally:
     jax.config.update("jax_enable_x64", False)
+
+
+# --- BatchNorm ---------------------------------------------------------------
+
+
+def _running_var_after_one_update(x, **kw):
+  bn = BatchNorm(use_running_average=False, momentum=0.9, **kw)
+  variables = bn.init(KEY, x)
+  _, state = bn.apply(variables, x, mutable=["batch_stats"])
+  return bn, variables, np.asarray(state["batch_stats"]["var"])
+
+
+def test_batchnorm_running_variance_biased_or_unbiased():
+  x = 1.0 + 2.0 * jax.random.normal(jax.random.key(3), (2, 3, 3, 4))
+  flat = np.asarray(x, np.float64).reshape(-1, 4)  # n = 18 values per channel
+  _, _, biased = _running_var_after_one_update(x)
+  _, _, unbiased = _running_var_after_one_update(x, unbiased_running_var=True)
+  np.testing.assert_allclose(biased, 0.9 + 0.1 * flat.var(0), rtol=1e-6)  # flax's rule
+  np.testing.assert_allclose(unbiased, 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-6)  # torch's rule
+  # Normalization is the same either way (torch normalizes with the biased variance too).
+  bn, variables, _ = _running_var_after_one_update(x)
+  y_flax = bn.apply(variables, x, mutable=["batch_stats"])[0]
+  y_torch = BatchNorm(use_running_average=False, momentum=0.9, unbiased_running_var=True).apply(
+    variables, x, mutable=["batch_stats"])[0]
+  np.testing.assert_array_equal(y_flax, y_torch)
+
+
+def test_batchnorm_cross_device_statistics_count_every_device():
+  # Four shards of a batch, mapped over 4 devices with axis_name: the global batch's statistics.
+  x = 1.0 + 2.0 * jax.random.normal(jax.random.key(4), (8, 3, 3, 2))
+  flat = np.asarray(x, np.float64).reshape(-1, 2)
+  bn = BatchNorm(use_running_average=False, momentum=0.9, axis_name="d", unbiased_running_var=True)
+  variables = bn.init(KEY, x)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("d",))
+  P = jax.sharding.PartitionSpec
+  fn = jax.shard_map(lambda v, x: bn.apply(v, x, mutable=["batch_stats"]), mesh=mesh,
+                     in_specs=(P(), P("d")), out_specs=(P("d"), P()), check_vma=False)
+  y, state = jax.jit(fn)(variables, x)
+  np.testing.assert_allclose(state["batch_stats"]["mean"], 0.1 * flat.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(state["batch_stats"]["var"], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
+  expected = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5)
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, 2), expected, rtol=1e-4, atol=1e-5)
+  # Outside a mapping, initialization and evaluation mode need no axis.
+  assert BatchNorm(use_running_average=True, axis_name="d").apply(variables, x).shape == x.shape

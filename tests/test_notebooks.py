@@ -8,6 +8,7 @@ import pytest
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 sys.path.insert(0, str(NOTEBOOKS))
+from build_notebooks import NOTEBOOKS as BUILDERS  # noqa: E402
 from run_notebooks import execute  # noqa: E402
 
 # Papermill-style: a cell injected after the one tagged "parameters".
@@ -24,6 +25,7 @@ def _with_parameters(notebook, source):
   raise AssertionError("the notebook has no cell tagged 'parameters'")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_train.ipynb"])
 def test_notebook_runs(name, tmp_path, monkeypatch):
   # The kernel must import this checkout's tgq_jax, and see one CPU device like a reader's machine.
@@ -39,3 +41,12 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     assert "tga: test accuracy" in outputs and "identical logits: True" in outputs
   else:
     assert "distinct effective kernel values: 3" in outputs
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_committed_notebooks_are_what_build_notebooks_writes(name):
+  """Cell for cell (type and source): the .ipynb files are outputs of notebooks/build_notebooks.py."""
+  committed = nbformat.read(NOTEBOOKS / name, as_version=4)
+  built = BUILDERS[name]()
+  cells = lambda nb: [(c.cell_type, c.source) for c in nb.cells]
+  assert cells(committed) == cells(built), f"re-run python notebooks/build_notebooks.py ({name} is stale)"

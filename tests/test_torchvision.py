@@ -1,8 +1,7 @@
 """torchvision checkpoints -> flax variables, and FP -> ternary initialization.
 
 No torch: the state dicts are fakes built with numpy from torchvision's
-ResNet structure, written out here independently of our flax modules, so a
-naming or layout slip on either side shows up as a mismatch.
+ResNet structure (tests/torchvision_helpers.py).
 """
 import functools
 import re
@@ -17,63 +16,7 @@ from tgq_jax.models import create_model
 from tgq_jax.models.resnet import ResNet
 from tgq_jax.layers import init_ternary_from_fp
 from tgq_jax.models.torchvision import convert_state_dict, load_torchvision_weights
-from tgq_jax.quantizers import get_quantizer
-
-_TV_LAYERS = {"resnet18": ((2, 2, 2, 2), False), "resnet34": ((3, 4, 6, 3), False),
-              "resnet50": ((3, 4, 6, 3), True)}
-
-
-def torchvision_resnet_shapes(arch: str, num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
-  """Key -> shape of ``torchvision.models.<arch>().state_dict()``, from torchvision's resnet.py."""
-  layers, bottleneck = _TV_LAYERS[arch]
-  expansion = 4 if bottleneck else 1
-  shapes = {}
-
-  def bn(prefix, c):
-    for name in ("weight", "bias", "running_mean", "running_var"):
-      shapes[f"{prefix}.{name}"] = (c,)
-    shapes[f"{prefix}.num_batches_tracked"] = ()
-
-  shapes["conv1.weight"] = (64, 3, 7, 7)
-  bn("bn1", 64)
-  inplanes = 64
-  for i, blocks in enumerate(layers):
-    planes = 64 * 2**i
-    for j in range(blocks):
-      stride = 2 if i > 0 and j == 0 else 1
-      p = f"layer{i + 1}.{j}"
-      if bottleneck:
-        shapes[f"{p}.conv1.weight"] = (planes, inplanes, 1, 1)
-        bn(f"{p}.bn1", planes)
-        shapes[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
-        bn(f"{p}.bn2", planes)
-        shapes[f"{p}.conv3.weight"] = (planes * 4, planes, 1, 1)
-        bn(f"{p}.bn3", planes * 4)
-      else:
-        shapes[f"{p}.conv1.weight"] = (planes, inplanes, 3, 3)
-        bn(f"{p}.bn1", planes)
-        shapes[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
-        bn(f"{p}.bn2", planes)
-      if stride != 1 or inplanes != planes * expansion:
-        shapes[f"{p}.downsample.0.weight"] = (planes * expansion, inplanes, 1, 1)
-        bn(f"{p}.downsample.1", planes * expansion)
-      inplanes = planes * expansion
-  shapes["fc.weight"] = (num_classes, 512 * expansion)
-  shapes["fc.bias"] = (num_classes,)
-  return shapes
-
-
-def fake_state_dict(arch: str, seed: int = 0, num_classes: int = 1000) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(seed)
-  sd = {}
-  for key, shape in torchvision_resnet_shapes(arch, num_classes).items():
-    if key.endswith("num_batches_tracked"):
-      sd[key] = np.array(7, np.int64)
-    elif key.endswith("running_var"):
-      sd[key] = rng.uniform(0.5, 2.0, shape).astype(np.float32)  # positive, as variances are
-    else:
-      sd[key] = rng.standard_normal(shape, dtype=np.float32) * 0.1
-  return sd
+from torchvision_helpers import fake_state_dict, torchvision_resnet_shapes
 
 
 def _init(model, image_shape, seed=0):
@@ -269,3 +212,21 @@ def test_init_ternary_mismatch():
     init_ternary_from_fp(create_model("resnet20", 10), fp32, (8, 8, 3))
   with pytest.raises(ValueError, match=re.escape("params/fc/kernel: got (64, 10), expected (64, 7)")):
     init_ternary_from_fp(create_model("resnet20", 7), fp, (8, 8, 3))
+
+
+def test_float64_stays_float64_under_x64():
+  """A float64 state dict converts, initializes and computes in float64 (no float32 rounding)."""
+  sd = {k: v.astype(np.float64) for k, v in fake_state_dict("resnet18", seed=5, num_classes=10).items()}
+  with jax.enable_x64(True):
+    fp = convert_state_dict(sd, "resnet18")
+    assert {leaf.dtype for leaf in jax.tree.leaves(fp)} == {np.dtype(np.float64)}
+    np.testing.assert_array_equal(fp["params"]["layer1_0"]["conv2"]["kernel"],
+                                  sd["layer1.0.conv2.weight"].transpose(2, 3, 1, 0))
+    model = create_model("resnet18", 10, quantizer="tga", dtype=jnp.float64)
+    ternary = init_ternary_from_fp(model, fp, (32, 32, 3))
+    assert {leaf.dtype for leaf in jax.tree.leaves(ternary)} == {np.dtype(np.float64)}
+    np.testing.assert_array_equal(ternary["params"]["fc"]["delta"], 0.05 * np.abs(sd["fc.weight"]).max())
+    logits = jax.jit(functools.partial(model.apply, train=False))(ternary, jnp.ones((1, 32, 32, 3)))
+    assert logits.dtype == np.float64
+  # Without x64 the same state dict gives float32, as before.
+  assert {leaf.dtype for leaf in jax.tree.leaves(convert_state_dict(sd, "resnet18"))} == {np.dtype(np.float32)}

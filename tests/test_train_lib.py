@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import chex
 import flax.linen as nn
@@ -12,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from torchvision_helpers import fake_state_dict
 from trainer_helpers import build, mesh_of, quick, run_steps, synthetic_batches
 from tgq_jax import checkpoints, data, ternarize, train_lib
 from tgq_jax.configs import Config
@@ -226,20 +228,42 @@ def test_eval_only_reproduces_the_final_test_accuracy(tmp_path):
   assert again["steps"] == 2 and again["test_accuracy"] == trained["test_accuracy"]
 
 
-def test_half_precision_runs_with_float32_params(tmp_path):
-  summary = train_lib.train_and_evaluate(quick(tmp_path, max_steps=2, half_precision=True), verbose=False)
+def test_half_precision_computes_in_bfloat16_with_float32_params(tmp_path):
+  cfg = quick(tmp_path, max_steps=2, half_precision=True)
+  _, model, _, _ = train_lib.setup(cfg)
+  assert model.dtype == jnp.bfloat16
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 1)), train=False)
+  logits, state = model.apply(variables, jnp.ones((2, 28, 28, 1)), train=False, capture_intermediates=True,
+                              mutable=["intermediates"])
+  inter = state["intermediates"]
+  assert inter["conv0"]["__call__"][0].dtype == jnp.bfloat16  # the convolutions run in bfloat16
+  assert inter["bn1"]["__call__"][0].dtype == jnp.bfloat16
+  assert logits.dtype == jnp.float32  # logits (and the loss) in float32
+  summary = train_lib.train_and_evaluate(cfg, verbose=False)
   assert np.isfinite(summary["test_metrics"]["loss"])
   params = checkpoints.load_variables(str(tmp_path))["params"]
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
 
 
-def test_top5_is_reported_beyond_ten_classes():
+def test_top5_against_an_independent_count():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(64, 20)).astype(np.float32)
+  labels = rng.integers(0, 20, 64)
+  metrics = train_lib._metrics(jnp.asarray(logits), jnp.asarray(labels), 20)
+  beaten_by = (logits > logits[np.arange(64), labels][:, None]).sum(axis=1)  # classes scoring above the label
+  np.testing.assert_array_equal(metrics["accuracy"], beaten_by == 0)
+  np.testing.assert_array_equal(metrics["top5_accuracy"], beaten_by < 5)
+  assert np.mean(beaten_by < 5) > np.mean(beaten_by == 0) > 0  # a case where they differ
+  assert "top5_accuracy" not in train_lib._metrics(jnp.asarray(logits[:, :10]), jnp.asarray(labels % 10), 10)
+
+
+def test_top5_is_reported_by_the_step_beyond_ten_classes():
   cfg = Config(arch="tiny_cnn")
   *_, state, train_fn, _ = build(cfg, num_classes=20)
   batch = _batches(1)[0]
   step = train_lib.parallel.map_step(train_fn, mesh_of(1), "shard_map")
   _, metrics = step(state, train_lib.parallel.put_batch(batch, mesh_of(1), "shard_map"))
-  assert 0.0 <= float(metrics["top5_accuracy"]) <= 1.0
+  assert float(metrics["accuracy"]) <= float(metrics["top5_accuracy"]) <= 1.0
 
 
 def test_a_workdir_of_another_configuration_is_a_clear_error(tmp_path):
@@ -260,3 +284,107 @@ def test_train_rows_log_the_threshold_trajectories(tmp_path):
   for name, value in train_rows[-1]["delta"].items():
     assert value == pytest.approx(float(abs(final[name]["delta"])), rel=1e-6)
   assert train_rows[0]["delta"] != train_rows[-1]["delta"]  # the thresholds do train
+
+
+# --- --init-from a torchvision state dict ---------------------------------------
+
+
+def _torchvision_npz(tmp_path, arch="resnet18", num_classes=10):
+  path = tmp_path / f"{arch}.npz"
+  sd = fake_state_dict(arch, seed=3, num_classes=num_classes)
+  np.savez(path, **sd)  # what docs/torchvision.md's one-liner writes
+  return str(path), sd
+
+
+def _resnet18_cfg(tmp_path, init_from, **kw):
+  return Config(arch="resnet18", dataset="synthetic", image_shape=(32, 32, 3), num_classes=10, num_train=8,
+                num_test=8, batch_size=4, eval_batch_size=8, workdir=str(tmp_path / "run"), init_from=init_from,
+                log_every=1, **kw)
+
+
+def test_init_from_a_torchvision_npz_loads_it_and_reinitializes_the_thresholds(tmp_path):
+  path, sd = _torchvision_npz(tmp_path)
+  cfg = _resnet18_cfg(tmp_path, path)
+  model, _, _, tx_thr, tx_w, state, _, _ = build(cfg, image_shape=(32, 32, 3))
+  new = train_lib.init_from_checkpoint(state, path, model, (32, 32, 3), tx_thr, tx_w, arch="resnet18")
+  p, s = new.params, new.batch_stats
+  np.testing.assert_array_equal(p["layer2_0"]["downsample_conv"]["kernel"],
+                                sd["layer2.0.downsample.0.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(p["fc"]["kernel"], sd["fc.weight"].T)
+  np.testing.assert_array_equal(s["layer3_1"]["bn2"]["var"], sd["layer3.1.bn2.running_var"])
+  for module, key in (("conv1", "conv1.weight"), ("fc", "fc.weight")):  # first and last ternary too
+    np.testing.assert_allclose(p[module]["delta"], 0.05 * np.abs(sd[key]).max(), rtol=1e-6)
+  np.testing.assert_allclose(p["layer4_1"]["conv2"]["delta"], 0.05 * np.abs(sd["layer4.1.conv2.weight"]).max(),
+                             rtol=1e-6)
+  # The whole flow, as `train.py --config imagenet_resnet18 --init-from resnet18.npz ...` runs it.
+  summary = train_lib.train_and_evaluate(dataclasses.replace(cfg, max_steps=1), verbose=False)
+  assert summary["steps"] == 1 and np.isfinite(summary["test_metrics"]["loss"])
+
+
+def test_init_from_torchvision_errors(tmp_path):
+  path34, _ = _torchvision_npz(tmp_path, "resnet34")
+  with pytest.raises(checkpoints.CheckpointError, match=r"--init-from: .*does not match torchvision resnet18"):
+    train_lib.load_fp_variables(path34, "resnet18")
+  with pytest.raises(checkpoints.CheckpointError, match="no such torchvision state dict file"):
+    train_lib.check_init_from(str(tmp_path / "missing.npz"))
+  path, _ = _torchvision_npz(tmp_path, num_classes=1000)
+  model, _, _, tx_thr, tx_w, state, _, _ = build(_resnet18_cfg(tmp_path, path), image_shape=(32, 32, 3))
+  with pytest.raises(checkpoints.CheckpointError, match=r"another architecture.*fc/kernel: got \(512, 1000\)"):
+    train_lib.init_from_checkpoint(state, path, model, (32, 32, 3), tx_thr, tx_w, arch="resnet18")
+
+
+def test_init_from_a_pth_needs_torch(tmp_path, monkeypatch):
+  pth = tmp_path / "resnet18.pth"
+  pth.write_bytes(b"not read")
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError, installed or not
+  with pytest.raises(checkpoints.CheckpointError, match=r"(?s)needs torch.*np\.savez"):
+    train_lib.load_fp_variables(str(pth), "resnet18")
+
+
+@pytest.mark.parametrize("preset, expected", [
+  ("imagenet_resnet18", ("adam", 1e-4, 5e-6, ("sgd", 1e-4, 0.0))),
+  ("imagenet_resnet34", ("adam", 1e-4, 5e-6, ("sgd", 1e-4, 0.0))),
+  ("imagenet_resnet50", ("adam", 1e-4, 5e-6, ("sgd", 1e-4, 0.0))),
+  ("cifar10_resnet20", ("sgd", 0.1, 1e-4, ("sgd", 0.1, 1e-4))),
+  ("cifar10_resnet56", ("sgd", 0.1, 1e-4, ("sgd", 0.1, 1e-4))),
+  ("demo", ("adam", 5e-3, 0.0, ("sgd", 5e-3, 0.0))),
+])
+def test_presets_follow_the_authors_optimizer_pairs(preset, expected):
+  """main_dc.py: Adam weights -> Nesterov SGD thresholds without decay; SGD -> the same SGD for both."""
+  from tgq_jax import configs
+  cfg = configs.from_args(["--config", preset])
+  assert (cfg.optimizer, cfg.lr, cfg.weight_decay, train_lib.threshold_recipe(cfg)) == expected
+  assert (cfg.momentum, cfg.nesterov, cfg.threshold_grad_clip) == (0.9, True, 0.001)
+
+
+def test_dropout_draws_a_fresh_key_from_the_state_every_step():
+  cfg = Config(arch="dropout_net", optimizer="sgd", lr=0.1)
+  model, *_, state, train_fn, _ = build(cfg)
+  batch = _batches(1)[0]
+  step = train_lib.parallel.map_step(train_fn, mesh_of(1), "shard_map")
+  put = lambda b: train_lib.parallel.put_batch(b, mesh_of(1), "shard_map")
+  new, metrics = step(state, put(batch))
+  # The key the step documents: split off TrainState.rng, folded with the device index (0 here).
+  next_rng, dropout_rng = train_lib.step_rngs(state.rng)
+  np.testing.assert_array_equal(new.rng, next_rng)
+  assert not np.array_equal(new.rng, state.rng)
+
+  def loss(key):
+    logits = model.apply({"params": state.params}, batch["image"], train=True, rngs={"dropout": key})
+    return float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])))
+
+  # Pass 1 runs at the step's starting params, so its loss is reproducible from outside.
+  assert float(metrics["threshold_pass_loss"]) == pytest.approx(loss(jax.random.fold_in(dropout_rng, 0)), rel=1e-6)
+  assert loss(jax.random.fold_in(dropout_rng, 0)) != pytest.approx(loss(jax.random.fold_in(next_rng, 0)), rel=1e-3)
+  no_dropout = model.apply({"params": state.params}, batch["image"], train=False)
+  assert float(metrics["threshold_pass_loss"]) != pytest.approx(
+    float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(no_dropout, batch["label"]))), rel=1e-3)
+
+
+def test_init_from_a_pth_when_torch_is_installed(tmp_path):
+  torch = pytest.importorskip("torch")
+  npz, sd = _torchvision_npz(tmp_path)
+  pth = tmp_path / "resnet18.pth"
+  torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, pth)
+  jax.tree.map(np.testing.assert_array_equal, train_lib.load_fp_variables(str(pth), "resnet18"),
+               train_lib.load_fp_variables(npz, "resnet18"))

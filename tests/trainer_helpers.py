@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 from tgq_jax import data, models, parallel, train_lib
 from tgq_jax.configs import Config
 from tgq_jax.layers import TernaryConv, TernaryDense, quantized_layers
+from tgq_jax.models.resnet import CifarResNet
 from tgq_jax.models.small_cnn import SmallCNN
 
 
@@ -25,6 +26,8 @@ class NoBNNet(nn.Module):
   ternary_first: bool = True
   ternary_last: bool = True
   dtype: object = jnp.float32
+  bn_axis_name: str | None = None  # no BatchNorm: accepted and unused
+  bn_unbiased_running_var: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -33,9 +36,32 @@ class NoBNNet(nn.Module):
     return TernaryDense(self.num_classes, quantizer=self.quantizer, name="head")(x)
 
 
+class DropoutNet(nn.Module):
+  """dense -> relu -> dropout(0.5) -> dense: a model whose training step needs a dropout key."""
+
+  num_classes: int
+  quantizer: str = "tga"
+  per_channel: bool = False
+  ternary_first: bool = True
+  ternary_last: bool = True
+  dtype: object = jnp.float32
+  bn_axis_name: str | None = None  # no BatchNorm: accepted and unused
+  bn_unbiased_running_var: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(TernaryDense(32, quantizer=self.quantizer, name="hidden")(x.reshape((x.shape[0], -1))))
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    return TernaryDense(self.num_classes, quantizer=self.quantizer, name="head")(x)
+
+
 models.register("tiny_cnn", SmallCNN, widths=(4, 8))
 models.register("tiny_cnn_wide", SmallCNN, widths=(4, 6))
 models.register("nobn", NoBNNet)
+models.register("dropout_net", DropoutNet)
+# BatchNorm without max-pooling: ternary kernels on uint8 images give exactly tied activations,
+# and max-pooling then routes the gradient by last-bit rounding (a subgradient choice).
+models.register("tiny_resnet", CifarResNet, depth=8, width=4)
 
 SYNTH = dict(image_shape=(28, 28, 1), num_train=512, num_test=128)
 SYNTH_ARGS = ["--dataset", "synthetic", "--image-shape", "28", "28", "1", "--num-train", "512",
@@ -44,8 +70,9 @@ QUICK = Config(arch="tiny_cnn", dataset="synthetic", batch_size=32, eval_batch_s
                log_every=1, optimizer="sgd", lr=0.05, threshold_lr=0.01, **SYNTH)
 
 
-def synthetic_batches(n: int, batch_size: int = 32, seed: int = 0) -> list[dict]:
-  it = data.get_dataset("synthetic", **SYNTH).train_iterator(global_batch_size=batch_size, seed=seed)
+def synthetic_batches(n: int, batch_size: int = 32, seed: int = 0, image_shape=None) -> list[dict]:
+  kw = SYNTH if image_shape is None else {**SYNTH, "image_shape": image_shape}
+  it = data.get_dataset("synthetic", **kw).train_iterator(global_batch_size=batch_size, seed=seed)
   return [next(it) for _ in range(n)]
 
 
@@ -57,15 +84,21 @@ def mesh_of(n: int) -> Mesh:
   return Mesh(np.asarray(jax.devices()[:n]), (parallel.AXIS,))
 
 
-def build(cfg: Config, num_classes: int = 10, image_shape=(28, 28, 1), steps_per_epoch: int = 16):
-  """(model, layers, labels, tx_thr, tx_w, state, train_fn, eval_fn) with per-device step functions."""
-  model = models.create_model(cfg.arch, num_classes, quantizer=cfg.quantizer)
+def build(cfg: Config, num_classes: int = 10, image_shape=(28, 28, 1), steps_per_epoch: int = 16, dtype=None):
+  """(model, layers, labels, tx_thr, tx_w, state, train_fn, eval_fn) with per-device step functions.
+
+  ``dtype=jnp.float64`` (inside ``jax.enable_x64(True)``): the model computes in float64 and every
+  float leaf of the state is float64.
+  """
+  model = train_lib.make_model(cfg, num_classes, dtype)
   layers = quantized_layers(model, jnp.zeros((1, *image_shape)), train=False)
   params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                           jnp.zeros((1, *image_shape)))["params"]
   labels = train_lib.param_labels(params, layers)
   tx_thr, tx_w, _ = train_lib.make_optimizers(cfg, labels, steps_per_epoch)
   state = train_lib.create_state(model, image_shape, tx_thr, tx_w, cfg.seed)
+  if dtype is not None:
+    state = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
   train_fn, eval_fn = train_lib.make_step_fns(model, tx_thr, tx_w, labels, cfg, num_classes,
                                               bool(train_lib.threshold_names(layers)))
   return model, layers, labels, tx_thr, tx_w, state, train_fn, eval_fn

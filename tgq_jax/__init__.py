@@ -8,7 +8,7 @@ was imported.
 from tgq_jax import ternarize as _ternarize_module
 from tgq_jax.ternarize import TernaryParts, dequantize, init_params, ternary_parts
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
 ternarize = _ternarize_module.ternarize
 # `import tgq_jax.ternarize as T` binds the function (the package attribute), so

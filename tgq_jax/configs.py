@@ -56,8 +56,17 @@ class Config:
   threshold_lr: float | None = None  # None: --lr (the same schedule shape in any case)
   threshold_weight_decay: float | None = None  # None: the pairing's (sgd: --weight-decay; adam: 0)
   threshold_grad_clip: float = 0.001  # the reference clamps delta's gradient to +-0.001
+  # BatchNorm. Training-mode statistics over the global batch (all devices: a step does not
+  # depend on the device count), or each device's own shard (--no-bn-cross-device: torch
+  # DataParallel's behaviour, one all-reduce less per BN layer).
+  bn_cross_device: bool = True
+  # Running statistics: "once" per step (the second pass's batch, biased variance: flax's rule),
+  # or "authors" (both passes of a sequential step, unbiased variance: the reference's torch rule).
+  bn_running_stats: str = "once"  # once | authors
   # initialization / modes
-  init_from: str | None = None  # full-precision checkpoint (workdir or checkpoint dir)
+  # Full-precision start: a checkpoint of this trainer (workdir or checkpoint dir), or a
+  # torchvision state dict of --arch resnet18/34/50 (.npz; .pth/.pt when torch is installed).
+  init_from: str | None = None
   eval_only: bool = False
   half_precision: bool = False  # bf16 activations; parameters and statistics stay float32
   parallel: str = "shard_map"  # shard_map | pmap
@@ -103,6 +112,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
   "update": ("sequential", "joint"), "optimizer": ("sgd", "adam"),
   "threshold_optimizer": ("auto", "sgd", "adam"), "lr_schedule": ("step", "cosine"),
+  "bn_running_stats": ("once", "authors"),
   "parallel": ("shard_map", "pmap"), "quantizer": QUANTIZERS,
 }
 

@@ -198,6 +198,48 @@ class TernaryConv(_QuantizedKernel, nn.Conv):
       return super().__call__(inputs)
 
 
+def output_dtype(dtype: Any) -> jnp.dtype:
+  """A model's logits dtype: float32 at least (bfloat16 models give float32 logits); float64 stays."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+class BatchNorm(nn.BatchNorm):
+  """``nn.BatchNorm`` that can also keep torch's running variance.
+
+  Attributes (beyond ``nn.BatchNorm``'s):
+    unbiased_running_var: fold the *unbiased* batch variance (``n / (n - 1)``
+      times the biased one, ``n`` the number of values per channel over the
+      whole batch, all devices of ``axis_name`` included) into the running
+      average, as ``torch.nn.BatchNorm2d`` does. Normalization itself uses the
+      biased variance either way (as torch does too). Default False: flax's
+      rule, the biased variance.
+  """
+
+  unbiased_running_var: bool = False
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    use_ra = nn.module.merge_param("use_running_average", self.use_running_average, use_running_average)
+    correct = self.unbiased_running_var and not use_ra and not self.is_initializing()
+    old = self.get_variable("batch_stats", "var") if correct else None
+    y = super().__call__(x, use_running_average, mask=mask)
+    if correct and self.is_mutable_collection("batch_stats"):
+      if mask is not None:
+        raise NotImplementedError("BatchNorm: unbiased_running_var with a mask.")
+      n = x.size // np.prod([x.shape[a] for a in _feature_axes(x.ndim, self.axis)])
+      if self.axis_name is not None:
+        n = n * jax.lax.psum(1, self.axis_name)
+      new = self.get_variable("batch_stats", "var")
+      # new = m old + (1 - m) v  with v the biased variance; torch keeps m old + (1 - m) v n / (n - 1),
+      # i.e. new + (1 - m) v / (n - 1) = new + (new - m old) / (n - 1).
+      self.put_variable("batch_stats", "var", new + (new - self.momentum * old) / (n - 1))
+    return y
+
+
+def _feature_axes(ndim: int, axis) -> tuple[int, ...]:
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  return tuple(a % ndim for a in axes)
+
+
 # --- tools over a params tree ------------------------------------------------
 
 
@@ -321,6 +363,19 @@ def _mismatch_problems(missing, unexpected, mismatched, noun: str, shapes: str =
   return problems
 
 
+def as_leaf(value: Any, dtype: Any) -> jax.Array:
+  """``value`` as a leaf of ``dtype``, kept wider when it is a wider float.
+
+  A float64 source stays float64 under ``jax_enable_x64`` (and becomes
+  float32 without it, as every jax array does); float32 or narrower sources
+  become ``dtype``.
+  """
+  source = jnp.result_type(value) if isinstance(value, jax.Array) else np.asarray(value).dtype
+  if jnp.issubdtype(source, jnp.floating) and jnp.issubdtype(dtype, jnp.floating):
+    dtype = jnp.promote_types(source, dtype)
+  return jnp.asarray(value, jax.dtypes.canonicalize_dtype(dtype))
+
+
 def init_ternary_from_fp(model: nn.Module, fp_variables: Mapping, image_shape: tuple[int, ...]) -> dict:
   """Variables for ternary ``model`` from those of its full-precision twin.
 
@@ -368,9 +423,14 @@ def init_ternary_from_fp(model: nn.Module, fp_variables: Mapping, image_shape: t
   if problems:
     raise ValueError("fp_variables do not match the model: " + "; ".join(problems))
 
-  # Copied only once everything matches; placeholders just carry shape and dtype for reinit_thresholds.
-  out = {path: jnp.zeros(target[path].shape, target[path].dtype) if value is None
-         else jnp.asarray(value, target[path].dtype) for path, value in out.items()}
+  # Copied only once everything matches (float64 sources stay float64 under x64); placeholders
+  # just carry shape and dtype for reinit_thresholds: the dtype of their layer's kernel.
+  out = {path: None if value is None else as_leaf(value, target[path].dtype) for path, value in out.items()}
+  for path, value in out.items():
+    if value is None:
+      kernel = out.get((*path[:-1], "kernel"))
+      dtype = target[path].dtype if kernel is None else jnp.promote_types(kernel.dtype, target[path].dtype)
+      out[path] = jnp.zeros(target[path].shape, dtype)
   variables = traverse_util.unflatten_dict(out)
   # Jitted: eager, each quantizer's init dispatches op by op, slow for deep models.
   variables["params"] = jax.jit(lambda params: reinit_thresholds(params, layers))(variables["params"])

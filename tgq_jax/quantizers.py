@@ -217,13 +217,17 @@ def ttq(w: jax.Array, params: Params, *, per_channel: bool = False) -> jax.Array
   return _ttq(wc, jnp.asarray(pos, wc.dtype), jnp.asarray(neg, wc.dtype)).astype(w.dtype)
 
 
-def ttq_init(w: jax.Array, *, per_channel: bool = False, dtype=jnp.float32) -> dict[str, jax.Array]:
-  """Scales initialized to the mean magnitude of the weights on each side of the threshold."""
+def ttq_init(w: jax.Array, *, per_channel: bool = False, dtype=None) -> dict[str, jax.Array]:
+  """Scales initialized to the mean magnitude of the weights on each side of the threshold.
+
+  ``dtype`` defaults to the statistics' dtype (float32; float64 for float64 weights).
+  """
   if per_channel:
     raise ValueError("ttq: per-channel statistics are not supported.")
   wc = _compute(w)
   codes, _ = _ttq_codes(wc)
   mean_where = lambda m: jnp.sum(jnp.where(m, jnp.abs(wc), 0)) / jnp.maximum(jnp.sum(m), 1)
+  dtype = wc.dtype if dtype is None else dtype
   return {"pos_scale": mean_where(codes > 0).astype(dtype), "neg_scale": mean_where(codes < 0).astype(dtype)}
 
 

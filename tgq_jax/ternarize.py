@@ -311,13 +311,17 @@ def ternarize(w: jax.Array, params: Mapping[str, jax.Array], *, per_channel: boo
   return _tga(wc, delta, axes).astype(jnp.result_type(w))
 
 
-def init_params(w: jax.Array, *, per_channel: bool = False, dtype=jnp.float32) -> dict[str, jax.Array]:
-  """The reference initialization ``delta = 0.05 * max|w|`` (per tensor or per channel)."""
+def init_params(w: jax.Array, *, per_channel: bool = False, dtype=None) -> dict[str, jax.Array]:
+  """The reference initialization ``delta = 0.05 * max|w|`` (per tensor or per channel).
+
+  ``dtype`` defaults to the statistics' dtype: float32, or float64 for float64
+  weights (under x64), so a float64 start is not rounded through float32.
+  """
   _check_w(w, per_channel, "init_params")
   w = jnp.asarray(w)
   axes = _reduction_axes(w.ndim, per_channel)
   delta = INIT_FRACTION * jnp.max(jnp.abs(w.astype(_compute_dtype(w.dtype))), axis=axes)
-  return {"delta": delta.astype(dtype)}
+  return {"delta": delta if dtype is None else delta.astype(dtype)}
 
 
 def clip_bound(w: jax.Array, *, per_channel: bool = False) -> jax.Array:

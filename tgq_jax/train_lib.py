@@ -1,8 +1,10 @@
 """The TGA trainer: train state, optimizers, the per-device train/eval steps, and helpers of the loop.
 
 The step functions are *per device* (pmap style): they see their shard of the
-batch and average gradients, BatchNorm statistics and metrics explicitly with
-``lax.pmean(..., "data")``. :func:`tgq_jax.parallel.map_step` maps them over
+batch and average gradients, running statistics and metrics explicitly with
+``lax.pmean(..., "data")``; BatchNorm itself normalizes with the global
+batch's statistics (``Config.bn_cross_device``, default), so a step gives the
+same result on any number of devices. :func:`tgq_jax.parallel.map_step` maps them over
 the devices with ``jax.shard_map`` or ``jax.pmap``. :func:`train_and_evaluate`
 is the loop (``train.py`` and the notebooks call it).
 
@@ -12,10 +14,14 @@ Update rules (He & Fan 2019, Fig. 1):
   forward/backward again with the new thresholds, step the weight optimizer.
 * ``joint``: one forward/backward; both optimizers step on the same gradients.
 
-BatchNorm in sequential mode: both passes start from the same running
-statistics and only the second pass's update is kept, so the running averages
-move once per step (as in joint mode), computed with the thresholds the
-weights are trained with. The first pass's statistics are discarded.
+BatchNorm running statistics (``Config.bn_running_stats``):
+
+* ``once`` (default): both passes start from the same running statistics and
+  only the second pass's update is kept, so the running averages move once per
+  step (as in joint mode), with the thresholds the weights are trained with,
+  and flax's biased batch variance.
+* ``authors``: the reference's torch rule: each pass of a sequential step
+  updates them (twice per step), with the unbiased batch variance.
 """
 from __future__ import annotations
 
@@ -44,7 +50,7 @@ from tgq_jax import checkpoints, parallel
 from tgq_jax import data as data_lib
 from tgq_jax.configs import Config
 from tgq_jax.layers import init_ternary_from_fp, layer_stats, quantized_layers, threshold_pass
-from tgq_jax.models import create_model
+from tgq_jax.models import create_model, load_torchvision_weights
 from tgq_jax.parallel import AXIS
 
 THRESHOLD, WEIGHT = "threshold", "weight"
@@ -141,12 +147,34 @@ def make_optimizers(cfg: Config, labels: Any, steps_per_epoch: int):
   return tx_thr, tx_w, w_lr
 
 
+def make_model(cfg: Config, num_classes: int, dtype: Any = None) -> nn.Module:
+  """The model ``cfg`` trains, as the trainer builds it.
+
+  ``dtype``: the computation dtype; None is the config's (bfloat16 with
+  ``half_precision``, else float32). BatchNorm gets the ``cfg.bn_*`` options:
+  with ``bn_cross_device`` its training-mode statistics are averaged over the
+  data axis, so training-mode calls must run inside the mapped step
+  (evaluation and initialization run anywhere).
+  """
+  if dtype is None:
+    dtype = jnp.bfloat16 if cfg.half_precision else jnp.float32
+  return create_model(cfg.arch, num_classes, quantizer=cfg.quantizer, per_channel=cfg.per_channel,
+                      ternary_first=cfg.ternary_first, ternary_last=cfg.ternary_last, dtype=dtype,
+                      bn_axis_name=AXIS if cfg.bn_cross_device else None,
+                      bn_unbiased_running_var=cfg.bn_running_stats == "authors")
+
+
 def create_state(model: nn.Module, image_shape: tuple[int, ...], tx_thr, tx_w, seed: int) -> TrainState:
   """Initializes the variables and both optimizer states (host-identical on every process)."""
   rng = jax.random.PRNGKey(seed)
   init_rng, rng = jax.random.split(rng)
   variables = jax.jit(functools.partial(model.init, train=False))(
     init_rng, jnp.zeros((1, *image_shape), jnp.float32))
+  return state_from_variables(variables, tx_thr, tx_w, rng)
+
+
+def state_from_variables(variables: Mapping, tx_thr, tx_w, rng: jax.Array) -> TrainState:
+  """Step 0 of training from given variables: fresh optimizer states (e.g. fine-tuning)."""
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     threshold_opt_state=tx_thr.init(params), weight_opt_state=tx_w.init(params), rng=rng)
@@ -169,46 +197,66 @@ def _select(tree: Any, labels: Any, group: str, fn: Callable) -> Any:
   return jax.tree.map(lambda g, lab: fn(g) if lab == group else jnp.zeros_like(g), tree, labels)
 
 
-def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_thr, tx_w, labels: Any,
-               sequential: bool, has_thresholds: bool, num_classes: int) -> tuple[TrainState, dict]:
-  """One per-device training step; call it mapped over the ``"data"`` axis."""
-  pmean = functools.partial(lax.pmean, axis_name=AXIS)
+def step_rngs(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(the state's next key, this step's dropout key) from ``TrainState.rng``."""
+  next_rng, dropout_rng = jax.random.split(rng)
+  return next_rng, dropout_rng
 
-  def loss_fn(params):
-    logits, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
-                                   train=True, mutable=["batch_stats"])
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_thr, tx_w, labels: Any,
+               sequential: bool, has_thresholds: bool, num_classes: int,
+               bn_both_passes: bool = False) -> tuple[TrainState, dict]:
+  """One per-device training step; call it mapped over the ``"data"`` axis.
+
+  ``bn_both_passes`` (sequential update only): the second pass starts from the
+  running statistics the first pass updated, so they move twice per step (the
+  authors' rule); otherwise the first pass's update is dropped.
+  Dropout draws from ``state.rng`` (split every step, folded with the device
+  index so every shard gets its own masks); both passes of a step use the
+  same masks, so they differ only by the threshold update.
+  """
+  pmean = functools.partial(lax.pmean, axis_name=AXIS)
+  next_rng, dropout_rng = step_rngs(state.rng)
+  dropout_rng = jax.random.fold_in(dropout_rng, lax.axis_index(AXIS))
+
+  def loss_fn(params, batch_stats):
+    logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
+                                   train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
     return loss, (logits, new_vars["batch_stats"])
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   params, thr_state = state.params, state.threshold_opt_state
+  extra = {}
   if sequential and has_thresholds:
-    # Pass 1: only the threshold gradients are used (averaged); its BN update is dropped.
-    # threshold_pass: the layers scale their outputs instead of their kernels, so no
-    # kernel gradient is computed in this pass (the same threshold gradients).
+    # Pass 1: only the threshold gradients are used (averaged). threshold_pass: the layers
+    # scale their outputs instead of their kernels, so no kernel gradient is computed here.
     with threshold_pass():
-      _, grads = grad_fn(params)
+      (extra["threshold_pass_loss"], (_, stats)), grads = grad_fn(params, state.batch_stats)
     grads = _select(grads, labels, THRESHOLD, pmean)
     updates, thr_state = tx_thr.update(grads, thr_state, params)
     params = optax.apply_updates(params, updates)
     # Pass 2: with the new thresholds, for the weights.
-    (_, (logits, batch_stats)), grads = grad_fn(params)
+    start = stats if bn_both_passes else state.batch_stats
+    (_, (logits, batch_stats)), grads = grad_fn(params, start)
     grads = _select(grads, labels, WEIGHT, pmean)
     grad_norm = optax.tree.norm(grads)
     updates, w_state = tx_w.update(grads, state.weight_opt_state, params)
     params = optax.apply_updates(params, updates)
   else:
-    (_, (logits, batch_stats)), grads = grad_fn(params)
+    (_, (logits, batch_stats)), grads = grad_fn(params, state.batch_stats)
     grads = pmean(grads)
     grad_norm = optax.tree.norm(grads)
     thr_updates, thr_state = tx_thr.update(grads, thr_state, params)
     w_updates, w_state = tx_w.update(grads, state.weight_opt_state, params)
     params = optax.apply_updates(optax.apply_updates(params, thr_updates), w_updates)
-  metrics = jax.tree.map(jnp.mean, _metrics(logits, batch["label"], num_classes))
+  metrics = {**jax.tree.map(jnp.mean, _metrics(logits, batch["label"], num_classes)), **extra}
   # The NaN guard watches the gradient too: ReLU/max-pool can hide a NaN from the loss.
   metrics["grad_norm"] = grad_norm
+  # With cross-device BatchNorm the running statistics are equal on every device already;
+  # per-device statistics (bn_cross_device=False) are averaged here.
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=pmean(batch_stats),
-                            threshold_opt_state=thr_state, weight_opt_state=w_state)
+                            threshold_opt_state=thr_state, weight_opt_state=w_state, rng=next_rng)
   return new_state, pmean(metrics)
 
 
@@ -225,9 +273,11 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module, num_classes: 
 def make_step_fns(model: nn.Module, tx_thr, tx_w, labels: Any, cfg: Config, num_classes: int,
                   has_thresholds: bool) -> tuple[Callable, Callable]:
   """The per-device (train_step, eval_step) with everything static bound."""
+  if cfg.bn_running_stats not in ("once", "authors"):
+    raise ValueError(f"unknown bn running stats rule {cfg.bn_running_stats!r}; valid: once, authors.")
   train = functools.partial(train_step, model=model, tx_thr=tx_thr, tx_w=tx_w, labels=labels,
                             sequential=cfg.update == "sequential", has_thresholds=has_thresholds,
-                            num_classes=num_classes)
+                            num_classes=num_classes, bn_both_passes=cfg.bn_running_stats == "authors")
   return train, functools.partial(eval_step, model=model, num_classes=num_classes)
 
 
@@ -385,11 +435,9 @@ def setup(cfg: Config):
       raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(choices)}.")
   parallel.check_batch_size(cfg.batch_size)
   if cfg.init_from:
-    checkpoints.resolve(cfg.init_from)  # a missing path fails now, before anything starts
+    check_init_from(cfg.init_from)  # a missing path fails now, before anything starts
   parallel.check_batch_size(cfg.eval_batch_size, "eval batch size")
-  dtype = jnp.bfloat16 if cfg.half_precision else jnp.float32
-  model = create_model(cfg.arch, info.num_classes, quantizer=cfg.quantizer, per_channel=cfg.per_channel,
-                       ternary_first=cfg.ternary_first, ternary_last=cfg.ternary_last, dtype=dtype)
+  model = make_model(cfg, info.num_classes)
   layers = quantized_layers(model, jnp.zeros((1, *info.image_shape)), train=False)
   train_iter = dataset.train_iterator(global_batch_size=cfg.batch_size, seed=cfg.seed, augment=cfg.augment)
   return dataset, model, layers, train_iter
@@ -460,7 +508,7 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
     if verbose and is_main:
       print(f"resuming from step {int(state.step)} in {workdir}")
   elif cfg.init_from:
-    state = init_from_checkpoint(state, cfg.init_from, model, info.image_shape, tx_thr, tx_w)
+    state = init_from_checkpoint(state, cfg.init_from, model, info.image_shape, tx_thr, tx_w, arch=cfg.arch)
   state = parallel.put_state(state, mesh, kind)
 
   writer = MetricsWriter(workdir, enabled=is_main)
@@ -549,14 +597,49 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
   return summary
 
 
+TORCHVISION_SUFFIXES = (".npz", ".pth", ".pt")
+
+
+def is_torchvision_file(path: str) -> bool:
+  """``--init-from`` names a torchvision state dict (a file), not a checkpoint of this trainer."""
+  return os.path.splitext(path)[1].lower() in TORCHVISION_SUFFIXES
+
+
+def check_init_from(path: str) -> None:
+  """Raises CheckpointError (one line) unless ``path`` can be an ``--init-from`` source."""
+  if is_torchvision_file(path):
+    if not os.path.isfile(path):
+      raise checkpoints.CheckpointError(f"--init-from: no such torchvision state dict file: {path}")
+  else:
+    checkpoints.resolve(path)
+
+
+def load_fp_variables(path: str, arch: str) -> dict:
+  """The full-precision variables ``--init-from`` names: a torchvision file or a trainer checkpoint."""
+  if not is_torchvision_file(path):
+    return checkpoints.load_variables(path)
+  try:
+    return load_torchvision_weights(path, arch)
+  except ImportError as e:  # a .pth without torch: the message says how to make a .npz
+    raise checkpoints.CheckpointError(f"--init-from: {e}") from None
+  except ValueError as e:  # another arch, or not a torchvision ResNet state dict
+    raise checkpoints.CheckpointError(f"--init-from: {e}") from None
+
+
 def init_from_checkpoint(state: TrainState, path: str, model: nn.Module, image_shape: tuple[int, ...],
-                         tx_thr, tx_w) -> TrainState:
-  """Loads full-precision weights, re-initializes the thresholds, fresh optimizer states (fine-tuning)."""
-  source = checkpoints.load_variables(path)
+                         tx_thr, tx_w, arch: str | None = None) -> TrainState:
+  """Loads full-precision weights, re-initializes the thresholds, fresh optimizer states (fine-tuning).
+
+  ``path``: a checkpoint of this trainer (workdir, checkpoints dir or step dir) or a torchvision
+  state dict of ``arch`` (``.npz``; ``.pth``/``.pt`` when torch is importable). Thresholds start at
+  ``delta = 0.05 max|w|`` of the loaded kernels, as the authors re-initialize them after loading.
+  """
+  if is_torchvision_file(path) and arch is None:
+    raise ValueError("init_from_checkpoint: a torchvision state dict needs arch=.")
+  source = load_fp_variables(path, arch)
   try:
     variables = init_ternary_from_fp(model, source, image_shape)
   except ValueError as e:
     raise checkpoints.CheckpointError(f"--init-from: checkpoint is of another architecture ({e})") from None
-  params = jax.tree.map(np.asarray, variables["params"])
-  return state.replace(params=params, batch_stats=jax.tree.map(np.asarray, variables.get("batch_stats", {})),
-                       threshold_opt_state=tx_thr.init(params), weight_opt_state=tx_w.init(params))
+  variables = jax.tree.map(np.asarray, variables)
+  return state_from_variables(variables, tx_thr, tx_w, state.rng).replace(step=state.step)

@@ -42,7 +42,14 @@ _ARCHS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
 
 
 def register(name: str, cls: Callable[..., nn.Module], **fixed: Any) -> None:
-  """Adds an architecture to :func:`create_model`."""
+  """Adds an architecture to :func:`create_model`.
+
+  ``cls`` takes every :func:`create_model` keyword (``num_classes``,
+  ``quantizer``, ``per_channel``, ``ternary_first``, ``ternary_last``,
+  ``dtype``, ``bn_axis_name``, ``bn_unbiased_running_var``) plus ``fixed``; a
+  model with BatchNorm passes the two ``bn_*`` ones to
+  :class:`tgq_jax.layers.BatchNorm` (``axis_name=``, ``unbiased_running_var=``).
+  """
   _ARCHS[name] = (cls, fixed)
 
 
@@ -52,7 +59,8 @@ def archs() -> tuple[str, ...]:
 
 def create_model(arch: str, num_classes: int, *, quantizer: str = "tga", per_channel: bool = False,
                  ternary_first: bool = True, ternary_last: bool = True,
-                 dtype: Any = jnp.float32, packed: bool = False) -> nn.Module:
+                 dtype: Any = jnp.float32, packed: bool = False, bn_axis_name: str | None = None,
+                 bn_unbiased_running_var: bool = False) -> nn.Module:
   """Builds ``arch`` with ``num_classes`` outputs.
 
   Args:
@@ -63,7 +71,15 @@ def create_model(arch: str, num_classes: int, *, quantizer: str = "tga", per_cha
     ternary_first: quantize the first conv too (the paper's default) or keep it FP.
     ternary_last: quantize the classifier too (the paper's default) or keep it FP.
     dtype: computation dtype (``jnp.bfloat16`` for mixed precision); parameters
-      and quantizer statistics stay float32.
+      and quantizer statistics stay float32. ``jnp.float64`` (under
+      ``jax_enable_x64``) computes and returns float64.
+    bn_axis_name: BatchNorm statistics in training mode are averaged over this
+      mapped axis (``jax.shard_map``/``jax.pmap``): the global batch's
+      statistics, whatever the device count. Training-mode calls must then run
+      inside the mapping; initialization and evaluation-mode calls work
+      anywhere. None (default): each call's own batch.
+    bn_unbiased_running_var: torch's running-variance rule
+      (:class:`tgq_jax.layers.BatchNorm`); default: flax's biased one.
     packed: the inference form: ternary layers hold 2-bit packed codes and
       scales instead of float kernels (``quantizer`` becomes ``"packed:<quantizer>"``;
       :func:`tgq_jax.export.load_packed` fills its variables).
@@ -77,4 +93,5 @@ def create_model(arch: str, num_classes: int, *, quantizer: str = "tga", per_cha
   get_quantizer(quantizer, per_channel=per_channel)  # validates name and per-channel support
   cls, fixed = _ARCHS[arch]
   return cls(num_classes=num_classes, quantizer=quantizer, per_channel=per_channel,
-             ternary_first=ternary_first, ternary_last=ternary_last, dtype=dtype, **fixed)
+             ternary_first=ternary_first, ternary_last=ternary_last, dtype=dtype, bn_axis_name=bn_axis_name,
+             bn_unbiased_running_var=bn_unbiased_running_var, **fixed)

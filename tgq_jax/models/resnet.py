@@ -16,7 +16,8 @@ no parameters (resnet20 has 269,722 weights at 10 classes, as in the paper's
 0.27M) and nothing to ternarize, so every conv and dense layer that exists is
 a quantized one. Any input size works (28x28x1 Fashion-MNIST included).
 
-BatchNorm (momentum 0.9, i.e. PyTorch's 0.1; epsilon 1e-5) and biases stay
+BatchNorm (momentum 0.9, i.e. PyTorch's 0.1; epsilon 1e-5; statistics over the
+mapped axis ``bn_axis_name`` when set, the trainer's default) and biases stay
 in full precision; every conv and dense kernel goes through ``quantizer``,
 except the first conv / the classifier when ``ternary_first`` /
 ``ternary_last`` is False.
@@ -30,7 +31,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tgq_jax.layers import TernaryConv, TernaryDense
+from tgq_jax.layers import BatchNorm, TernaryConv, TernaryDense, output_dtype
 
 ModuleDef = Any  # a module constructor (a class or a functools.partial of one)
 
@@ -56,8 +57,9 @@ def _factories(model: nn.Module, train: bool, kernel_init) -> tuple[ModuleDef, M
   """The conv and BatchNorm constructors of ``model``'s blocks (the flax examples' pattern)."""
   conv = functools.partial(TernaryConv, use_bias=False, dtype=model.dtype, quantizer=model.quantizer,
                            per_channel=model.per_channel, kernel_init=kernel_init)
-  norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                           dtype=model.dtype)
+  norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                           dtype=model.dtype, axis_name=model.bn_axis_name,
+                           unbiased_running_var=model.bn_unbiased_running_var)
   return conv, norm
 
 
@@ -145,6 +147,8 @@ class ResNet(nn.Module):
   ternary_first: bool = True
   ternary_last: bool = True
   dtype: Any = jnp.float32
+  bn_axis_name: str | None = None  # BatchNorm statistics over this mapped axis (training mode only)
+  bn_unbiased_running_var: bool = False  # torch's running variance (see tgq_jax.layers.BatchNorm)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -163,7 +167,7 @@ class ResNet(nn.Module):
     head_q = self.quantizer if self.ternary_last else "fp"
     x = TernaryDense(self.num_classes, quantizer=head_q, dtype=self.dtype,
                      per_channel=self.per_channel, name="fc")(x)
-    return x.astype(jnp.float32)
+    return x.astype(output_dtype(self.dtype))
 
 
 class CifarResNet(nn.Module):
@@ -178,6 +182,8 @@ class CifarResNet(nn.Module):
   ternary_first: bool = True
   ternary_last: bool = True
   dtype: Any = jnp.float32
+  bn_axis_name: str | None = None  # BatchNorm statistics over this mapped axis (training mode only)
+  bn_unbiased_running_var: bool = False  # torch's running variance (see tgq_jax.layers.BatchNorm)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -197,4 +203,4 @@ class CifarResNet(nn.Module):
     head_q = self.quantizer if self.ternary_last else "fp"
     x = TernaryDense(self.num_classes, quantizer=head_q, dtype=self.dtype, per_channel=self.per_channel,
                      kernel_init=_CIFAR_INIT, name="fc")(x)
-    return x.astype(jnp.float32)
+    return x.astype(output_dtype(self.dtype))

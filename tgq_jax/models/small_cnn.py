@@ -8,7 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tgq_jax.layers import TernaryConv, TernaryDense
+from tgq_jax.layers import BatchNorm, TernaryConv, TernaryDense, output_dtype
 
 
 class SmallCNN(nn.Module):
@@ -21,13 +21,15 @@ class SmallCNN(nn.Module):
   ternary_first: bool = True
   ternary_last: bool = True
   dtype: Any = jnp.float32
+  bn_axis_name: str | None = None  # BatchNorm statistics over this mapped axis (training mode only)
+  bn_unbiased_running_var: bool = False  # torch's running variance (see tgq_jax.layers.BatchNorm)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv = functools.partial(TernaryConv, kernel_size=(3, 3), use_bias=False, dtype=self.dtype,
                              per_channel=self.per_channel)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             dtype=self.dtype)
+    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                             axis_name=self.bn_axis_name, unbiased_running_var=self.bn_unbiased_running_var)
     x = x.astype(self.dtype)
     for i, width in enumerate(self.widths):
       first = i == 0
@@ -40,4 +42,4 @@ class SmallCNN(nn.Module):
     head_quantizer = self.quantizer if self.ternary_last else "fp"
     x = TernaryDense(self.num_classes, quantizer=head_quantizer, dtype=self.dtype,
                      per_channel=self.per_channel, name="head")(x)
-    return x.astype(jnp.float32)
+    return x.astype(output_dtype(self.dtype))

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from tgq_jax.layers import _mismatch_problems
+from tgq_jax.layers import _mismatch_problems, as_leaf
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
@@ -116,8 +116,9 @@ def convert_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict:
 
   Returns:
     ``{"params": ..., "batch_stats": ...}`` as nested dicts of float32 jax
-    arrays. The number of classes comes from ``fc.weight``, the input channels
-    from ``conv1.weight``.
+    arrays (float64 for a float64 state dict under ``jax_enable_x64``). The
+    number of classes comes from ``fc.weight``, the input channels from
+    ``conv1.weight``.
 
   Raises:
     ValueError: unknown ``arch``, or the state dict does not match it leaf for
@@ -154,7 +155,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict:
     raise ValueError(f"convert_state_dict: the state dict does not match torchvision {arch} "
                      f"({num_classes} classes):\n  " + "\n  ".join(problems))
 
-  flat = {path: jnp.asarray(_to_flax(state_dict[sources[path]]), leaf.dtype) for path, leaf in structure.items()}
+  flat = {path: as_leaf(_to_flax(state_dict[sources[path]]), leaf.dtype) for path, leaf in structure.items()}
   return traverse_util.unflatten_dict(flat)
 
 
