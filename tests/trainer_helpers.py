@@ -17,8 +17,8 @@ from tgq_jax.models.resnet import CifarResNet
 from tgq_jax.models.small_cnn import SmallCNN
 
 
-class NoBNNet(nn.Module):
-  """conv -> relu -> mean-pool -> dense, without BatchNorm: data parallel == single device exactly."""
+class _ZooFields(nn.Module):
+  """The constructor arguments create_model passes to every registered model."""
 
   num_classes: int
   quantizer: str = "tga"
@@ -28,6 +28,10 @@ class NoBNNet(nn.Module):
   dtype: object = jnp.float32
   bn_axis_name: str | None = None  # no BatchNorm: accepted and unused
   bn_unbiased_running_var: bool = False
+
+
+class NoBNNet(_ZooFields):
+  """conv -> relu -> mean-pool -> dense, without BatchNorm: data parallel == single device exactly."""
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -36,17 +40,8 @@ class NoBNNet(nn.Module):
     return TernaryDense(self.num_classes, quantizer=self.quantizer, name="head")(x)
 
 
-class DropoutNet(nn.Module):
+class DropoutNet(_ZooFields):
   """dense -> relu -> dropout(0.5) -> dense: a model whose training step needs a dropout key."""
-
-  num_classes: int
-  quantizer: str = "tga"
-  per_channel: bool = False
-  ternary_first: bool = True
-  ternary_last: bool = True
-  dtype: object = jnp.float32
-  bn_axis_name: str | None = None  # no BatchNorm: accepted and unused
-  bn_unbiased_running_var: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
