@@ -362,7 +362,8 @@ def setup(cfg: Config):
       raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(choices)}.")
   parallel.check_batch_size(cfg.batch_size)
   if cfg.init_from:
-    checkpoints.resolve(cfg.init_from)  # a missing path fails now, before anything starts
+    with _init_from_errors():
+      checkpoints.resolve(cfg.init_from)  # a missing path fails now, before anything starts
   parallel.check_batch_size(cfg.eval_batch_size, "eval batch size")
   dtype = jnp.bfloat16 if cfg.half_precision else jnp.float32
   model = create_model(cfg.arch, info.num_classes, quantizer=cfg.quantizer, per_channel=cfg.per_channel,
@@ -431,7 +432,9 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
   cleanup.callback(manager.wait_until_finished)  # (callbacks run last-in first-out)
   extra = {"best_test_accuracy": None, "wall_seconds": 0.0}
   if manager.latest_step() is not None:  # re-running the same command resumes
-    state, restored = checkpoints.restore(manager, to_host(state))
+    # The newest intact checkpoint; damaged newer ones are reported and moved aside.
+    state, restored = checkpoints.restore(manager, to_host(state), quarantine=True,
+                                          report=checkpoints.report_to_stderr if is_main else lambda _: None)
     train_iter.set_state(restored["iterator"])
     extra = {**extra, **restored.get("extra", {})}
     if verbose and is_main:
@@ -526,10 +529,20 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
   return summary
 
 
+@contextlib.contextmanager
+def _init_from_errors():
+  """Prefixes checkpoint errors with the option they came from."""
+  try:
+    yield
+  except checkpoints.CheckpointError as e:
+    raise checkpoints.CheckpointError(f"--init-from: {e}") from None
+
+
 def init_from_checkpoint(state: TrainState, path: str, model: nn.Module, image_shape: tuple[int, ...],
                          tx_thr, tx_w) -> TrainState:
   """Loads full-precision weights, re-initializes the thresholds, fresh optimizer states (fine-tuning)."""
-  source = checkpoints.load_variables(path)
+  with _init_from_errors():
+    source = checkpoints.load_variables(path)
   try:
     variables = init_ternary_from_fp(model, source, image_shape)
   except ValueError as e:
