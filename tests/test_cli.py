@@ -111,3 +111,53 @@ def test_the_demo_command_runs_and_prints_the_table(tmp_path):
   assert summary["steps"] == 3 and summary["config"]["arch"] == "small_cnn"
   assert summary["config"]["update"] == "sequential" and summary["config"]["quantizer"] == "tga"
   assert any(p.startswith("events.out.tfevents") for p in os.listdir(tmp_path / "tensorboard"))
+
+
+# --- every option is checked before any work (issue 12) ----------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+  (["--lr", "-1"], "--lr must be a finite number >= 0 (got -1.0)"),
+  (["--lr", "nan"], "--lr must be a finite number >= 0 (got nan)"),
+  (["--threshold-lr", "inf"], "--threshold-lr must be a finite number >= 0 (got inf)"),
+  (["--epochs", "0"], "--epochs must be an integer >= 1 (got 0)"),
+  (["--epochs", "-1"], "--epochs must be an integer >= 1 (got -1)"),
+  (["--max-steps", "0"], "--max-steps must be an integer >= 1 (got 0)"),
+  (["--threshold-grad-clip", "-1"], "--threshold-grad-clip must be a finite number >= 0 (got -1.0)"),
+  (["--checkpoint-every", "-1"], "--checkpoint-every must be an integer >= 0 (got -1)"),
+  (["--log-every", "0"], "--log-every must be an integer >= 1 (got 0)"),
+  (["--eval-batch-size", "0"], "--eval-batch-size must be an integer >= 1 (got 0)"),
+  (["--batch-size", "-4"], "--batch-size must be an integer >= 1 (got -4)"),
+  (["--keep-checkpoints", "0"], "--keep-checkpoints must be an integer >= 1 (got 0)"),
+  (["--image-shape", "0", "0", "3"], "--image-shape must be three integers >= 1, height width channels (got 0 0 3)"),
+  (["--image-shape", "28", "28"], "--image-shape must be three integers >= 1"),
+  (["--num-train", "0"], "--num-train must be an integer >= 1 (got 0)"),
+  (["--weight-decay=-1e-4"], "--weight-decay must be a finite number >= 0"),
+  (["--momentum", "1.5"], "--momentum must be in [0, 1) (got 1.5)"),
+  (["--seed", "-1"], "--seed must be an integer >= 0 (got -1)"),
+  (["--lr-schedule", "step", "--schedule", "3"], "--schedule (1 epochs) and --gammas (0 factors) must have"),
+  (["--lr-schedule", "step", "--schedule", "3", "--gammas", "0"], "--gammas must be finite factors > 0 (got 0.0)"),
+  (["--num-processes", "2", "--process-id", "2"], "--process-id must be below --num-processes (2; got 2)"),
+])
+def test_impossible_options_are_one_line_errors_at_parse_time(args, message, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    configs.from_args(args)
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+def test_several_impossible_options_are_named_together():
+  with pytest.raises(ValueError, match=r"^--epochs must .*; --log-every must .*$"):
+    configs.Config(epochs=0, log_every=0).validate()
+
+
+def test_every_preset_is_valid():
+  for name, preset in configs.PRESETS.items():
+    assert configs.Config(**preset).validate() == configs.Config(**preset), name
+
+
+def test_the_library_entry_point_validates_too(tmp_path):
+  from tgq_jax import train_lib
+  with pytest.raises(ValueError, match="--log-every must be an integer >= 1"):
+    train_lib.train_and_evaluate(configs.Config(log_every=0, workdir=str(tmp_path / "w")), verbose=False)
+  assert not (tmp_path / "w").exists()  # nothing was done

@@ -352,14 +352,11 @@ class _Preemption:
 
 
 def setup(cfg: Config):
-  """Builds everything a run needs; raises ValueError (one line) on bad options."""
+  """Builds everything a run needs; raises ValueError (one line) on bad options, before any work."""
+  cfg.validate()
   dataset = data_lib.get_dataset(cfg.dataset, data_dir=cfg.data_dir, image_shape=cfg.image_shape or None,
                                  num_classes=cfg.num_classes, num_train=cfg.num_train, num_test=cfg.num_test)
   info = dataset.info
-  for name, value, choices in (("update", cfg.update, ("sequential", "joint")),
-                               ("parallel", cfg.parallel, ("shard_map", "pmap"))):
-    if value not in choices:
-      raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(choices)}.")
   parallel.check_batch_size(cfg.batch_size)
   if cfg.init_from:
     with _init_from_errors():
