@@ -4,7 +4,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -225,3 +227,25 @@ def test_load_variables_leaves_logging_alone(tmp_path):
 def test_uses_only_orbax_public_api():
   source = open(checkpoints.__file__).read()
   assert "_src" not in source
+
+
+def test_a_failed_restore_leaves_no_closed_event_loop_tracebacks(tmp_path, monkeypatch):
+  """orbax closes its event loop when a read fails; tensorstore reads still in flight then raise
+  "Event loop is closed" through sys.unraisablehook (the issue's traceback spam, some runs only)."""
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  monkeypatch.setattr(checkpoints, "_quiet_stragglers_installed", False, raising=False)
+  # Many arrays: many concurrent reads, so some are still in flight when the first one fails.
+  rng = np.random.default_rng(0)
+  many = {"params": {f"layer{i}": {"kernel": rng.normal(size=(64, 64)).astype(np.float32)} for i in range(20)}}
+  manager = checkpoints.make_manager(str(tmp_path))
+  checkpoints.save(manager, 1, many, {"iterator": {}})
+  _truncate(tmp_path / "1")
+  for _ in range(10):
+    with pytest.raises(checkpoints.CorruptCheckpointError, match="cannot be read"):
+      checkpoints.restore(manager, many, step=1)
+  time.sleep(0.5)  # let stragglers land
+  assert not seen
+  other = types.SimpleNamespace(exc_value=ValueError("something else"))
+  sys.unraisablehook(other)
+  assert seen == [other]  # everything else still reaches the previous hook

@@ -150,12 +150,40 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
   return text if len(text) <= limit else text[:limit] + "..."
 
 
+_quiet_stragglers_installed = False
+
+
+def _quiet_closed_loop_stragglers() -> None:
+  """Silences the late "Event loop is closed" errors of a failed orbax restore (installed once, then kept).
+
+  orbax runs each restore in a fresh asyncio loop and closes it when the
+  first read fails; tensorstore reads still in flight complete afterwards and
+  their callbacks raise ``RuntimeError('Event loop is closed')`` through
+  ``sys.unraisablehook``: dozens of tracebacks, at unpredictable times, after
+  the one-line report. Only that exact error is dropped; every other one
+  still reaches the previous hook.
+  """
+  global _quiet_stragglers_installed
+  if _quiet_stragglers_installed:
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    previous(unraisable)
+  sys.unraisablehook = hook
+  _quiet_stragglers_installed = True
+
+
 def _read_record(manager: ocp.CheckpointManager, step: int, where: str) -> dict:
   try:
     record = manager.restore(step, args=ocp.args.Composite(**{INTEGRITY: ocp.args.JsonRestore()}))[INTEGRITY]
     if not isinstance(record, dict) or not isinstance(record.get("arrays"), dict):
       raise ValueError("no checksums in it")
   except Exception as e:  # noqa: BLE001 -- any failure to read it means the checkpoint is damaged
+    _quiet_closed_loop_stragglers()
     raise CorruptCheckpointError(f"checkpoint {where} has no readable integrity record ({_one_line(e)})") from None
   return record
 
@@ -198,6 +226,7 @@ def _restore_verified(manager: ocp.CheckpointManager, step: int, target: Mapping
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**{STATE: state_args, DATA: ocp.args.JsonRestore()}))
   except Exception as e:  # noqa: BLE001 -- missing or unreadable parts (the structure was checked above)
+    _quiet_closed_loop_stragglers()
     raise CorruptCheckpointError(f"checkpoint {where} cannot be read ({_one_line(e)})") from None
   state = jax.tree.map(_host, restored[STATE])
   _verify(record, flat_arrays(state), restored[DATA], where)
