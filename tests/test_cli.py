@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,3 +162,36 @@ def test_the_library_entry_point_validates_too(tmp_path):
   with pytest.raises(ValueError, match="--log-every must be an integer >= 1"):
     train_lib.train_and_evaluate(configs.Config(log_every=0, workdir=str(tmp_path / "w")), verbose=False)
   assert not (tmp_path / "w").exists()  # nothing was done
+
+
+# --- issue 12 from the command line: one line each, no tracebacks ------------------------------
+
+
+def _one_error_line(result, code: int) -> str:
+  assert result.returncode == code, result.stderr[-3000:]
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  return lines[0]
+
+
+@pytest.mark.slow
+def test_a_diverging_run_exits_1_with_one_line_and_saves_nothing(tmp_path):
+  result = _run(*SYNTH, "--lr", "1e6", "--workdir", str(tmp_path))
+  assert re.fullmatch(r"error: training diverged at step 2: loss \S+e\+\d+ is more than 10x its running level "
+                      r"2\.3\d*; stopping \(no checkpoint was written\)\.", _one_error_line(result, 1))
+  assert not [p for p in os.listdir(tmp_path / "checkpoints") if p[0].isdigit()]
+
+
+@pytest.mark.slow
+def test_a_truncated_newest_checkpoint_is_one_warning_and_the_run_resumes_from_the_previous_one(tmp_path):
+  first = _run(*SYNTH, "--max-steps", "4", "--checkpoint-every", "2", "--workdir", str(tmp_path))
+  assert first.returncode == 0, first.stderr[-2000:]
+  arrays = tmp_path / "checkpoints" / "4" / "state" / "ocdbt.process_0" / "d"
+  largest = max((arrays / name for name in os.listdir(arrays)), key=os.path.getsize)
+  os.truncate(largest, os.path.getsize(largest) // 2)
+  again = _run(*SYNTH, "--max-steps", "6", "--checkpoint-every", "2", "--workdir", str(tmp_path))
+  warning = _one_error_line(again, 0)
+  assert warning.startswith(f"warning: checkpoint {tmp_path}/checkpoints/4 cannot be read (")
+  assert warning.endswith("; using the previous one (step 2)") and "Event loop is closed" not in again.stderr
+  assert "resuming from step 2" in again.stdout
+  assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6

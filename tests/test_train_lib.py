@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+import shutil
 
 import chex
 import flax.linen as nn
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,3 +234,136 @@ def test_train_rows_log_the_threshold_trajectories(tmp_path):
   for name, value in train_rows[-1]["delta"].items():
     assert value == pytest.approx(float(abs(final[name]["delta"])), rel=1e-6)
   assert train_rows[0]["delta"] != train_rows[-1]["delta"]  # the thresholds do train
+
+
+# --- divergence: the documented rule; nothing diverged is ever saved (issue 12) ----------------
+
+
+def _saved_states(workdir) -> dict[int, dict]:
+  """Every checkpoint of a workdir as saved (verified against its checksums)."""
+  manager = checkpoints.make_manager(str(workdir / "checkpoints"))
+  return {step: checkpoints._restore_verified(manager, step, None)[0] for step in manager.all_steps()}
+
+
+def _all_finite(tree) -> bool:
+  return all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact))
+
+
+def test_sgd_blowing_up_stops_with_only_finite_checkpoints(tmp_path):
+  """The issue's `--optimizer sgd --lr 1e3 --checkpoint-every 1` (there BatchNorm's variance went inf and was saved)."""
+  with pytest.raises(train_lib.DivergenceError, match=r"^training diverged at step \d+: .*; stopping \(") as err:
+    train_lib.train_and_evaluate(quick(tmp_path, optimizer="sgd", lr=1e3, checkpoint_every=1), verbose=False)
+  saved = _saved_states(tmp_path)
+  assert all(_all_finite(state) for state in saved.values())
+  kept = f"the newest checkpoint, step {max(saved)}, is kept" if saved else "no checkpoint was written"
+  assert str(err.value).endswith(f"({kept}).")
+
+
+def test_a_non_finite_batch_statistic_is_never_saved_even_with_a_normal_loss(tmp_path, monkeypatch):
+  """BatchNorm's running variance goes inf from step 3 while the loss looks fine (train mode uses batch
+  statistics): the state check before each save stops the run and step 2 stays the newest checkpoint."""
+  real = train_lib.make_step_fns
+
+  def poisoned(*args, **kwargs):
+    train, evaluate = real(*args, **kwargs)
+
+    def step(state, batch):
+      state, metrics = train(state, batch)
+      stats = flax.core.unfreeze(state.batch_stats)
+      stats["bn0"]["var"] = jnp.where(state.step >= 3, jnp.inf, stats["bn0"]["var"])
+      return state.replace(batch_stats=stats), metrics
+    return step, evaluate
+  monkeypatch.setattr(train_lib, "make_step_fns", poisoned)
+  with pytest.raises(train_lib.DivergenceError, match=r"^training diverged at step 3: non-finite values in "
+                                                      r"batch_stats/bn0/var; stopping \(the newest checkpoint, "
+                                                      r"step 2, is kept\)\.$"):
+    train_lib.train_and_evaluate(quick(tmp_path, checkpoint_every=1), verbose=False)
+  saved = _saved_states(tmp_path)
+  assert sorted(saved) == [1, 2] and all(_all_finite(state) for state in saved.values())
+
+
+def test_a_loss_far_above_its_running_level_is_divergence(tmp_path):
+  """Adam at lr 1e6: the loss reaches ~1e13 while staying finite; the run used to exit 0."""
+  with pytest.raises(train_lib.DivergenceError, match=r"at step \d+: loss \S+ is more than 10x its running level"):
+    train_lib.train_and_evaluate(quick(tmp_path, optimizer="adam", lr=1e6), verbose=False)
+  assert all(_all_finite(state) for state in _saved_states(tmp_path).values())
+
+
+def test_every_weight_of_a_layer_zero_is_divergence(tmp_path):
+  """Thresholds run away (the issue's --threshold-lr inf, now refused up front): sparsity 1.0."""
+  with pytest.raises(train_lib.DivergenceError, match=r"at step 1: layer \w+ has sparsity 1\.0 .*no checkpoint"):
+    train_lib.train_and_evaluate(quick(tmp_path, optimizer="adam", threshold_lr=1e6, threshold_grad_clip=1e6),
+                                 verbose=False)
+
+
+def _guard_and_state():
+  cfg = quick("unused")
+  _, layers, _, _, _, state, _, _ = build(cfg)
+  return train_lib.DivergenceGuard(10, layers, last_saved=7), jax.tree.map(np.asarray, state)
+
+
+def _set(state, field, path, fn):
+  tree = flax.serialization.to_state_dict(state)
+  node = tree[field]
+  for key in path[:-1]:
+    node = node[key]
+  node[path[-1]] = fn(node[path[-1]])
+  return flax.serialization.from_state_dict(state, tree)
+
+
+@pytest.mark.parametrize("field, path, value, message", [
+  ("params", ("conv0", "delta"), np.inf, r"layer conv0 has a non-finite threshold \(params/conv0/delta\)"),
+  ("params", ("conv1", "kernel"), np.nan, "non-finite values in params/conv1/kernel;"),
+  ("batch_stats", ("bn0", "var"), np.inf, "non-finite values in batch_stats/bn0/var;"),
+  ("params", ("conv1", "kernel"), 0.0, r"layer conv1 has sparsity 1\.0 \(every weight is zero\)"),
+])
+def test_the_state_check_names_what_diverged(field, path, value, message):
+  guard, state = _guard_and_state()
+  guard.check_state(3, state)  # a fresh state is healthy
+  bad = _set(state, field, path, lambda x: np.full_like(x, value))
+  with pytest.raises(train_lib.DivergenceError, match=f"^training diverged at step 3: {message}.*step 7, is kept"):
+    guard.check_state(3, bad)
+
+
+def test_the_state_check_covers_optimizer_states():
+  guard, state = _guard_and_state()
+  leaves, treedef = jax.tree.flatten(state.weight_opt_state)
+  leaves = [np.full_like(x, np.nan) if x.ndim else x for x in leaves]
+  with pytest.raises(train_lib.DivergenceError, match="non-finite values in weight_opt_state/"):
+    guard.check_state(1, state.replace(weight_opt_state=jax.tree.unflatten(treedef, leaves)))
+
+
+def _feed(guard, losses, grad_norm=1.0):
+  for step, loss in enumerate(losses, 1):
+    guard.check_step(step, {"loss": np.float32(loss), "grad_norm": np.float32(grad_norm)})
+
+
+def test_the_loss_rule_lets_normal_training_through():
+  guard, _ = _guard_and_state()
+  rng = np.random.default_rng(0)
+  # 2000 steps from chance (ln 10) to 0.05, noisy, with spikes of 5x the current loss and up to 2.5.
+  curve = 2.3 * np.exp(-np.arange(2000) / 300) + 0.05
+  losses = curve * rng.uniform(0.5, 1.5, curve.size)
+  losses[::97] = np.minimum(5 * curve[::97], 2.5)
+  _feed(guard, losses)
+
+
+@pytest.mark.parametrize("losses, message", [
+  ([2.3, 1.9, 40.0], r"step 3: loss 40 is more than 10x its running level 2\.303"),
+  ([2.3] * 500 + [8.0] * 500 + [90.0], r"step 1001: loss 90 is more than 10x its running level 7\.96"),
+  ([2.3, np.nan], r"step 2: non-finite loss \(nan\)"),
+])
+def test_the_loss_rule_trips(losses, message):
+  guard, _ = _guard_and_state()
+  with pytest.raises(train_lib.DivergenceError, match=message):
+    _feed(guard, losses)
+
+
+def test_a_non_finite_gradient_norm_trips_and_each_step_counts_once():
+  guard, _ = _guard_and_state()
+  metrics = {"loss": np.float32(1.0), "grad_norm": np.float32(1.0)}
+  for _ in range(3):
+    guard.check_step(1, metrics)  # the loop may check the same step more than once
+  assert guard._running == pytest.approx(0.99 * np.log(10) + 0.01)
+  with pytest.raises(train_lib.DivergenceError, match=r"step 2: non-finite gradient norm \(inf\)"):
+    guard.check_step(2, {"loss": np.float32(1.0), "grad_norm": np.float32(np.inf)})

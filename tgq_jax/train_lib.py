@@ -33,6 +33,7 @@ from typing import Any
 
 import flax
 import flax.linen as nn
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -255,8 +256,11 @@ def threshold_values(params: Any, layers: Mapping) -> dict[str, float]:
   return out
 
 
-class NonFiniteLossError(RuntimeError):
-  """The training loss became NaN or Inf."""
+class DivergenceError(RuntimeError):
+  """Training diverged (the rule: :class:`DivergenceGuard`); nothing of the diverged state was saved."""
+
+
+NonFiniteLossError = DivergenceError  # its former name
 
 
 def to_host(tree: Any) -> Any:
@@ -319,16 +323,68 @@ def evaluate(eval_fn: Callable, state: TrainState, dataset, cfg: Config, mesh, k
   return {k: float(v) / count for k, v in totals.items()}
 
 
-def _check_finite(pending: tuple[int, Any] | None, last_saved: int | None) -> None:
-  if pending is None:
-    return
-  step, metrics = pending
-  loss, grad_norm = (float(to_host(metrics[k])) for k in ("loss", "grad_norm"))
-  if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-    kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None else \
-      "no checkpoint was written"
-    raise NonFiniteLossError(f"non-finite training loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
-                             f"stopping ({kept}).")
+class DivergenceGuard:
+  """The divergence rule (docs/training.md); :meth:`fail` stops the run naming the step and the reason.
+
+  Training has diverged when
+
+  * the loss or the gradient norm is NaN or Inf (checked every step);
+  * the loss exceeds ``LOSS_FACTOR`` x its running level: the larger of
+    ln(num_classes) (the loss of a uniform guess) and the running mean of the
+    loss (an exponential moving average, decay ``LOSS_DECAY``, about the last
+    100 steps, that starts at ln(num_classes) and takes in each step that
+    passed). The floor keeps small, noisy losses late in training from
+    tripping it (with 10 classes only a loss above 23 can); starting at the
+    floor needs no warm-up and lets no early explosion become "the level";
+  * any leaf of the state (parameters, thresholds, BatchNorm statistics,
+    optimizer states) is NaN or Inf, or a ternary layer has sparsity 1.0
+    (every weight zero) or a non-finite threshold (checked at every train log
+    row and before every save, so nothing diverged is ever saved).
+  """
+
+  LOSS_FACTOR = 10.0
+  LOSS_DECAY = 0.99
+
+  def __init__(self, num_classes: int, layers: Mapping, last_saved: int | None):
+    self.layers = layers
+    self._thresholds = {"/".join(("params", *path, name)): "/".join(path)
+                        for path, q in layers.items() for name in q.threshold_params}
+    self.last_saved = last_saved  # the newest checkpoint: what stays when the run stops
+    self._floor = float(np.log(max(num_classes, 2)))
+    self._running = self._floor
+    self._checked = -1
+
+  def fail(self, step: int, reason: str):
+    kept = ("no checkpoint was written" if self.last_saved is None
+            else f"the newest checkpoint, step {self.last_saved}, is kept")
+    raise DivergenceError(f"training diverged at step {step}: {reason}; stopping ({kept}).")
+
+  def check_step(self, step: int, metrics: Mapping) -> None:
+    """The loss and gradient norm of one step (idempotent: each step counts once)."""
+    if step <= self._checked:
+      return
+    self._checked = step
+    loss, grad_norm = (float(to_host(metrics[k])) for k in ("loss", "grad_norm"))
+    if not np.isfinite(loss):
+      self.fail(step, f"non-finite loss ({loss})")
+    if not np.isfinite(grad_norm):
+      self.fail(step, f"non-finite gradient norm ({grad_norm})")
+    level = max(self._running, self._floor)
+    if loss > self.LOSS_FACTOR * level:
+      self.fail(step, f"loss {loss:.4g} is more than {self.LOSS_FACTOR:g}x its running level {level:.4g}")
+    self._running = self.LOSS_DECAY * self._running + (1 - self.LOSS_DECAY) * loss
+
+  def check_state(self, step: int, host_state: TrainState) -> None:
+    """Every leaf finite (thresholds named as such), no ternary layer with every weight zero."""
+    bad = checkpoints.nonfinite_leaves(checkpoints.flat_arrays(flax.serialization.to_state_dict(host_state)))
+    for leaf in bad:  # a threshold first: the likelier cause, and the clearer message
+      if leaf in self._thresholds:
+        self.fail(step, f"layer {self._thresholds[leaf]} has a non-finite threshold ({leaf})")
+    if bad:
+      self.fail(step, f"non-finite values in {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    for s in layer_stats(host_state.params, self.layers):
+      if s.scale is not None and s.sparsity >= 1.0:  # (scale None: a full-precision layer)
+        self.fail(step, f"layer {s.name} has sparsity 1.0 (every weight is zero)")
 
 
 class _Preemption:
@@ -440,21 +496,36 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
     state = init_from_checkpoint(state, cfg.init_from, model, info.image_shape, tx_thr, tx_w)
   state = parallel.put_state(state, mesh, kind)
 
-  writer = MetricsWriter(workdir, enabled=is_main)
-  cleanup.callback(writer.close)
   total = spe * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, spe * cfg.epochs)
   step = int(to_host(state.step))
-  last_saved = manager.latest_step()
-  interrupted = False
+  writer = MetricsWriter(workdir, enabled=is_main)
+  cleanup.callback(writer.close)
+  guard = DivergenceGuard(info.num_classes, layers, manager.latest_step())
+  interrupted, pending = False, None
+  checked_step, checked_host = None, None  # the state changes only with the step: check each once
+
+  def checked_host_state(step):
+    """Host copy of the state at ``step``, checked by the divergence guard."""
+    nonlocal checked_step, checked_host
+    if checked_step != step:
+      checked_host = to_host(state)
+      guard.check_state(step, checked_host)
+      checked_step = step
+    return checked_host
+
+  def check_pending():
+    if pending is not None:
+      guard.check_step(*pending)
 
   def data_state():
     return {"iterator": train_iter.get_state(), "extra": {**extra, "wall_seconds": extra["wall_seconds"]
                                                           + time.time() - t0}}
 
   def save(step, metrics=None):
-    nonlocal last_saved
-    checkpoints.save(manager, step, to_host(state), data_state(), metrics)  # host copies: any topology
-    last_saved = step
+    check_pending()
+    # Host copies (any topology), checked first: nothing diverged is ever saved.
+    checkpoints.save(manager, step, checked_host_state(step), data_state(), metrics)
+    guard.last_saved = step
 
   def log_test(step):
     test = evaluate(eval_fn, state, dataset, cfg, mesh, kind)
@@ -477,32 +548,32 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
       window, t_window, pending = [], time.time(), None
       while step < end:
         state, metrics = train_fn(state, parallel.put_batch(next(train_iter), mesh, kind))
-        _check_finite(pending, last_saved)  # lagged one step: keeps the device busy
+        check_pending()  # lagged one step: keeps the device busy
         step += 1
         pending = (step, metrics)
         window.append(metrics)
         bar.update(1)
         if step % cfg.log_every == 0 or step == end:
-          _check_finite(pending, last_saved)
+          check_pending()
+          host = checked_host_state(step)
           means = {k: float(np.mean([to_host(m[k]) for m in window])) for k in window[0]}
           ips = len(window) * cfg.batch_size / max(time.time() - t_window, 1e-9)
           writer.write({"step": step, "epoch": step / spe, "split": "train", **means,
                         "lr": float(lr_fn(step - 1)), "img_per_sec": ips,
-                        **({"delta": threshold_values(state.params, layers)} if has_thr else {})})
+                        **({"delta": threshold_values(host.params, layers)} if has_thr else {})})
           bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{ips:.0f}")
           window, t_window = [], time.time()
         if preempt.requested or manager.reached_preemption(step):
-          _check_finite(pending, last_saved)
           save(step)
           interrupted = True
           break
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % spe:
-          _check_finite(pending, last_saved)
           save(step)
       bar.close()
       if interrupted:
         break
-      _check_finite(pending, last_saved)
+      check_pending()
+      checked_host_state(step)  # before evaluating: a diverged state gets no test row
       test, stats = log_test(step)
       save(step, {checkpoints.BEST_METRIC: test["accuracy"]})
       if verbose and is_main:
