@@ -174,6 +174,47 @@ def _one_error_line(result, code: int) -> str:
   return lines[0]
 
 
+def _make_data_dir_with_garbled_gz(path):
+  import gzip
+  path.mkdir()
+  for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte"):
+    (path / f"{name}.gz").write_bytes(gzip.compress(b"\0\0\x08\x01" + bytes(4)))
+  (path / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"garbage!" * 8)
+
+
+def _make_run_of_another_arch(path):
+  import trainer_helpers  # noqa: F401  (registers tiny_cnn)
+  from tgq_jax import train_lib
+  train_lib.train_and_evaluate(dataclasses.replace(trainer_helpers.QUICK, workdir=str(path), max_steps=1),
+                               verbose=False)
+  (path / "config.json").unlink()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prepare, args, message", [
+  (lambda p: (p / "empty").mkdir(), ["--dataset", "fashion_mnist", "--data-dir", "{tmp}/empty"],
+   "error: data directory {tmp}/empty lacks the Fashion-MNIST idx files train-images-idx3-ubyte, "
+   "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (each may be .gz)"),
+  (lambda p: _make_data_dir_with_garbled_gz(p / "gz"), ["--dataset", "fashion_mnist", "--data-dir", "{tmp}/gz"],
+   "error: {tmp}/gz/train-images-idx3-ubyte.gz: broken or truncated gzip stream"),
+  (lambda p: (p / "run").write_text(""), ["--workdir", "{tmp}/run"],
+   "error: --workdir {tmp}/run is a file, not a directory"),
+  (lambda p: ((p / "run").mkdir(), (p / "run" / "config.json").write_text("{")), ["--workdir", "{tmp}/run"],
+   "error: {tmp}/run/config.json is not a run record of this trainer ("),
+  (lambda p: _make_run_of_another_arch(p / "run"), ["--workdir", "{tmp}/run"],
+   "error: checkpoint {tmp}/run/checkpoints/1 holds another model (another --arch or other model options?): "),
+  (lambda p: None, ["--log-every", "0", "--workdir", "{tmp}/run"], "error: --log-every must be an integer >= 1"),
+])
+def test_bad_inputs_are_one_line_errors_before_any_work(tmp_path, prepare, args, message):
+  prepare(tmp_path)
+  metrics = tmp_path / "run" / "metrics.jsonl"
+  before = metrics.read_text() if metrics.exists() else None
+  result = _run(*SYNTH, "--max-steps", "1", *[a.format(tmp=tmp_path) for a in args], "--workdir", str(tmp_path / "run"))
+  assert _one_error_line(result, 2).startswith(message.format(tmp=tmp_path))
+  assert (metrics.read_text() if metrics.exists() else None) == before  # nothing trained
+
+
 @pytest.mark.slow
 def test_a_diverging_run_exits_1_with_one_line_and_saves_nothing(tmp_path):
   result = _run(*SYNTH, "--lr", "1e6", "--workdir", str(tmp_path))

@@ -367,3 +367,41 @@ def test_a_non_finite_gradient_norm_trips_and_each_step_counts_once():
   assert guard._running == pytest.approx(0.99 * np.log(10) + 0.01)
   with pytest.raises(train_lib.DivergenceError, match=r"step 2: non-finite gradient norm \(inf\)"):
     guard.check_step(2, {"loss": np.float32(1.0), "grad_norm": np.float32(np.inf)})
+
+
+# --- workdir checks (issue 12) ------------------------
+
+
+def test_a_garbled_config_json_is_one_line_naming_it(tmp_path):
+  (tmp_path / train_lib.RUN_CONFIG).write_text("{garbage")
+  with pytest.raises(ValueError, match=f"^{tmp_path / 'config.json'} is not a run record of this trainer "
+                                       r"\(Expecting property name .*\); repair or remove it"):
+    train_lib.train_and_evaluate(quick(tmp_path, max_steps=1), verbose=False)
+
+
+def test_a_workdir_that_is_a_file_or_cannot_be_created_is_one_line(tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match=f"^--workdir {tmp_path / 'file'} is a file, not a directory$"):
+    train_lib.train_and_evaluate(quick(tmp_path / "file", max_steps=1), verbose=False)
+  with pytest.raises(ValueError, match=f"^--workdir {tmp_path / 'file' / 'sub'} cannot be written "):
+    train_lib.train_and_evaluate(quick(tmp_path / "file" / "sub", max_steps=1), verbose=False)
+
+
+def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+  monkeypatch.setattr(train_lib.tempfile, "TemporaryFile", refuse)  # as root, chmod would not stop a write
+  with pytest.raises(ValueError, match=f"^--workdir {tmp_path} cannot be written \\(Permission denied\\)$"):
+    train_lib.train_and_evaluate(quick(tmp_path, max_steps=1), verbose=False)
+
+
+def test_another_arch_on_a_workdir_without_config_json_is_one_line_and_keeps_the_workdir(tmp_path):
+  train_lib.train_and_evaluate(quick(tmp_path, max_steps=1), verbose=False)
+  (tmp_path / train_lib.RUN_CONFIG).unlink()
+  with pytest.raises(checkpoints.CheckpointError, match=r"checkpoints/1 holds another model \(another --arch .*\): "
+                                                        r"10 arrays differ, e\.g\. batch_stats/bn1/mean: \(8,\) float32 "
+                                                        r"there, \(6,\) float32 here$") as err:
+    train_lib.train_and_evaluate(quick(tmp_path, max_steps=2, arch="tiny_cnn_wide"), verbose=False)
+  assert len(str(err.value)) < 300
+  assert not (tmp_path / train_lib.RUN_CONFIG).exists()  # not re-written for the model that does not fit
+  assert train_lib.train_and_evaluate(quick(tmp_path, max_steps=2), verbose=False)["steps"] == 2

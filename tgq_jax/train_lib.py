@@ -26,6 +26,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -407,9 +408,24 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def prepare_workdir(workdir: str) -> None:
+  """Creates ``workdir`` and checks that it can be written; ValueError (one line) otherwise."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} is a file, not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    # A real write, not os.access: also right for root, read-only mounts and ACLs.
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(f"--workdir {workdir} cannot be written ({e.strerror or e})") from None
+
+
 def setup(cfg: Config):
   """Builds everything a run needs; raises ValueError (one line) on bad options, before any work."""
   cfg.validate()
+  prepare_workdir(cfg.resolved_workdir())
+  check_run_config(cfg.resolved_workdir(), cfg)
   dataset = data_lib.get_dataset(cfg.dataset, data_dir=cfg.data_dir, image_shape=cfg.image_shape or None,
                                  num_classes=cfg.num_classes, num_train=cfg.num_train, num_test=cfg.num_test)
   info = dataset.info
@@ -431,21 +447,33 @@ _MODEL_FIELDS = ("arch", "dataset", "quantizer", "per_channel", "ternary_first",
 RUN_CONFIG = "config.json"
 
 
-def write_run_config(workdir: str, cfg: Config, info) -> None:
-  """Writes ``<workdir>/config.json`` (config + dataset facts: what export and resume read).
+def check_run_config(workdir: str, cfg: Config) -> None:
+  """ValueError (one line) if ``<workdir>/config.json`` is unreadable or records other model options.
 
   A workdir that already holds a run with other model-defining options is a
   clear error instead of a shape mismatch deep inside the checkpoint restore.
   """
   path = os.path.join(workdir, RUN_CONFIG)
   if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)["config"]
+    try:
+      with open(path) as f:
+        previous = json.load(f)["config"]
+      if not isinstance(previous, dict):
+        raise TypeError("'config' is not an object")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{path} is not a run record of this trainer ({e}); "
+                       "repair or remove it, or use another --workdir") from None
     diff = [f"--{k.replace('_', '-')} {previous.get(k)!r} there, {getattr(cfg, k)!r} now"
             for k in _MODEL_FIELDS if previous.get(k) != getattr(cfg, k)]
     if diff:
       raise ValueError(f"workdir {workdir} holds a run with other options ({'; '.join(diff)}); "
                        "use another --workdir.")
+
+
+def write_run_config(workdir: str, cfg: Config, info) -> None:
+  """Writes ``<workdir>/config.json`` (config + dataset facts: what export and resume read)."""
+  check_run_config(workdir, cfg)
+  path = os.path.join(workdir, RUN_CONFIG)
   record = {"config": dataclasses.asdict(cfg),
             "dataset_info": {"name": info.name, "num_classes": info.num_classes,
                              "image_shape": list(info.image_shape), "num_train": info.num_train,
@@ -468,9 +496,6 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
   info, spe = dataset.info, train_iter.steps_per_epoch
   workdir = cfg.resolved_workdir()
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    write_run_config(workdir, cfg, info)
   mesh, kind = parallel.make_mesh(), cfg.parallel
   labels = param_labels(jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                                        jnp.zeros((1, *info.image_shape)))["params"], layers)
@@ -494,6 +519,8 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
       print(f"resuming from step {int(state.step)} in {workdir}")
   elif cfg.init_from:
     state = init_from_checkpoint(state, cfg.init_from, model, info.image_shape, tx_thr, tx_w)
+  if is_main:  # only now: a workdir whose checkpoints do not fit this model keeps its record
+    write_run_config(workdir, cfg, info)
   state = parallel.put_state(state, mesh, kind)
 
   total = spe * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, spe * cfg.epochs)
