@@ -369,7 +369,47 @@ def test_a_non_finite_gradient_norm_trips_and_each_step_counts_once():
     guard.check_step(2, {"loss": np.float32(1.0), "grad_norm": np.float32(np.inf)})
 
 
-# --- workdir checks (issue 12) ------------------------
+# --- resume after damage, metrics.jsonl rows, workdir checks (issue 12) ------------------------
+
+
+def _rows(workdir) -> list[tuple[str, int]]:
+  return [(r["split"], r["step"]) for r in map(json.loads, open(workdir / "metrics.jsonl"))]
+
+
+def test_a_resume_rewrites_no_metrics_row_twice(tmp_path):
+  """A run killed after logging steps 3-4 but before saving step 4 resumes from step 2."""
+  a, b = tmp_path / "a", tmp_path / "b"
+  train_lib.train_and_evaluate(quick(a, max_steps=4, checkpoint_every=2), verbose=False)
+  shutil.rmtree(a / "checkpoints" / "4")  # the kill: step 4's rows written, its checkpoint not
+  train_lib.train_and_evaluate(quick(a, max_steps=4, checkpoint_every=2), verbose=False)
+  train_lib.train_and_evaluate(quick(b, max_steps=4, checkpoint_every=2), verbose=False)
+  expected = [("train", 1), ("train", 2), ("train", 3), ("train", 4), ("test", 4)]
+  assert _rows(a) == _rows(b) == expected
+  assert _train_records(a) == _train_records(b)
+  # Evaluating the finished run again replaces its test row instead of adding one.
+  train_lib.train_and_evaluate(quick(a, max_steps=4, eval_only=True), verbose=False)
+  assert _rows(a) == expected
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one_bit_identically(tmp_path, capsys):
+  a, b = tmp_path / "a", tmp_path / "b"
+  train_lib.train_and_evaluate(quick(a, max_steps=4, checkpoint_every=2), verbose=False)
+  arrays = a / "checkpoints" / "4" / "state" / "ocdbt.process_0" / "d"  # the array bytes (orbax's OCDBT)
+  kernel_file = max((arrays / name for name in os.listdir(arrays)), key=os.path.getsize)
+  with open(kernel_file, "r+b") as f:  # 64 garbled bytes in the largest file: orbax alone loads them
+    f.seek(os.path.getsize(kernel_file) // 2)
+    f.write(bytes(range(64)))
+  capsys.readouterr()
+  train_lib.train_and_evaluate(quick(a, max_steps=6, checkpoint_every=2), verbose=False)
+  err = capsys.readouterr().err.strip().splitlines()
+  # Garbled array bytes fail the checksums; garbled bytes of orbax's own structures fail the read.
+  assert len(err) == 1 and re.match(f"warning: checkpoint {a / 'checkpoints' / '4'} (fails its integrity check|"
+                                    "cannot be read) ", err[0]), err
+  assert err[0].endswith("using the previous one (step 2)"), err
+  train_lib.train_and_evaluate(quick(b, max_steps=6, checkpoint_every=2), verbose=False)
+  chex.assert_trees_all_equal(checkpoints.load_variables(str(a)), checkpoints.load_variables(str(b)))
+  assert _rows(a) == _rows(b)
+  assert any(p.startswith("4.corrupt-") for p in os.listdir(a / "checkpoints"))
 
 
 def test_a_garbled_config_json_is_one_line_naming_it(tmp_path):

@@ -273,26 +273,58 @@ def to_host(tree: Any) -> Any:
   return jax.tree.map(get, tree)
 
 
+def _read_jsonl(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl; a line cut short by a crash is dropped."""
+  rows = []
+  with contextlib.suppress(FileNotFoundError), open(path) as f:
+    for line in f:
+      with contextlib.suppress(json.JSONDecodeError):
+        rows.append(json.loads(line))
+  return rows
+
+
+def _rewrite_jsonl(path: str, rows: list[dict]) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  os.replace(tmp, path)  # atomic: a crash leaves the old or the new file
+
+
 class MetricsWriter:
   """metrics.jsonl (one object per event) and TensorBoard events (tensorboardX, no TensorFlow).
 
-  Only process 0 writes.
+  At most one row per (split, step): a run that starts at step ``start_step``
+  (0, or the step it resumes from) first drops the rows a killed run wrote
+  after that step (the resumed run writes them again, identically), and a row
+  for a (split, step) already there replaces it (an eval-only run's test row).
+  TensorBoard events after ``start_step`` are purged likewise. Only process 0 writes.
   """
 
-  def __init__(self, workdir: str, enabled: bool):
+  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
     self.enabled = enabled
     self._jsonl = self._tb = None
     if enabled:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._path = os.path.join(workdir, "metrics.jsonl")
+      kept = [r for r in _read_jsonl(self._path) if r.get("step", 0) <= start_step]
+      if os.path.exists(self._path):  # (also drops a line a crash cut short, which appending would extend)
+        _rewrite_jsonl(self._path, kept)
+      self._keys = {(r.get("split"), r.get("step")) for r in kept}
+      self._jsonl = open(self._path, "a")
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
       except ImportError:  # optional: metrics.jsonl is the record
         self._tb = None
 
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
+    key = (record["split"], record["step"])
+    if key in self._keys:  # rare (re-evaluating a finished run): rewrite without the old row
+      self._jsonl.close()
+      _rewrite_jsonl(self._path, [r for r in _read_jsonl(self._path) if (r.get("split"), r.get("step")) != key])
+      self._jsonl = open(self._path, "a")
+    self._keys.add(key)
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
@@ -525,7 +557,7 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
 
   total = spe * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, spe * cfg.epochs)
   step = int(to_host(state.step))
-  writer = MetricsWriter(workdir, enabled=is_main)
+  writer = MetricsWriter(workdir, enabled=is_main, start_step=step)
   cleanup.callback(writer.close)
   guard = DivergenceGuard(info.num_classes, layers, manager.latest_step())
   interrupted, pending = False, None
