@@ -395,10 +395,10 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one_bit_identical
   a, b = tmp_path / "a", tmp_path / "b"
   train_lib.train_and_evaluate(quick(a, max_steps=4, checkpoint_every=2), verbose=False)
   arrays = a / "checkpoints" / "4" / "state" / "ocdbt.process_0" / "d"  # the array bytes (orbax's OCDBT)
-  kernel_file = max((arrays / name for name in os.listdir(arrays)), key=os.path.getsize)
-  with open(kernel_file, "r+b") as f:  # 64 garbled bytes in the largest file: orbax alone loads them
-    f.seek(os.path.getsize(kernel_file) // 2)
-    f.write(bytes(range(64)))
+  for name in os.listdir(arrays):  # 64 garbled bytes mid-file (in every file: some bytes may be unused)
+    with open(arrays / name, "r+b") as f:
+      f.seek(os.path.getsize(arrays / name) // 2)
+      f.write(bytes(range(64)))
   capsys.readouterr()
   train_lib.train_and_evaluate(quick(a, max_steps=6, checkpoint_every=2), verbose=False)
   err = capsys.readouterr().err.strip().splitlines()
