@@ -29,6 +29,7 @@ refuses), so a restored checkpoint is also finite.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -150,40 +151,37 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
   return text if len(text) <= limit else text[:limit] + "..."
 
 
-_quiet_stragglers_installed = False
+def _drop_closed_loop_errors(previous: Callable, unraisable: Any) -> None:
+  exc = unraisable.exc_value
+  if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+    previous(unraisable)
 
 
-def _quiet_closed_loop_stragglers() -> None:
-  """Silences the late "Event loop is closed" errors of a failed orbax restore (installed once, then kept).
+def _restore_quietly(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> Any:
+  """``manager.restore`` without the late "Event loop is closed" tracebacks of a failed restore.
 
-  orbax runs each restore in a fresh asyncio loop and closes it when the
-  first read fails; tensorstore reads still in flight complete afterwards and
+  orbax runs each restore in a fresh asyncio loop and closes it as soon as
+  one read fails; tensorstore reads still in flight complete afterwards and
   their callbacks raise ``RuntimeError('Event loop is closed')`` through
   ``sys.unraisablehook``: dozens of tracebacks, at unpredictable times, after
-  the one-line report. Only that exact error is dropped; every other one
-  still reaches the previous hook.
+  the one-line report. So a hook that drops exactly that error (every other
+  one reaches the previous hook) is set before the restore, removed after a
+  success and kept after a failure, when the stragglers are still to come.
   """
-  global _quiet_stragglers_installed
-  if _quiet_stragglers_installed:
-    return
   previous = sys.unraisablehook
-
-  def hook(unraisable):
-    exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-      return
-    previous(unraisable)
-  sys.unraisablehook = hook
-  _quiet_stragglers_installed = True
+  if not isinstance(previous, functools.partial) or previous.func is not _drop_closed_loop_errors:
+    sys.unraisablehook = functools.partial(_drop_closed_loop_errors, previous)
+  result = manager.restore(step, args=args)
+  sys.unraisablehook = previous
+  return result
 
 
 def _read_record(manager: ocp.CheckpointManager, step: int, where: str) -> dict:
   try:
-    record = manager.restore(step, args=ocp.args.Composite(**{INTEGRITY: ocp.args.JsonRestore()}))[INTEGRITY]
+    record = _restore_quietly(manager, step, ocp.args.Composite(**{INTEGRITY: ocp.args.JsonRestore()}))[INTEGRITY]
     if not isinstance(record, dict) or not isinstance(record.get("arrays"), dict):
       raise ValueError("no checksums in it")
   except Exception as e:  # noqa: BLE001 -- any failure to read it means the checkpoint is damaged
-    _quiet_closed_loop_stragglers()
     raise CorruptCheckpointError(f"checkpoint {where} has no readable integrity record ({_one_line(e)})") from None
   return record
 
@@ -224,9 +222,8 @@ def _restore_verified(manager: ocp.CheckpointManager, step: int, target: Mapping
   state_args = ocp.args.StandardRestore(
     None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, dict(target)))
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(**{STATE: state_args, DATA: ocp.args.JsonRestore()}))
+    restored = _restore_quietly(manager, step, ocp.args.Composite(**{STATE: state_args, DATA: ocp.args.JsonRestore()}))
   except Exception as e:  # noqa: BLE001 -- missing or unreadable parts (the structure was checked above)
-    _quiet_closed_loop_stragglers()
     raise CorruptCheckpointError(f"checkpoint {where} cannot be read ({_one_line(e)})") from None
   state = jax.tree.map(_host, restored[STATE])
   _verify(record, flat_arrays(state), restored[DATA], where)
