@@ -244,6 +244,8 @@ def _newest_intact(manager: ocp.CheckpointManager, target: Mapping | None, repor
       report(f"warning: {e}{what}; {then}")
       continue
     if quarantine and i:
+      if jax.process_count() > 1:  # every host must see the renames before listing steps again
+        ocp.multihost.sync_global_processes("tgq_jax_checkpoints_moved_aside")
       manager.reload()  # it still lists the steps moved aside
     return step, state, data_state
   raise CheckpointError(f"no intact checkpoint in {manager.directory} (see the warnings above); "
