@@ -414,7 +414,7 @@ class DivergenceGuard:
       if leaf in self._thresholds:
         self.fail(step, f"layer {self._thresholds[leaf]} has a non-finite threshold ({leaf})")
     if bad:
-      self.fail(step, f"non-finite values in {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+      self.fail(step, str(checkpoints.NonFiniteStateError(bad)))
     for s in layer_stats(host_state.params, self.layers):
       if s.scale is not None and s.sparsity >= 1.0:  # (scale None: a full-precision layer)
         self.fail(step, f"layer {s.name} has sparsity 1.0 (every weight is zero)")
