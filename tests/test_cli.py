@@ -228,8 +228,8 @@ def test_a_truncated_newest_checkpoint_is_one_warning_and_the_run_resumes_from_t
   first = _run(*SYNTH, "--max-steps", "4", "--checkpoint-every", "2", "--workdir", str(tmp_path))
   assert first.returncode == 0, first.stderr[-2000:]
   arrays = tmp_path / "checkpoints" / "4" / "state" / "ocdbt.process_0" / "d"
-  largest = max((arrays / name for name in os.listdir(arrays)), key=os.path.getsize)
-  os.truncate(largest, os.path.getsize(largest) // 2)
+  for name in os.listdir(arrays):  # every array file: one alone may hold only bytes nothing reads
+    os.truncate(arrays / name, os.path.getsize(arrays / name) // 2)
   again = _run(*SYNTH, "--max-steps", "6", "--checkpoint-every", "2", "--workdir", str(tmp_path))
   warning = _one_error_line(again, 0)
   assert warning.startswith(f"warning: checkpoint {tmp_path}/checkpoints/4 cannot be read (")
