@@ -20,7 +20,7 @@ def main(argv=None) -> int:
   try:
     parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     train_lib.train_and_evaluate(cfg)
-  except train_lib.NonFiniteLossError as e:
+  except train_lib.DivergenceError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   except ValueError as e:  # bad options: one line, no traceback

@@ -91,6 +91,32 @@ def test_fashion_mnist_from_data_dir(tmp_path, gz):
   np.testing.assert_allclose(raw * 255, arrays["t10k-images-idx3-ubyte"], atol=1e-3)
 
 
+def test_read_idx_garbled_gzip_is_an_idx_error(tmp_path):
+  """A gzip header followed by garbage: zlib's own error, not a traceback."""
+  path = tmp_path / "train-images-idx3-ubyte.gz"
+  raw = bytearray(gzip.compress(idx_bytes(np.zeros((50, 28, 28), np.uint8))))
+  raw[12:40] = b"garbage!" * 3 + b"junk"
+  path.write_bytes(bytes(raw))
+  with pytest.raises(data.IdxFormatError, match=f"{path}: broken or truncated gzip stream"):
+    data.read_idx(path)
+
+
+@pytest.mark.parametrize("present, missing", [
+    ((), ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+          "t10k-labels-idx1-ubyte"]),
+    (("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte"), ["train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"]),
+])
+def test_a_named_data_dir_without_the_files_is_an_error_not_the_system_copy(tmp_path, present, missing):
+  for name in present:
+    (tmp_path / name).write_bytes(b"")
+  with pytest.raises(data.DatasetNotPreparedError) as err:
+    data.get_dataset("fashion_mnist", data_dir=str(tmp_path))
+  assert str(err.value) == (f"data directory {tmp_path} lacks the Fashion-MNIST idx files {', '.join(missing)} "
+                            "(each may be .gz)")
+  with pytest.raises(data.DatasetNotPreparedError, match="does not exist"):
+    data.get_dataset("fashion_mnist", data_dir=str(tmp_path / "nope"))
+
+
 def test_fashion_mnist_count_mismatch(tmp_path):
   write_fashion(tmp_path, gz=False)
   (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(9)))

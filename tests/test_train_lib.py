@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+import shutil
 import sys
 
 import chex
 import flax.linen as nn
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -323,7 +327,7 @@ def test_init_from_a_torchvision_npz_loads_it_and_reinitializes_the_thresholds(t
 
 def test_init_from_torchvision_errors(tmp_path):
   path34, _ = _torchvision_npz(tmp_path, "resnet34")
-  with pytest.raises(checkpoints.CheckpointError, match=r"--init-from: .*does not match torchvision resnet18"):
+  with pytest.raises(checkpoints.CheckpointError, match=r"does not match torchvision resnet18"):
     train_lib.load_fp_variables(path34, "resnet18")
   with pytest.raises(checkpoints.CheckpointError, match="no such torchvision state dict file"):
     train_lib.check_init_from(str(tmp_path / "missing.npz"))
@@ -388,3 +392,216 @@ def test_init_from_a_pth_when_torch_is_installed(tmp_path):
   torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, pth)
   jax.tree.map(np.testing.assert_array_equal, train_lib.load_fp_variables(str(pth), "resnet18"),
                train_lib.load_fp_variables(npz, "resnet18"))
+# --- divergence: the documented rule; nothing diverged is ever saved (issue 12) ----------------
+
+
+def _saved_states(workdir) -> dict[int, dict]:
+  """Every checkpoint of a workdir as saved (verified against its checksums)."""
+  manager = checkpoints.make_manager(str(workdir / "checkpoints"))
+  return {step: checkpoints._restore_verified(manager, step, None)[0] for step in manager.all_steps()}
+
+
+def _all_finite(tree) -> bool:
+  return all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact))
+
+
+def test_sgd_blowing_up_stops_with_only_finite_checkpoints(tmp_path):
+  """The issue's `--optimizer sgd --lr 1e3 --checkpoint-every 1` (there BatchNorm's variance went inf and was saved)."""
+  with pytest.raises(train_lib.DivergenceError, match=r"^training diverged at step \d+: .*; stopping \(") as err:
+    train_lib.train_and_evaluate(quick(tmp_path, optimizer="sgd", lr=1e3, checkpoint_every=1), verbose=False)
+  saved = _saved_states(tmp_path)
+  assert all(_all_finite(state) for state in saved.values())
+  kept = f"the newest checkpoint, step {max(saved)}, is kept" if saved else "no checkpoint was written"
+  assert str(err.value).endswith(f"({kept}).")
+
+
+def test_a_non_finite_batch_statistic_is_never_saved_even_with_a_normal_loss(tmp_path, monkeypatch):
+  """BatchNorm's running variance goes inf from step 3 while the loss looks fine (train mode uses batch
+  statistics): the state check before each save stops the run and step 2 stays the newest checkpoint."""
+  real = train_lib.make_step_fns
+
+  def poisoned(*args, **kwargs):
+    train, evaluate = real(*args, **kwargs)
+
+    def step(state, batch):
+      state, metrics = train(state, batch)
+      stats = flax.core.unfreeze(state.batch_stats)
+      stats["bn0"]["var"] = jnp.where(state.step >= 3, jnp.inf, stats["bn0"]["var"])
+      return state.replace(batch_stats=stats), metrics
+    return step, evaluate
+  monkeypatch.setattr(train_lib, "make_step_fns", poisoned)
+  with pytest.raises(train_lib.DivergenceError, match=r"^training diverged at step 3: non-finite values in "
+                                                      r"batch_stats/bn0/var; stopping \(the newest checkpoint, "
+                                                      r"step 2, is kept\)\.$"):
+    train_lib.train_and_evaluate(quick(tmp_path, checkpoint_every=1), verbose=False)
+  saved = _saved_states(tmp_path)
+  assert sorted(saved) == [1, 2] and all(_all_finite(state) for state in saved.values())
+
+
+def test_a_loss_far_above_its_running_level_is_divergence(tmp_path):
+  """Adam at a huge lr: the loss explodes while staying finite (the issue: lr 1e6, loss 4.8e13, exit 0)."""
+  with pytest.raises(train_lib.DivergenceError, match=r"at step \d+: loss \S+ is more than 10x its running level"):
+    # Adam thresholds at a sane rate: the weights alone blow the loss up while it stays finite
+    # (with other settings the same run can go straight to NaN, which is the other rule).
+    train_lib.train_and_evaluate(quick(tmp_path, optimizer="adam", lr=1e4, threshold_optimizer="adam",
+                                       threshold_lr=1e-4), verbose=False)
+  assert all(_all_finite(state) for state in _saved_states(tmp_path).values())
+
+
+def test_every_weight_of_a_layer_zero_is_divergence(tmp_path):
+  """Thresholds run away (the issue's --threshold-lr inf, now refused up front): sparsity 1.0."""
+  with pytest.raises(train_lib.DivergenceError, match=r"at step 1: layer \w+ has sparsity 1\.0 .*no checkpoint"):
+    train_lib.train_and_evaluate(quick(tmp_path, optimizer="adam", threshold_lr=1e6, threshold_grad_clip=1e6),
+                                 verbose=False)
+
+
+def _guard_and_state():
+  cfg = quick("unused")
+  _, layers, _, _, _, state, _, _ = build(cfg)
+  return train_lib.DivergenceGuard(10, layers, last_saved=7), jax.tree.map(np.asarray, state)
+
+
+def _set(state, field, path, fn):
+  tree = flax.serialization.to_state_dict(state)
+  node = tree[field]
+  for key in path[:-1]:
+    node = node[key]
+  node[path[-1]] = fn(node[path[-1]])
+  return flax.serialization.from_state_dict(state, tree)
+
+
+@pytest.mark.parametrize("field, path, value, message", [
+  ("params", ("conv0", "delta"), np.inf, r"layer conv0 has a non-finite threshold \(params/conv0/delta\)"),
+  ("params", ("conv1", "kernel"), np.nan, "non-finite values in params/conv1/kernel;"),
+  ("batch_stats", ("bn0", "var"), np.inf, "non-finite values in batch_stats/bn0/var;"),
+  ("params", ("conv1", "kernel"), 0.0, r"layer conv1 has sparsity 1\.0 \(every weight is zero\)"),
+])
+def test_the_state_check_names_what_diverged(field, path, value, message):
+  guard, state = _guard_and_state()
+  guard.check_state(3, state)  # a fresh state is healthy
+  bad = _set(state, field, path, lambda x: np.full_like(x, value))
+  with pytest.raises(train_lib.DivergenceError, match=f"^training diverged at step 3: {message}.*step 7, is kept"):
+    guard.check_state(3, bad)
+
+
+def test_the_state_check_covers_optimizer_states():
+  guard, state = _guard_and_state()
+  leaves, treedef = jax.tree.flatten(state.weight_opt_state)
+  leaves = [np.full_like(x, np.nan) if x.ndim else x for x in leaves]
+  with pytest.raises(train_lib.DivergenceError, match="non-finite values in weight_opt_state/"):
+    guard.check_state(1, state.replace(weight_opt_state=jax.tree.unflatten(treedef, leaves)))
+
+
+def _feed(guard, losses, grad_norm=1.0):
+  for step, loss in enumerate(losses, 1):
+    guard.check_step(step, {"loss": np.float32(loss), "grad_norm": np.float32(grad_norm)})
+
+
+def test_the_loss_rule_lets_normal_training_through():
+  guard, _ = _guard_and_state()
+  rng = np.random.default_rng(0)
+  # 2000 steps from chance (ln 10) to 0.05, noisy, with spikes of 5x the current loss and up to 2.5.
+  curve = 2.3 * np.exp(-np.arange(2000) / 300) + 0.05
+  losses = curve * rng.uniform(0.5, 1.5, curve.size)
+  losses[::97] = np.minimum(5 * curve[::97], 2.5)
+  _feed(guard, losses)
+
+
+@pytest.mark.parametrize("losses, message", [
+  ([2.3, 1.9, 40.0], r"step 3: loss 40 is more than 10x its running level 2\.303"),
+  ([2.3] * 500 + [8.0] * 500 + [90.0], r"step 1001: loss 90 is more than 10x its running level 7\.96"),
+  ([2.3, np.nan], r"step 2: non-finite loss \(nan\)"),
+])
+def test_the_loss_rule_trips(losses, message):
+  guard, _ = _guard_and_state()
+  with pytest.raises(train_lib.DivergenceError, match=message):
+    _feed(guard, losses)
+
+
+def test_a_non_finite_gradient_norm_trips_and_each_step_counts_once():
+  guard, _ = _guard_and_state()
+  metrics = {"loss": np.float32(1.0), "grad_norm": np.float32(1.0)}
+  for _ in range(3):
+    guard.check_step(1, metrics)  # the loop may check the same step more than once
+  assert guard._running == pytest.approx(0.99 * np.log(10) + 0.01)
+  with pytest.raises(train_lib.DivergenceError, match=r"step 2: non-finite gradient norm \(inf\)"):
+    guard.check_step(2, {"loss": np.float32(1.0), "grad_norm": np.float32(np.inf)})
+
+
+# --- resume after damage, metrics.jsonl rows, workdir checks (issue 12) ------------------------
+
+
+def _rows(workdir) -> list[tuple[str, int]]:
+  return [(r["split"], r["step"]) for r in map(json.loads, open(workdir / "metrics.jsonl"))]
+
+
+def test_a_resume_rewrites_no_metrics_row_twice(tmp_path):
+  """A run killed after logging steps 3-4 but before saving step 4 resumes from step 2."""
+  a, b = tmp_path / "a", tmp_path / "b"
+  train_lib.train_and_evaluate(quick(a, max_steps=4, checkpoint_every=2), verbose=False)
+  shutil.rmtree(a / "checkpoints" / "4")  # the kill: step 4's rows written, its checkpoint not
+  train_lib.train_and_evaluate(quick(a, max_steps=4, checkpoint_every=2), verbose=False)
+  train_lib.train_and_evaluate(quick(b, max_steps=4, checkpoint_every=2), verbose=False)
+  expected = [("train", 1), ("train", 2), ("train", 3), ("train", 4), ("test", 4)]
+  assert _rows(a) == _rows(b) == expected
+  assert _train_records(a) == _train_records(b)
+  # Evaluating the finished run again replaces its test row instead of adding one.
+  train_lib.train_and_evaluate(quick(a, max_steps=4, eval_only=True), verbose=False)
+  assert _rows(a) == expected
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one_bit_identically(tmp_path, capsys):
+  a, b = tmp_path / "a", tmp_path / "b"
+  train_lib.train_and_evaluate(quick(a, max_steps=4, checkpoint_every=2), verbose=False)
+  # 64 garbled bytes mid-file in every file of state/: OCDBT files can hold bytes nothing reads, so
+  # garbling one file may change nothing (tests/test_checkpoints.py covers garbled array bytes alone).
+  for path in (os.path.join(d, f) for d, _, fs in os.walk(a / "checkpoints" / "4" / "state") for f in fs):
+    with open(path, "r+b") as f:
+      f.seek(os.path.getsize(path) // 2)
+      f.write(bytes(range(64)))
+  capsys.readouterr()
+  train_lib.train_and_evaluate(quick(a, max_steps=6, checkpoint_every=2), verbose=False)
+  err = capsys.readouterr().err.strip().splitlines()
+  # Garbled array bytes fail the checksums; garbled bytes of orbax's own structures fail the read.
+  assert len(err) == 1 and re.match(f"warning: checkpoint {a / 'checkpoints' / '4'} (fails its integrity check|"
+                                    "cannot be read) ", err[0]), err
+  assert err[0].endswith("using the previous one (step 2)"), err
+  train_lib.train_and_evaluate(quick(b, max_steps=6, checkpoint_every=2), verbose=False)
+  chex.assert_trees_all_equal(checkpoints.load_variables(str(a)), checkpoints.load_variables(str(b)))
+  assert _rows(a) == _rows(b)
+  assert any(p.startswith("4.corrupt-") for p in os.listdir(a / "checkpoints"))
+
+
+def test_a_garbled_config_json_is_one_line_naming_it(tmp_path):
+  (tmp_path / train_lib.RUN_CONFIG).write_text("{garbage")
+  with pytest.raises(ValueError, match=f"^{tmp_path / 'config.json'} is not a run record of this trainer "
+                                       r"\(Expecting property name .*\); repair or remove it"):
+    train_lib.train_and_evaluate(quick(tmp_path, max_steps=1), verbose=False)
+
+
+def test_a_workdir_that_is_a_file_or_cannot_be_created_is_one_line(tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match=f"^--workdir {tmp_path / 'file'} is a file, not a directory$"):
+    train_lib.train_and_evaluate(quick(tmp_path / "file", max_steps=1), verbose=False)
+  with pytest.raises(ValueError, match=f"^--workdir {tmp_path / 'file' / 'sub'} cannot be written "):
+    train_lib.train_and_evaluate(quick(tmp_path / "file" / "sub", max_steps=1), verbose=False)
+
+
+def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+  monkeypatch.setattr(train_lib.tempfile, "TemporaryFile", refuse)  # as root, chmod would not stop a write
+  with pytest.raises(ValueError, match=f"^--workdir {tmp_path} cannot be written \\(Permission denied\\)$"):
+    train_lib.train_and_evaluate(quick(tmp_path, max_steps=1), verbose=False)
+
+
+def test_another_arch_on_a_workdir_without_config_json_is_one_line_and_keeps_the_workdir(tmp_path):
+  train_lib.train_and_evaluate(quick(tmp_path, max_steps=1), verbose=False)
+  (tmp_path / train_lib.RUN_CONFIG).unlink()
+  with pytest.raises(checkpoints.CheckpointError, match=r"checkpoints/1 holds another model \(another --arch .*\): "
+                                                        r"10 arrays differ, e\.g\. batch_stats/bn1/mean: \(8,\) float32 "
+                                                        r"there, \(6,\) float32 here$") as err:
+    train_lib.train_and_evaluate(quick(tmp_path, max_steps=2, arch="tiny_cnn_wide"), verbose=False)
+  assert len(str(err.value)) < 300
+  assert not (tmp_path / train_lib.RUN_CONFIG).exists()  # not re-written for the model that does not fit
+  assert train_lib.train_and_evaluate(quick(tmp_path, max_steps=2), verbose=False)["steps"] == 2

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
 import typing
 from typing import Any
 
@@ -83,6 +85,19 @@ class Config:
   def resolved_workdir(self) -> str:
     return self.workdir or f"runs/{self.arch}_{self.dataset}_{self.quantizer}"
 
+  def validate(self) -> Config:
+    """Checks every option that can be checked without touching data or devices; returns self.
+
+    Raises ValueError with one line naming each impossible option (the
+    trainer calls this before any work, so nothing fails after training).
+    Names (arch, dataset) and the batch/device divisibility are checked
+    where their registries live, also before any work.
+    """
+    problems = _problems(self)
+    if problems:
+      raise ValueError("; ".join(problems))
+    return self
+
 
 _IMAGENET_FT = dict(
   dataset="imagenet2012", optimizer="adam", lr=1e-4, epochs=50, lr_schedule="step",
@@ -117,6 +132,57 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _flag(name: str) -> str:
+  return "--" + name.replace("_", "-")
+
+
+def _is_real(v: Any) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+# (fields, test, what the test requires): one phrase per violated field.
+_RULES: tuple[tuple[tuple[str, ...], Any, str], ...] = (
+  (("lr", "weight_decay", "threshold_grad_clip"), lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
+  (("threshold_lr", "threshold_weight_decay"),  # None: the authors' pairing decides
+   lambda v: v is None or (_is_real(v) and v >= 0), "a finite number >= 0"),
+  (("momentum",), lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)"),
+  (("epochs", "batch_size", "eval_batch_size", "log_every", "keep_checkpoints"),
+   lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+  (("max_steps", "num_train", "num_test", "num_classes", "num_processes"),
+   lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1"),
+  (("checkpoint_every", "seed"), lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+  (("process_id",), lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0"),
+  (("image_shape",), lambda v: len(v) == 0 or (len(v) == 3 and all(_is_int(d) and d >= 1 for d in v)),
+   "three integers >= 1, height width channels"),
+  (("schedule",), lambda v: all(_is_real(e) and e >= 0 for e in v), "epochs >= 0"),
+  (("gammas",), lambda v: all(_is_real(g) and g > 0 for g in v), "finite factors > 0"),
+)
+
+
+def _problems(cfg: Config) -> list[str]:
+  """One phrase per impossible option of ``cfg`` (empty when every option is possible)."""
+  out = []
+  for name, choices in CHOICES.items():
+    if getattr(cfg, name) not in choices:
+      out.append(f"{_flag(name)} must be one of {', '.join(choices)} (got {getattr(cfg, name)!r})")
+  for names, ok, requirement in _RULES:
+    for name in names:
+      value = getattr(cfg, name)
+      if not ok(value):
+        shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+        out.append(f"{_flag(name)} must be {requirement} (got {shown})")
+  if cfg.lr_schedule == "step" and len(cfg.schedule) != len(cfg.gammas):
+    out.append(f"--schedule ({len(cfg.schedule)} epochs) and --gammas ({len(cfg.gammas)} factors) "
+               "must have the same length")
+  if _is_int(cfg.process_id) and _is_int(cfg.num_processes) and cfg.process_id >= cfg.num_processes:
+    out.append(f"--process-id must be below --num-processes ({cfg.num_processes}; got {cfg.process_id})")
+  return out
+
+
 def _field_type(field: dataclasses.Field) -> tuple[Any, bool]:
   """(scalar parser, is_tuple) for a Config field."""
   hints = typing.get_type_hints(Config)
@@ -144,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "the demo's; a --config preset replaces them and explicit flags override the preset.")
   parser.add_argument("--config", default="demo", choices=sorted(PRESETS), help="named preset")
   for field in dataclasses.fields(Config):
-    flag = "--" + field.name.replace("_", "-")
+    flag = _flag(field.name)
     scalar, is_tuple = _field_type(field)
     default = PRESETS["demo"].get(field.name, field.default)  # what `python train.py` uses
     kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=f"(default: {default})")
@@ -162,8 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def from_args(argv: list[str] | None = None) -> Config:
-  """Parses a command line into a Config: the preset, then the explicitly given flags."""
-  args = vars(build_parser().parse_args(argv))
+  """Parses a command line into a validated Config: the preset, then the explicitly given flags.
+
+  An impossible option exits like argparse does: ``error: ...`` on one line, code 2.
+  """
+  parser = build_parser()
+  args = vars(parser.parse_args(argv))
   preset = PRESETS[args.pop("config")]
   values = {**preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}}
-  return Config(**values)
+  try:
+    return Config(**values).validate()
+  except ValueError as e:
+    parser.error(str(e))

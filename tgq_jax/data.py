@@ -8,9 +8,10 @@ global ``jax.Array`` s.
 
 Sources
 -------
-* ``fashion_mnist``: the four idx files (``.gz`` or not) from ``data_dir``,
-  else from ``/usr/share/datasets/fashion-mnist`` (Debian package
-  ``dataset-fashion-mnist``), else TFDS. Works offline.
+* ``fashion_mnist``: the four idx files (``.gz`` or not) from ``data_dir``
+  (or a TFDS copy prepared there; a ``data_dir`` without either is an error
+  naming the missing files), else from ``/usr/share/datasets/fashion-mnist``
+  (Debian package ``dataset-fashion-mnist``), else TFDS. Works offline.
 * ``mnist``, ``cifar10``, ``cifar100``, ``imagenet2012``: ``tfds.data_source``
   (ArrayRecord files, random access, no TensorFlow at training time). TFDS
   decodes the stored PNG/JPEG bytes itself (OpenCV if installed, else Pillow);
@@ -42,6 +43,7 @@ import functools
 import gzip
 import os
 import pathlib
+import zlib
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 
@@ -66,7 +68,7 @@ _CROP_ATTEMPTS = 10
 
 
 class DatasetNotPreparedError(ValueError):
-  """A TFDS dataset has no ArrayRecord files in the data directory."""
+  """The data directory lacks the dataset (no idx files, no prepared TFDS ArrayRecord files)."""
 
 
 class IdxFormatError(ValueError):
@@ -170,20 +172,32 @@ def read_idx(path: str | os.PathLike, *, rank: int | None = None) -> np.ndarray:
   if raw[:2] == b"\x1f\x8b":
     try:
       raw = gzip.decompress(raw)
-    except (EOFError, OSError, gzip.BadGzipFile) as e:
+    except (EOFError, OSError, zlib.error) as e:  # BadGzipFile is an OSError
       raise IdxFormatError(f"{path}: broken or truncated gzip stream ({e})") from e
   return parse_idx(raw, rank=rank, where=str(path))
 
 
-def find_idx_files(directory: str | os.PathLike) -> dict[str, pathlib.Path] | None:
-  """The four Fashion-MNIST idx paths in ``directory`` (plain or ``.gz``), or None."""
+def _idx_paths(directory: str | os.PathLike) -> dict[str, pathlib.Path]:
+  """The Fashion-MNIST idx files present in ``directory`` (plain or ``.gz``), by key."""
   found = {}
   for key, (stem, _) in _FASHION_FILES.items():
     for name in (stem, stem + ".gz"):
       if (path := pathlib.Path(directory) / name).is_file():
         found[key] = path
         break
+  return found
+
+
+def find_idx_files(directory: str | os.PathLike) -> dict[str, pathlib.Path] | None:
+  """The four Fashion-MNIST idx paths in ``directory`` (plain or ``.gz``), or None."""
+  found = _idx_paths(directory)
   return found if len(found) == len(_FASHION_FILES) else None
+
+
+def missing_idx_files(directory: str | os.PathLike) -> list[str]:
+  """Names of the Fashion-MNIST idx files ``directory`` lacks (each may also be ``.gz``)."""
+  found = _idx_paths(directory)
+  return [stem for key, (stem, _) in _FASHION_FILES.items() if key not in found]
 
 
 def load_idx_dataset(directory: str | os.PathLike, *, image_size=(28, 28),
@@ -625,12 +639,29 @@ def _limit(split, n: int | None, what: str, name: str):
 
 
 def _load_fashion_mnist(data_dir: str | None):
-  for directory in (data_dir, DEFAULT_FASHION_MNIST_DIR):
-    if directory and find_idx_files(directory):
-      d = load_idx_dataset(directory)
-      return (_ArraySplit(d["train_images"], d["train_labels"]),
-              _ArraySplit(d["test_images"], d["test_labels"]))
-  return None
+  """(train, test) from idx files, or None to read TFDS.
+
+  A ``data_dir`` the user names is the only place looked at (never silently
+  the system copy instead): its idx files, else a TFDS copy prepared in it
+  (``<data_dir>/fashion_mnist/``), else an error naming the missing files.
+  Without one: the system copy, else TFDS's default directory.
+  """
+  if data_dir is None:
+    directory = DEFAULT_FASHION_MNIST_DIR if find_idx_files(DEFAULT_FASHION_MNIST_DIR) else None
+  elif not os.path.isdir(data_dir):
+    raise DatasetNotPreparedError(f"data directory {data_dir} does not exist")
+  elif missing := missing_idx_files(data_dir):
+    if len(missing) == len(_FASHION_FILES) and os.path.isdir(os.path.join(data_dir, "fashion_mnist")):
+      return None  # a TFDS data directory
+    raise DatasetNotPreparedError(f"data directory {data_dir} lacks the Fashion-MNIST idx files "
+                                  f"{', '.join(missing)} (each may be .gz)")
+  else:
+    directory = data_dir
+  if directory is None:
+    return None
+  d = load_idx_dataset(directory)
+  return (_ArraySplit(d["train_images"], d["train_labels"]),
+          _ArraySplit(d["test_images"], d["test_labels"]))
 
 
 def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num_classes=None,

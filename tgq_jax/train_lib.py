@@ -32,6 +32,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -39,6 +40,7 @@ from typing import Any
 
 import flax
 import flax.linen as nn
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -328,8 +330,11 @@ def threshold_values(params: Any, layers: Mapping) -> dict[str, float]:
   return out
 
 
-class NonFiniteLossError(RuntimeError):
-  """The training loss became NaN or Inf."""
+class DivergenceError(RuntimeError):
+  """Training diverged (the rule: :class:`DivergenceGuard`); nothing of the diverged state was saved."""
+
+
+NonFiniteLossError = DivergenceError  # its former name
 
 
 def to_host(tree: Any) -> Any:
@@ -341,26 +346,58 @@ def to_host(tree: Any) -> Any:
   return jax.tree.map(get, tree)
 
 
+def _read_jsonl(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl; a line cut short by a crash is dropped."""
+  rows = []
+  with contextlib.suppress(FileNotFoundError), open(path) as f:
+    for line in f:
+      with contextlib.suppress(json.JSONDecodeError):
+        rows.append(json.loads(line))
+  return rows
+
+
+def _rewrite_jsonl(path: str, rows: list[dict]) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  os.replace(tmp, path)  # atomic: a crash leaves the old or the new file
+
+
 class MetricsWriter:
   """metrics.jsonl (one object per event) and TensorBoard events (tensorboardX, no TensorFlow).
 
-  Only process 0 writes.
+  At most one row per (split, step): a run that starts at step ``start_step``
+  (0, or the step it resumes from) first drops the rows a killed run wrote
+  after that step (the resumed run writes them again, identically), and a row
+  for a (split, step) already there replaces it (an eval-only run's test row).
+  TensorBoard events after ``start_step`` are purged likewise. Only process 0 writes.
   """
 
-  def __init__(self, workdir: str, enabled: bool):
+  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
     self.enabled = enabled
     self._jsonl = self._tb = None
     if enabled:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._path = os.path.join(workdir, "metrics.jsonl")
+      kept = [r for r in _read_jsonl(self._path) if r.get("step", 0) <= start_step]
+      if os.path.exists(self._path):  # (also drops a line a crash cut short, which appending would extend)
+        _rewrite_jsonl(self._path, kept)
+      self._keys = {(r.get("split"), r.get("step")) for r in kept}
+      self._jsonl = open(self._path, "a")
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
       except ImportError:  # optional: metrics.jsonl is the record
         self._tb = None
 
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
+    key = (record["split"], record["step"])
+    if key in self._keys:  # rare (re-evaluating a finished run): rewrite without the old row
+      self._jsonl.close()
+      _rewrite_jsonl(self._path, [r for r in _read_jsonl(self._path) if (r.get("split"), r.get("step")) != key])
+      self._jsonl = open(self._path, "a")
+    self._keys.add(key)
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
@@ -392,16 +429,68 @@ def evaluate(eval_fn: Callable, state: TrainState, dataset, cfg: Config, mesh, k
   return {k: float(v) / count for k, v in totals.items()}
 
 
-def _check_finite(pending: tuple[int, Any] | None, last_saved: int | None) -> None:
-  if pending is None:
-    return
-  step, metrics = pending
-  loss, grad_norm = (float(to_host(metrics[k])) for k in ("loss", "grad_norm"))
-  if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-    kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None else \
-      "no checkpoint was written"
-    raise NonFiniteLossError(f"non-finite training loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
-                             f"stopping ({kept}).")
+class DivergenceGuard:
+  """The divergence rule (docs/training.md); :meth:`fail` stops the run naming the step and the reason.
+
+  Training has diverged when
+
+  * the loss or the gradient norm is NaN or Inf (checked every step);
+  * the loss exceeds ``LOSS_FACTOR`` x its running level: the larger of
+    ln(num_classes) (the loss of a uniform guess) and the running mean of the
+    loss (an exponential moving average, decay ``LOSS_DECAY``, about the last
+    100 steps, that starts at ln(num_classes) and takes in each step that
+    passed). The floor keeps small, noisy losses late in training from
+    tripping it (with 10 classes only a loss above 23 can); starting at the
+    floor needs no warm-up and lets no early explosion become "the level";
+  * any leaf of the state (parameters, thresholds, BatchNorm statistics,
+    optimizer states) is NaN or Inf, or a ternary layer has sparsity 1.0
+    (every weight zero) or a non-finite threshold (checked at every train log
+    row and before every save, so nothing diverged is ever saved).
+  """
+
+  LOSS_FACTOR = 10.0
+  LOSS_DECAY = 0.99
+
+  def __init__(self, num_classes: int, layers: Mapping, last_saved: int | None):
+    self.layers = layers
+    self._thresholds = {"/".join(("params", *path, name)): "/".join(path)
+                        for path, q in layers.items() for name in q.threshold_params}
+    self.last_saved = last_saved  # the newest checkpoint: what stays when the run stops
+    self._floor = float(np.log(max(num_classes, 2)))
+    self._running = self._floor
+    self._checked = -1
+
+  def fail(self, step: int, reason: str):
+    kept = ("no checkpoint was written" if self.last_saved is None
+            else f"the newest checkpoint, step {self.last_saved}, is kept")
+    raise DivergenceError(f"training diverged at step {step}: {reason}; stopping ({kept}).")
+
+  def check_step(self, step: int, metrics: Mapping) -> None:
+    """The loss and gradient norm of one step (idempotent: each step counts once)."""
+    if step <= self._checked:
+      return
+    self._checked = step
+    loss, grad_norm = (float(to_host(metrics[k])) for k in ("loss", "grad_norm"))
+    if not np.isfinite(loss):
+      self.fail(step, f"non-finite loss ({loss})")
+    if not np.isfinite(grad_norm):
+      self.fail(step, f"non-finite gradient norm ({grad_norm})")
+    level = max(self._running, self._floor)
+    if loss > self.LOSS_FACTOR * level:
+      self.fail(step, f"loss {loss:.4g} is more than {self.LOSS_FACTOR:g}x its running level {level:.4g}")
+    self._running = self.LOSS_DECAY * self._running + (1 - self.LOSS_DECAY) * loss
+
+  def check_state(self, step: int, host_state: TrainState) -> None:
+    """Every leaf finite (thresholds named as such), no ternary layer with every weight zero."""
+    bad = checkpoints.nonfinite_leaves(checkpoints.flat_arrays(flax.serialization.to_state_dict(host_state)))
+    for leaf in bad:  # a threshold first: the likelier cause, and the clearer message
+      if leaf in self._thresholds:
+        self.fail(step, f"layer {self._thresholds[leaf]} has a non-finite threshold ({leaf})")
+    if bad:
+      self.fail(step, str(checkpoints.NonFiniteStateError(bad)))
+    for s in layer_stats(host_state.params, self.layers):
+      if s.scale is not None and s.sparsity >= 1.0:  # (scale None: a full-precision layer)
+        self.fail(step, f"layer {s.name} has sparsity 1.0 (every weight is zero)")
 
 
 class _Preemption:
@@ -424,18 +513,31 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def prepare_workdir(workdir: str) -> None:
+  """Creates ``workdir`` and checks that it can be written; ValueError (one line) otherwise."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} is a file, not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    # A real write, not os.access: also right for root, read-only mounts and ACLs.
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(f"--workdir {workdir} cannot be written ({e.strerror or e})") from None
+
+
 def setup(cfg: Config):
-  """Builds everything a run needs; raises ValueError (one line) on bad options."""
+  """Builds everything a run needs; raises ValueError (one line) on bad options, before any work."""
+  cfg.validate()
+  prepare_workdir(cfg.resolved_workdir())
+  check_run_config(cfg.resolved_workdir(), cfg)
   dataset = data_lib.get_dataset(cfg.dataset, data_dir=cfg.data_dir, image_shape=cfg.image_shape or None,
                                  num_classes=cfg.num_classes, num_train=cfg.num_train, num_test=cfg.num_test)
   info = dataset.info
-  for name, value, choices in (("update", cfg.update, ("sequential", "joint")),
-                               ("parallel", cfg.parallel, ("shard_map", "pmap"))):
-    if value not in choices:
-      raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(choices)}.")
   parallel.check_batch_size(cfg.batch_size)
   if cfg.init_from:
-    check_init_from(cfg.init_from)  # a missing path fails now, before anything starts
+    with _init_from_errors():
+      check_init_from(cfg.init_from)  # a missing path fails now, before anything starts
   parallel.check_batch_size(cfg.eval_batch_size, "eval batch size")
   model = make_model(cfg, info.num_classes)
   layers = quantized_layers(model, jnp.zeros((1, *info.image_shape)), train=False)
@@ -448,21 +550,33 @@ _MODEL_FIELDS = ("arch", "dataset", "quantizer", "per_channel", "ternary_first",
 RUN_CONFIG = "config.json"
 
 
-def write_run_config(workdir: str, cfg: Config, info) -> None:
-  """Writes ``<workdir>/config.json`` (config + dataset facts: what export and resume read).
+def check_run_config(workdir: str, cfg: Config) -> None:
+  """ValueError (one line) if ``<workdir>/config.json`` is unreadable or records other model options.
 
   A workdir that already holds a run with other model-defining options is a
   clear error instead of a shape mismatch deep inside the checkpoint restore.
   """
   path = os.path.join(workdir, RUN_CONFIG)
   if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)["config"]
+    try:
+      with open(path) as f:
+        previous = json.load(f)["config"]
+      if not isinstance(previous, dict):
+        raise TypeError("'config' is not an object")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{path} is not a run record of this trainer ({e}); "
+                       "repair or remove it, or use another --workdir") from None
     diff = [f"--{k.replace('_', '-')} {previous.get(k)!r} there, {getattr(cfg, k)!r} now"
             for k in _MODEL_FIELDS if previous.get(k) != getattr(cfg, k)]
     if diff:
       raise ValueError(f"workdir {workdir} holds a run with other options ({'; '.join(diff)}); "
                        "use another --workdir.")
+
+
+def write_run_config(workdir: str, cfg: Config, info) -> None:
+  """Writes ``<workdir>/config.json`` (config + dataset facts: what export and resume read)."""
+  check_run_config(workdir, cfg)
+  path = os.path.join(workdir, RUN_CONFIG)
   record = {"config": dataclasses.asdict(cfg),
             "dataset_info": {"name": info.name, "num_classes": info.num_classes,
                              "image_shape": list(info.image_shape), "num_train": info.num_train,
@@ -485,9 +599,6 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
   info, spe = dataset.info, train_iter.steps_per_epoch
   workdir = cfg.resolved_workdir()
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    write_run_config(workdir, cfg, info)
   mesh, kind = parallel.make_mesh(), cfg.parallel
   labels = param_labels(jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                                        jnp.zeros((1, *info.image_shape)))["params"], layers)
@@ -502,30 +613,49 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
   cleanup.callback(manager.wait_until_finished)  # (callbacks run last-in first-out)
   extra = {"best_test_accuracy": None, "wall_seconds": 0.0}
   if manager.latest_step() is not None:  # re-running the same command resumes
-    state, restored = checkpoints.restore(manager, to_host(state))
+    # The newest intact checkpoint; damaged newer ones are reported and moved aside.
+    state, restored = checkpoints.restore(manager, to_host(state), quarantine=True,
+                                          report=checkpoints.report_to_stderr if is_main else lambda _: None)
     train_iter.set_state(restored["iterator"])
     extra = {**extra, **restored.get("extra", {})}
     if verbose and is_main:
       print(f"resuming from step {int(state.step)} in {workdir}")
   elif cfg.init_from:
     state = init_from_checkpoint(state, cfg.init_from, model, info.image_shape, tx_thr, tx_w, arch=cfg.arch)
+  if is_main:  # only now: a workdir whose checkpoints do not fit this model keeps its record
+    write_run_config(workdir, cfg, info)
   state = parallel.put_state(state, mesh, kind)
 
-  writer = MetricsWriter(workdir, enabled=is_main)
-  cleanup.callback(writer.close)
   total = spe * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, spe * cfg.epochs)
   step = int(to_host(state.step))
-  last_saved = manager.latest_step()
-  interrupted = False
+  writer = MetricsWriter(workdir, enabled=is_main, start_step=step)
+  cleanup.callback(writer.close)
+  guard = DivergenceGuard(info.num_classes, layers, manager.latest_step())
+  interrupted, pending = False, None
+  checked_step, checked_host = None, None  # the state changes only with the step: check each once
+
+  def checked_host_state(step):
+    """Host copy of the state at ``step``, checked by the divergence guard."""
+    nonlocal checked_step, checked_host
+    if checked_step != step:
+      checked_host = to_host(state)
+      guard.check_state(step, checked_host)
+      checked_step = step
+    return checked_host
+
+  def check_pending():
+    if pending is not None:
+      guard.check_step(*pending)
 
   def data_state():
     return {"iterator": train_iter.get_state(), "extra": {**extra, "wall_seconds": extra["wall_seconds"]
                                                           + time.time() - t0}}
 
   def save(step, metrics=None):
-    nonlocal last_saved
-    checkpoints.save(manager, step, to_host(state), data_state(), metrics)  # host copies: any topology
-    last_saved = step
+    check_pending()
+    # Host copies (any topology), checked first: nothing diverged is ever saved.
+    checkpoints.save(manager, step, checked_host_state(step), data_state(), metrics)
+    guard.last_saved = step
 
   def log_test(step):
     test = evaluate(eval_fn, state, dataset, cfg, mesh, kind)
@@ -548,32 +678,32 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
       window, t_window, pending = [], time.time(), None
       while step < end:
         state, metrics = train_fn(state, parallel.put_batch(next(train_iter), mesh, kind))
-        _check_finite(pending, last_saved)  # lagged one step: keeps the device busy
+        check_pending()  # lagged one step: keeps the device busy
         step += 1
         pending = (step, metrics)
         window.append(metrics)
         bar.update(1)
         if step % cfg.log_every == 0 or step == end:
-          _check_finite(pending, last_saved)
+          check_pending()
+          host = checked_host_state(step)
           means = {k: float(np.mean([to_host(m[k]) for m in window])) for k in window[0]}
           ips = len(window) * cfg.batch_size / max(time.time() - t_window, 1e-9)
           writer.write({"step": step, "epoch": step / spe, "split": "train", **means,
                         "lr": float(lr_fn(step - 1)), "img_per_sec": ips,
-                        **({"delta": threshold_values(state.params, layers)} if has_thr else {})})
+                        **({"delta": threshold_values(host.params, layers)} if has_thr else {})})
           bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{ips:.0f}")
           window, t_window = [], time.time()
         if preempt.requested or manager.reached_preemption(step):
-          _check_finite(pending, last_saved)
           save(step)
           interrupted = True
           break
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % spe:
-          _check_finite(pending, last_saved)
           save(step)
       bar.close()
       if interrupted:
         break
-      _check_finite(pending, last_saved)
+      check_pending()
+      checked_host_state(step)  # before evaluating: a diverged state gets no test row
       test, stats = log_test(step)
       save(step, {checkpoints.BEST_METRIC: test["accuracy"]})
       if verbose and is_main:
@@ -609,7 +739,7 @@ def check_init_from(path: str) -> None:
   """Raises CheckpointError (one line) unless ``path`` can be an ``--init-from`` source."""
   if is_torchvision_file(path):
     if not os.path.isfile(path):
-      raise checkpoints.CheckpointError(f"--init-from: no such torchvision state dict file: {path}")
+      raise checkpoints.CheckpointError(f"no such torchvision state dict file: {path}")
   else:
     checkpoints.resolve(path)
 
@@ -621,8 +751,17 @@ def load_fp_variables(path: str, arch: str) -> dict:
   try:
     return load_torchvision_weights(path, arch)
   except ImportError as e:  # a .pth without torch: the message says how to make a .npz
-    raise checkpoints.CheckpointError(f"--init-from: {e}") from None
+    raise checkpoints.CheckpointError(str(e)) from None
   except ValueError as e:  # another arch, or not a torchvision ResNet state dict
+    raise checkpoints.CheckpointError(str(e)) from None
+
+
+@contextlib.contextmanager
+def _init_from_errors():
+  """Prefixes checkpoint errors with the option they came from."""
+  try:
+    yield
+  except checkpoints.CheckpointError as e:
     raise checkpoints.CheckpointError(f"--init-from: {e}") from None
 
 
@@ -636,7 +775,8 @@ def init_from_checkpoint(state: TrainState, path: str, model: nn.Module, image_s
   """
   if is_torchvision_file(path) and arch is None:
     raise ValueError("init_from_checkpoint: a torchvision state dict needs arch=.")
-  source = load_fp_variables(path, arch)
+  with _init_from_errors():
+    source = load_fp_variables(path, arch)
   try:
     variables = init_ternary_from_fp(model, source, image_shape)
   except ValueError as e:
