@@ -18,6 +18,10 @@ Sources
   we resize ImageNet crops with Pillow. See ``docs/data.md`` to prepare them.
 * ``synthetic``: deterministic noise images generated on the fly.
 
+Here: the splits, the datasets and their iterators. The idx format lives in
+:mod:`tgq_jax.idx`, TFDS access in :mod:`tgq_jax.tfds_source`, augmentation in
+:mod:`tgq_jax.augment` (pure numpy functions of images and draws).
+
 Small datasets (everything but ImageNet) are held in memory as uint8 and
 augmented per batch with vectorized numpy; ImageNet is read and cropped per
 example. Either way a batch is a pure function of ``(seed, step)``: grain
@@ -40,15 +44,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
 import os
-import pathlib
-import zlib
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 
 import jax
 import numpy as np
+
+from tgq_jax.augment import (CROP_ATTEMPTS, _resized, center_crop_box, inception_crop_box, normalize,
+                             pad_crop_flip)
+from tgq_jax.idx import (DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_FILES, find_idx_files, load_idx_dataset,
+                         missing_idx_files)
+from tgq_jax.idx import IdxFormatError, parse_idx, read_idx  # noqa: F401  (re-exported: data.read_idx, ...)
+from tgq_jax.tfds_source import DatasetNotPreparedError, _read_records, open_tfds_split
 
 try:  # optional: see _ordered_map
   import grain
@@ -56,24 +64,12 @@ except ImportError:  # pragma: no cover - exercised where grain is not installed
   grain = None
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet2012", "synthetic")
-DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # Room in the synthetic noise pool: image i is pool[o_i : o_i + H W C].
 _SYNTHETIC_POOL_SLACK = 1 << 16
 # grain threads for in-memory data: numpy holds the GIL for part of each
 # batch, so threads beyond the spare cores only contend (measured on 2 cores:
 # 1 thread 66k images/s, 2 threads 32k for CIFAR-shaped batches of 256).
 _IN_MEMORY_THREADS = max(1, min(4, (os.cpu_count() or 2) - 1))
-# Attempts of the Inception-style random-resized crop before the fallback.
-_CROP_ATTEMPTS = 10
-
-
-class DatasetNotPreparedError(ValueError):
-  """The data directory lacks the dataset (no idx files, no prepared TFDS ArrayRecord files)."""
-
-
-class IdxFormatError(ValueError):
-  """An idx file (MNIST format) is malformed: bad magic, truncated, ..."""
-
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
@@ -111,168 +107,6 @@ _RECIPES = {
     # Uniform uint8 noise: mean 127.5 / 255, std ~ 1 / sqrt(12).
     "synthetic": _Recipe(10, (32, 32, 3), (0.5,), (0.2887,), "crop_flip", 4),
 }
-
-
-# ----------------------------------------------------------------------------
-# idx files
-
-_IDX_TYPES = {0x08: np.uint8}
-_FASHION_FILES = {
-    "train_images": ("train-images-idx3-ubyte", 3),
-    "train_labels": ("train-labels-idx1-ubyte", 1),
-    "test_images": ("t10k-images-idx3-ubyte", 3),
-    "test_labels": ("t10k-labels-idx1-ubyte", 1),
-}
-
-
-def parse_idx(data: bytes, *, rank: int | None = None, where: str = "idx data") -> np.ndarray:
-  """Parses idx bytes (big-endian header ``0 0 type rank``, dims, data).
-
-  Raises:
-    IdxFormatError: naming ``where`` and what is wrong (short or bad header,
-      unsupported type, unexpected rank, payload shorter or longer than the
-      dimensions say).
-  """
-  if len(data) < 4:
-    raise IdxFormatError(f"{where}: {len(data)} bytes, too short for an idx header")
-  magic = int.from_bytes(data[:4], "big")
-  if data[0] != 0 or data[1] != 0:
-    raise IdxFormatError(
-        f"{where}: bad magic number 0x{magic:08x}; an idx file starts with two "
-        "zero bytes, a type code and a rank (0x00000803 for uint8 images, "
-        "0x00000801 for uint8 labels). Is it an idx file (and, if gzipped, "
-        "named *.gz)?")
-  if data[2] not in _IDX_TYPES:
-    raise IdxFormatError(
-        f"{where}: magic number 0x{magic:08x} has type code 0x{data[2]:02x}; "
-        "only unsigned bytes (0x08) are supported")
-  ndim = data[3]
-  if rank is not None and ndim != rank:
-    raise IdxFormatError(
-        f"{where}: magic number 0x{magic:08x} says rank {ndim}, expected {rank} "
-        f"({'images' if rank == 3 else 'labels'})")
-  header = 4 + 4 * ndim
-  if len(data) < header:
-    raise IdxFormatError(
-        f"{where}: truncated header: {len(data)} bytes, rank {ndim} needs {header}")
-  dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-  expected = int(np.prod(dims, dtype=np.int64))
-  actual = len(data) - header
-  if actual != expected:
-    kind = "truncated" if actual < expected else "too long"
-    raise IdxFormatError(
-        f"{where}: {kind}: the header promises {' x '.join(map(str, dims))} = "
-        f"{expected} bytes of data, the file has {actual}")
-  return np.frombuffer(data, _IDX_TYPES[data[2]], expected, header).reshape(dims)
-
-
-def read_idx(path: str | os.PathLike, *, rank: int | None = None) -> np.ndarray:
-  """Reads an idx file, gzipped or not (told by its content, not its name)."""
-  raw = pathlib.Path(path).read_bytes()
-  if raw[:2] == b"\x1f\x8b":
-    try:
-      raw = gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as e:  # BadGzipFile is an OSError
-      raise IdxFormatError(f"{path}: broken or truncated gzip stream ({e})") from e
-  return parse_idx(raw, rank=rank, where=str(path))
-
-
-def _idx_paths(directory: str | os.PathLike) -> dict[str, pathlib.Path]:
-  """The Fashion-MNIST idx files present in ``directory`` (plain or ``.gz``), by key."""
-  found = {}
-  for key, (stem, _) in _FASHION_FILES.items():
-    for name in (stem, stem + ".gz"):
-      if (path := pathlib.Path(directory) / name).is_file():
-        found[key] = path
-        break
-  return found
-
-
-def find_idx_files(directory: str | os.PathLike) -> dict[str, pathlib.Path] | None:
-  """The four Fashion-MNIST idx paths in ``directory`` (plain or ``.gz``), or None."""
-  found = _idx_paths(directory)
-  return found if len(found) == len(_FASHION_FILES) else None
-
-
-def missing_idx_files(directory: str | os.PathLike) -> list[str]:
-  """Names of the Fashion-MNIST idx files ``directory`` lacks (each may also be ``.gz``)."""
-  found = _idx_paths(directory)
-  return [stem for key, (stem, _) in _FASHION_FILES.items() if key not in found]
-
-
-def load_idx_dataset(directory: str | os.PathLike, *, image_size=(28, 28),
-                     num_classes: int = 10) -> dict[str, np.ndarray]:
-  """Loads and cross-checks the four idx files of an MNIST-format dataset.
-
-  Returns ``{"train_images": (N, H, W, 1) uint8, "train_labels": (N,) int32,
-  "test_images", "test_labels"}``.
-  """
-  paths = find_idx_files(directory)
-  if paths is None:
-    raise FileNotFoundError(
-        f"{directory}: needs {', '.join(s for s, _ in _FASHION_FILES.values())} "
-        "(each optionally .gz)")
-  out = {k: read_idx(paths[k], rank=_FASHION_FILES[k][1]) for k in paths}
-  for split in ("train", "test"):
-    images, labels = out[f"{split}_images"], out[f"{split}_labels"]
-    if images.shape[1:] != tuple(image_size):
-      raise IdxFormatError(f"{paths[split + '_images']}: images are "
-                           f"{images.shape[1:]}, expected {tuple(image_size)}")
-    if len(images) != len(labels):
-      raise IdxFormatError(f"{paths[split + '_images']} has {len(images)} images "
-                           f"but {paths[split + '_labels']} has {len(labels)} labels")
-    if labels.size and labels.max() >= num_classes:
-      raise IdxFormatError(f"{paths[split + '_labels']}: label {labels.max()} "
-                           f"outside [0, {num_classes})")
-    out[f"{split}_images"] = images[..., None]
-    out[f"{split}_labels"] = labels.astype(np.int32)
-  return out
-
-
-# ----------------------------------------------------------------------------
-# TFDS
-
-def _prepare_hint(name: str, data_dir: str | None) -> str:
-  where = f"--data_dir={data_dir}" if data_dir else "(default data_dir ~/tensorflow_datasets or $TFDS_DATA_DIR)"
-  manual = " --manual_dir=DIR_WITH_ILSVRC2012_img_{train,val}.tar" if name == "imagenet2012" else ""
-  idx = (f"Or put the four idx files in --data_dir (or {DEFAULT_FASHION_MNIST_DIR}: "
-         "apt-get install dataset-fashion-mnist).\n") if name == "fashion_mnist" else ""
-  return (f"{idx}Prepare it once (needs TensorFlow):\n  pip install -e '.[prepare]'\n"
-          f"  tfds build {name} --file_format=array_record {where}{manual}\n"
-          "See docs/data.md.")
-
-
-def open_tfds_split(name: str, split: str, data_dir: str | None) -> Sequence[dict]:
-  """``tfds.data_source`` for a prepared split; never downloads or prepares.
-
-  Raises:
-    DatasetNotPreparedError: with the command to prepare it, if the dataset
-      is absent or was prepared as TFRecord (no random access).
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                            try_gcs=False)
-  except Exception as e:  # TFDS says "TFRECORD is not supported" when absent.
-    builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
-      raise DatasetNotPreparedError(
-          f"TFDS dataset {name!r} is not prepared in {builder.data_dir}.\n"
-          + _prepare_hint(name, data_dir)) from e
-    if str(builder.info.file_format) != str(tfds.core.FileFormat.ARRAY_RECORD):
-      raise DatasetNotPreparedError(
-          f"TFDS dataset {name!r} in {builder.data_dir} is {builder.info.file_format}, "
-          "which has no random access; rebuild it as ArrayRecord.\n"
-          + _prepare_hint(name, data_dir)) from e
-    raise
-
-
-def _read_records(source: Sequence[dict], count: int) -> tuple[np.ndarray, np.ndarray]:
-  """The first ``count`` records as stacked uint8 images and int32 labels."""
-  with futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-    records = list(pool.map(source.__getitem__, range(count), chunksize=256))
-  images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
-  return images, np.array([r["label"] for r in records], np.int32)
 
 
 # ----------------------------------------------------------------------------
@@ -332,85 +166,6 @@ def _hash(x: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------
-# Augmentation and normalization (pure functions of images and draws).
-
-def normalize(images: np.ndarray, mean, std) -> np.ndarray:
-  """uint8 NHWC -> float32 ``(x / 255 - mean) / std`` per channel."""
-  std = np.asarray(std, np.float32)
-  out = np.multiply(images, np.float32(1 / 255) / std, dtype=np.float32)  # one pass, no uint8->f32 copy
-  out -= np.asarray(mean, np.float32) / std
-  return out
-
-
-def pad_crop_flip(images: np.ndarray, draws: np.ndarray, pad: int, flip: bool) -> np.ndarray:
-  """Zero-pads by ``pad``, crops back at random offsets, optionally flips.
-
-  ``draws`` (N, >=3) uniform in [0, 1): columns 0 and 1 choose the row and
-  column offset in [0, 2 pad] of the padded image, column 2 < 0.5 flips
-  horizontally.
-  """
-  n, h, w, _ = images.shape
-  out = np.zeros_like(images)
-  # Shift in [-pad, pad]; copying the overlap per example is ~3x faster than
-  # padding and gathering with fancy indices.
-  dy = (draws[:, 0] * (2 * pad + 1)).astype(np.int64) - pad
-  dx = (draws[:, 1] * (2 * pad + 1)).astype(np.int64) - pad
-  for i, (y, x) in enumerate(zip(dy.tolist(), dx.tolist())):
-    out[i, max(0, -y):h - max(0, y), max(0, -x):w - max(0, x)] = \
-        images[i, max(0, y):h + min(0, y), max(0, x):w + min(0, x)]
-  if flip:
-    flipped = draws[:, 2] < 0.5
-    out[flipped] = out[flipped, :, ::-1]
-  return out
-
-
-def inception_crop_box(height: int, width: int, draws: np.ndarray,
-                       scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-  """torchvision's RandomResizedCrop box ``(left, top, right, bottom)``.
-
-  ``draws`` holds 4 uniforms per attempt (area, log-aspect, top, left) from
-  column 3 on; after ``_CROP_ATTEMPTS`` misses, a center crop clipped to
-  ``ratio``.
-  """
-  area = height * width
-  for a in range(_CROP_ATTEMPTS):
-    u = draws[3 + 4 * a: 7 + 4 * a]
-    target = area * (scale[0] + u[0] * (scale[1] - scale[0]))
-    aspect = np.exp(np.log(ratio[0]) + u[1] * (np.log(ratio[1]) - np.log(ratio[0])))
-    w = int(round(np.sqrt(target * aspect)))
-    h = int(round(np.sqrt(target / aspect)))
-    if 0 < w <= width and 0 < h <= height:
-      top = int(u[2] * (height - h + 1))
-      left = int(u[3] * (width - w + 1))
-      return left, top, left + w, top + h
-  in_ratio = width / height
-  if in_ratio < ratio[0]:
-    w, h = width, int(round(width / ratio[0]))
-  elif in_ratio > ratio[1]:
-    w, h = int(round(height * ratio[1])), height
-  else:
-    w, h = width, height
-  top, left = (height - h) // 2, (width - w) // 2
-  return left, top, left + w, top + h
-
-
-def center_crop_box(height: int, width: int, size: int, resize: int) -> tuple[float, ...]:
-  """Box equal to "resize shorter side to ``resize``, center-crop ``size``"."""
-  side = min(height, width) * size / resize
-  top, left = (height - side) / 2, (width - side) / 2
-  return left, top, left + side, top + side
-
-
-def _resized(image: np.ndarray, box, size: tuple[int, int]) -> np.ndarray:
-  """Crops ``box`` and resizes it to ``size`` (H, W) in one bilinear Pillow pass."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  if image.shape[-1] == 1:
-    image = np.repeat(image, 3, axis=-1)
-  out = Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR, box=box)
-  return np.asarray(out)
-
-
-# ----------------------------------------------------------------------------
 # Dataset, iterators
 
 def _check_batch(global_batch_size: int, process_count: int, num_devices: int, n: int,
@@ -439,7 +194,7 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
 def _draws(seed: int, step: int, global_batch_size: int) -> np.ndarray:
   """Augmentation uniforms for a whole global batch: (B, 3 + 4 attempts)."""
-  return np.random.default_rng([seed, 1, step]).random((global_batch_size, 3 + 4 * _CROP_ATTEMPTS))
+  return np.random.default_rng([seed, 1, step]).random((global_batch_size, 3 + 4 * CROP_ATTEMPTS))
 
 
 class _PrefetchMap:
@@ -651,7 +406,7 @@ def _load_fashion_mnist(data_dir: str | None):
   elif not os.path.isdir(data_dir):
     raise DatasetNotPreparedError(f"data directory {data_dir} does not exist")
   elif missing := missing_idx_files(data_dir):
-    if len(missing) == len(_FASHION_FILES) and os.path.isdir(os.path.join(data_dir, "fashion_mnist")):
+    if len(missing) == len(FASHION_MNIST_FILES) and os.path.isdir(os.path.join(data_dir, "fashion_mnist")):
       return None  # a TFDS data directory
     raise DatasetNotPreparedError(f"data directory {data_dir} lacks the Fashion-MNIST idx files "
                                   f"{', '.join(missing)} (each may be .gz)")
