@@ -16,7 +16,7 @@ from tgq_jax import configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-           PYTHONPATH=REPO)
+           PYTHONPATH=REPO, JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # compile fast, as conftest does in-process
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trainer_helpers import SYNTH_ARGS  # noqa: E402
 
