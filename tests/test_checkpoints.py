@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -147,14 +148,20 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_p
   jax.tree.map(np.testing.assert_array_equal, state, _big_state(2))
 
 
-def test_a_garbled_checkpoint_loads_silently_without_the_checksums(tmp_path):
-  """Why the checksums exist: orbax restores garbled array bytes without an error."""
+def test_a_garbled_checkpoint_is_caught_whether_or_not_orbax_notices(tmp_path):
+  """Why the checksums exist: orbax may restore garbled array bytes without an error (where the
+  64 bytes land in raw array data; in a zstd frame the read fails instead, which depends on where
+  the save put each array). Either way our restore names the damaged checkpoint."""
   _two_checkpoints(tmp_path)
   _garble(tmp_path / "2")
-  raw = checkpoints.make_manager(str(tmp_path)).restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  assert not np.array_equal(raw["state"]["params"]["layer"]["kernel"], _big_state(2)["params"]["layer"]["kernel"])
-  with pytest.raises(checkpoints.CorruptCheckpointError, match=f"checkpoint {tmp_path / '2'} fails its integrity "
-                                                                r"check \(1 of 4 arrays .* params/layer/kernel\)"):
+  try:
+    raw = checkpoints.make_manager(str(tmp_path)).restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  except ValueError:  # the storage layer noticed
+    raw, expected = None, r"cannot be read"
+  else:
+    expected = r"fails its integrity check \(1 of 4 arrays .* params/layer/kernel\)"
+    assert not np.array_equal(raw["state"]["params"]["layer"]["kernel"], _big_state(2)["params"]["layer"]["kernel"])
+  with pytest.raises(checkpoints.CheckpointError, match=f"checkpoint {tmp_path / '2'} {expected}"):
     checkpoints.restore(checkpoints.make_manager(str(tmp_path)), _big_state(0), step=2)
 
 
@@ -204,9 +211,9 @@ def test_load_variables_falls_back_past_a_damaged_step_and_verifies_a_named_one(
   reports = []
   got = checkpoints.load_variables(str(tmp_path), report=reports.append)
   np.testing.assert_array_equal(got["params"]["layer"]["kernel"], _big_state(1)["params"]["layer"]["kernel"])
-  assert len(reports) == 1 and "checkpoints/2 fails its integrity check" in reports[0]
+  assert len(reports) == 1 and re.search(r"checkpoints/2 (fails its integrity check|cannot be read)", reports[0])
   assert (tmp_path / "checkpoints" / "2").is_dir()  # reading someone's run moves nothing
-  with pytest.raises(checkpoints.CorruptCheckpointError, match="checkpoints/2 fails its integrity check"):
+  with pytest.raises(checkpoints.CheckpointError, match="checkpoints/2 (fails its integrity check|cannot be read)"):
     checkpoints.load_variables(str(tmp_path / "checkpoints" / "2"))
 
 
