@@ -145,8 +145,6 @@ def torch_step(case: str, threads: int):
 
 
 def jax_step(case: str):
-  import jax
-
   from step_time import build_step, time_steps
 
   batch, shape, classes = CASES[case]
@@ -158,7 +156,6 @@ def jax_step(case: str):
     t, holder[0] = time_steps(step, holder[0], data, n)
     return t
 
-  del jax
   return run
 
 
