@@ -357,15 +357,45 @@ def test_invalid_per_channel_delta_shape():
 
 
 def test_import_surface():
-  """import tgq_jax.ternarize works; the package attribute is the function with helpers."""
+  """One name, one thing: the package attribute is the module, and the module is callable."""
   import tgq_jax.ternarize  # noqa: F401
   from tgq_jax import ternarize
   mod = importlib.import_module("tgq_jax.ternarize")
-  assert callable(ternarize) and ternarize is tgq_jax.ternarize is mod.ternarize
-  assert tgq_jax.ternarize.init_params is mod.init_params
+  assert callable(ternarize) and ternarize is tgq_jax.ternarize is mod
   assert ternarize.ternary_parts is mod.ternary_parts and ternarize.dequantize is mod.dequantize
   w = _w(11)
   np.testing.assert_array_equal(tgq_jax.ternarize(w, {"delta": 0.1}), mod.ternarize(w, {"delta": 0.1}))
+  jax.jit(ternarize)(w, {"delta": 0.1})  # usable wherever a function is
+
+
+def test_module_settings_are_read(monkeypatch):
+  """``ternarize.CLIP_SIGMAS`` set on the name users import changes the clip the code applies."""
+  from tgq_jax import ternarize
+  w = _w(13, (400,))
+  huge = {"delta": jnp.float32(100.0)}  # clipped to CLIP_SIGMAS * sigma
+  sigma = float(jnp.std(w, ddof=1))
+  t3 = float(ternarize.ternary_parts(w, huge).threshold)
+  monkeypatch.setattr(ternarize, "CLIP_SIGMAS", 1.0)
+  t1 = float(ternarize.ternary_parts(w, huge).threshold)
+  np.testing.assert_allclose([t3, t1], [3 * sigma, sigma], rtol=1e-5)
+
+
+def test_per_channel_axes_are_independent_slices():
+  """per_channel=(1, 2) (a DenseGeneral kernel's heads x head_dim) is TGA on each slice alone."""
+  w = _w(14, (16, 3, 5))
+  p = tgq_jax.ternarize.init_params(w, per_channel=(1, 2))
+  assert p["delta"].shape == (3, 5)
+  np.testing.assert_allclose(p["delta"], 0.05 * np.abs(np.asarray(w)).max(axis=0), rtol=1e-7)
+  g = _w(15, (16, 3, 5))
+  f = lambda w, d: jnp.sum(g * T(w, {"delta": d}, per_channel=(1, 2)))
+  out = T(w, p, per_channel=(1, 2))
+  dw, dd = jax.grad(f, argnums=(0, 1))(w, p["delta"])
+  for i, j in [(0, 0), (2, 4), (1, 3)]:
+    slice_f = lambda w, d: jnp.sum(g[:, i, j] * T(w, {"delta": d}))
+    np.testing.assert_allclose(out[:, i, j], T(w[:, i, j], {"delta": p["delta"][i, j]}), rtol=1e-6)
+    sw, sd = jax.grad(slice_f, argnums=(0, 1))(w[:, i, j], p["delta"][i, j])
+    np.testing.assert_allclose(dw[:, i, j], sw, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dd[i, j], sd, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

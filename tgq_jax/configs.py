@@ -14,7 +14,7 @@ import numbers
 import typing
 from typing import Any
 
-from tgq_jax.quantizers import QUANTIZERS
+from tgq_jax.quantizers import quantizer_names
 
 
 
@@ -128,8 +128,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
   "update": ("sequential", "joint"), "optimizer": ("sgd", "adam"),
   "threshold_optimizer": ("auto", "sgd", "adam"), "lr_schedule": ("step", "cosine"),
   "bn_running_stats": ("once", "authors"),
-  "parallel": ("shard_map", "pmap"), "quantizer": QUANTIZERS,
+  "parallel": ("shard_map", "pmap"),
 }
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+  """Every option with a fixed set of values; quantizers as registered now (register_quantizer)."""
+  return {**CHOICES, "quantizer": quantizer_names()}
 
 
 def _flag(name: str) -> str:
@@ -166,9 +171,9 @@ _RULES: tuple[tuple[tuple[str, ...], Any, str], ...] = (
 def _problems(cfg: Config) -> list[str]:
   """One phrase per impossible option of ``cfg`` (empty when every option is possible)."""
   out = []
-  for name, choices in CHOICES.items():
-    if getattr(cfg, name) not in choices:
-      out.append(f"{_flag(name)} must be one of {', '.join(choices)} (got {getattr(cfg, name)!r})")
+  for name, values in choices().items():
+    if getattr(cfg, name) not in values:
+      out.append(f"{_flag(name)} must be one of {', '.join(values)} (got {getattr(cfg, name)!r})")
   for names, ok, requirement in _RULES:
     for name in names:
       value = getattr(cfg, name)
@@ -221,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
       kw.update(nargs="*", type=scalar)
     else:
       kw["type"] = scalar
-    if field.name in CHOICES:
-      kw["choices"] = CHOICES[field.name]
+    if field.name in choices():
+      kw["choices"] = choices()[field.name]
     parser.add_argument(flag, **kw)
   return parser
 

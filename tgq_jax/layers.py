@@ -38,7 +38,7 @@ import numpy as np
 from flax import traverse_util
 
 from tgq_jax.kernels import ternary_matmul as _tm
-from tgq_jax.quantizers import QUANTIZERS, Quantizer, get_quantizer
+from tgq_jax.quantizers import Quantizer, get_quantizer, quantizer_names
 
 Path = tuple[str, ...]
 
@@ -342,7 +342,8 @@ def layer_stats(params: Mapping, layers: Mapping[Path, Quantizer]) -> list[Layer
 
 
 # Every quantizer leaf name any quantizer may create (a source model may be ternary already).
-_QUANTIZER_LEAVES = frozenset(n for q in QUANTIZERS for n in get_quantizer(q).param_names)
+def _quantizer_leaves() -> frozenset[str]:
+  return frozenset(n for q in quantizer_names() for n in get_quantizer(q).param_names)
 
 
 def _list_keys(keys) -> str:
@@ -418,7 +419,7 @@ def init_ternary_from_fp(model: nn.Module, fp_variables: Mapping, image_shape: t
     else:
       missing.append("/".join(path))
   unexpected = ["/".join(p) for p in source
-                if p not in target and not (p[0] == "params" and p[-1] in _QUANTIZER_LEAVES)]
+                if p not in target and not (p[0] == "params" and p[-1] in _quantizer_leaves())]
   problems = _mismatch_problems(missing, unexpected, mismatched, "leaves")
   if problems:
     raise ValueError("fp_variables do not match the model: " + "; ".join(problems))

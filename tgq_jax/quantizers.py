@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tgq_jax.ternarize import TernaryParts, _moments
+from tgq_jax.ternarize import PerChannel, TernaryParts, _moments, _reduction_axes, stat_shape
 from tgq_jax.ternarize import init_params as tga_init
 from tgq_jax.ternarize import ternarize as tga
 from tgq_jax.ternarize import ternary_parts as tga_parts
@@ -51,12 +51,12 @@ TWN_THRESHOLD_FACTOR = 0.7
 TTQ_THRESHOLD_FACTOR = 0.05
 
 
-def _axes(w: jax.Array, per_channel: bool) -> tuple[int, ...]:
-  return tuple(range(w.ndim - 1)) if per_channel else tuple(range(w.ndim))
+def _axes(w: jax.Array, per_channel: PerChannel) -> tuple[int, ...]:
+  return _reduction_axes(w.ndim, per_channel)
 
 
-def _stat_shape(w: jax.Array, per_channel: bool) -> tuple[int, ...]:
-  return (w.shape[-1],) if per_channel else ()
+def _stat_shape(w: jax.Array, per_channel: PerChannel) -> tuple[int, ...]:
+  return stat_shape(w.shape, per_channel)
 
 
 def _compute(w: jax.Array) -> jax.Array:
@@ -72,7 +72,7 @@ def _check_empty(params: Any, name: str) -> None:
 # --- TWN ---------------------------------------------------------------------
 
 
-def _twn_codes_and_scale(w: jax.Array, per_channel: bool):
+def _twn_codes_and_scale(w: jax.Array, per_channel: PerChannel):
   axes = _axes(w, per_channel)
   abs_w = jnp.abs(w)
   t = TWN_THRESHOLD_FACTOR * jnp.mean(abs_w, axis=axes, keepdims=True)
@@ -85,7 +85,7 @@ def _twn_codes_and_scale(w: jax.Array, per_channel: bool):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _twn(w: jax.Array, per_channel: bool) -> jax.Array:
+def _twn(w: jax.Array, per_channel: PerChannel) -> jax.Array:
   codes, scale, _ = _twn_codes_and_scale(w, per_channel)
   return scale * codes
 
@@ -101,19 +101,19 @@ def _twn_bwd(per_channel, _, g):
 _twn.defvjp(_twn_fwd, _twn_bwd)
 
 
-def twn(w: jax.Array, params: Params | None = None, *, per_channel: bool = False) -> jax.Array:
+def twn(w: jax.Array, params: Params | None = None, *, per_channel: PerChannel = False) -> jax.Array:
   """TWN-ternarizes ``w`` (no trainable parameters; ``params`` must be empty)."""
   _check_empty(params, "twn")
   w = jnp.asarray(w)
   return _twn(_compute(w), per_channel).astype(w.dtype)
 
 
-def twn_init(w: jax.Array, *, per_channel: bool = False) -> dict:
+def twn_init(w: jax.Array, *, per_channel: PerChannel = False) -> dict:
   del w, per_channel
   return {}
 
 
-def twn_parts(w: jax.Array, params: Params | None = None, *, per_channel: bool = False) -> TernaryParts:
+def twn_parts(w: jax.Array, params: Params | None = None, *, per_channel: PerChannel = False) -> TernaryParts:
   _check_empty(params, "twn")
   w = jnp.asarray(w)
   codes, scale, t = _twn_codes_and_scale(_compute(w), per_channel)
@@ -129,13 +129,13 @@ def twn_parts(w: jax.Array, params: Params | None = None, *, per_channel: bool =
 ABSMEAN_EPS = 1e-5
 
 
-def _absmean_codes_and_scale(w: jax.Array, per_channel: bool):
+def _absmean_codes_and_scale(w: jax.Array, per_channel: PerChannel):
   scale = jnp.maximum(jnp.mean(jnp.abs(w), axis=_axes(w, per_channel), keepdims=True), ABSMEAN_EPS)
   return jnp.clip(jnp.round(w / scale), -1, 1), scale
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _absmean(w: jax.Array, per_channel: bool) -> jax.Array:
+def _absmean(w: jax.Array, per_channel: PerChannel) -> jax.Array:
   codes, scale = _absmean_codes_and_scale(w, per_channel)
   return scale * codes
 
@@ -147,14 +147,14 @@ def _absmean_fwd(w, per_channel):
 _absmean.defvjp(_absmean_fwd, _twn_bwd)  # straight-through, like TWN
 
 
-def absmean(w: jax.Array, params: Params | None = None, *, per_channel: bool = False) -> jax.Array:
+def absmean(w: jax.Array, params: Params | None = None, *, per_channel: PerChannel = False) -> jax.Array:
   """BitNet b1.58's absmean ternarization of ``w`` (no trainable parameters)."""
   _check_empty(params, "absmean")
   w = jnp.asarray(w)
   return _absmean(_compute(w), per_channel).astype(w.dtype)
 
 
-def absmean_parts(w: jax.Array, params: Params | None = None, *, per_channel: bool = False) -> TernaryParts:
+def absmean_parts(w: jax.Array, params: Params | None = None, *, per_channel: PerChannel = False) -> TernaryParts:
   _check_empty(params, "absmean")
   wc = _compute(w)
   codes, scale = _absmean_codes_and_scale(wc, per_channel)
@@ -207,7 +207,7 @@ def _ttq_scales(params: Any) -> tuple[jax.Array, jax.Array]:
   return params["pos_scale"], params["neg_scale"]
 
 
-def ttq(w: jax.Array, params: Params, *, per_channel: bool = False) -> jax.Array:
+def ttq(w: jax.Array, params: Params, *, per_channel: PerChannel = False) -> jax.Array:
   """TTQ-ternarizes ``w`` with the trainable scales ``params = {"pos_scale", "neg_scale"}``."""
   if per_channel:
     raise ValueError("ttq: per-channel statistics are not supported (TTQ learns one scale pair per layer).")
@@ -217,7 +217,7 @@ def ttq(w: jax.Array, params: Params, *, per_channel: bool = False) -> jax.Array
   return _ttq(wc, jnp.asarray(pos, wc.dtype), jnp.asarray(neg, wc.dtype)).astype(w.dtype)
 
 
-def ttq_init(w: jax.Array, *, per_channel: bool = False, dtype=None) -> dict[str, jax.Array]:
+def ttq_init(w: jax.Array, *, per_channel: PerChannel = False, dtype=None) -> dict[str, jax.Array]:
   """Scales initialized to the mean magnitude of the weights on each side of the threshold.
 
   ``dtype`` defaults to the statistics' dtype (float32; float64 for float64 weights).
@@ -231,7 +231,7 @@ def ttq_init(w: jax.Array, *, per_channel: bool = False, dtype=None) -> dict[str
   return {"pos_scale": mean_where(codes > 0).astype(dtype), "neg_scale": mean_where(codes < 0).astype(dtype)}
 
 
-def ttq_parts(w: jax.Array, params: Params, *, per_channel: bool = False) -> TernaryParts:
+def ttq_parts(w: jax.Array, params: Params, *, per_channel: PerChannel = False) -> TernaryParts:
   if per_channel:
     raise ValueError("ttq: per-channel statistics are not supported.")
   pos, neg = _ttq_scales(params)
@@ -245,13 +245,13 @@ def ttq_parts(w: jax.Array, params: Params, *, per_channel: bool = False) -> Ter
 # --- full precision ----------------------------------------------------------
 
 
-def fp(w: jax.Array, params: Params | None = None, *, per_channel: bool = False) -> jax.Array:
+def fp(w: jax.Array, params: Params | None = None, *, per_channel: PerChannel = False) -> jax.Array:
   """Identity: the full-precision twin."""
   _check_empty(params, "fp")
   return w
 
 
-def fp_init(w: jax.Array, *, per_channel: bool = False) -> dict:
+def fp_init(w: jax.Array, *, per_channel: PerChannel = False) -> dict:
   del w, per_channel
   return {}
 
@@ -260,65 +260,141 @@ def fp_init(w: jax.Array, *, per_channel: bool = False) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantizerSpec:
+  """What :func:`register_quantizer` needs to know about a weight quantizer.
+
+  The three functions take ``per_channel`` as a keyword: ``False`` (per tensor),
+  ``True`` (per slice of the last axis) or a tuple of the axes that keep one
+  statistic each (a layer's output-feature axes; see
+  :func:`tgq_jax.ternarize.channel_axes`).
+
+  Attributes:
+    name: the registry name (what ``--quantizer`` and :class:`tgq_jax.QuantPolicy` take).
+    apply: ``apply(w, params, *, per_channel) -> w_q``, same shape and dtype as ``w``.
+    init: ``init(w, *, per_channel) -> params`` (``{}`` for a quantizer without parameters).
+    parts: ``parts(w, params, *, per_channel) -> TernaryParts`` (codes and scales,
+      for statistics and export); None for a quantizer that is not ternary (``"fp"``).
+    param_names: the keys of ``init``'s dict, created beside each kernel.
+    threshold_names: the subset of ``param_names`` that are thresholds: the
+      trainer's threshold optimizer trains them; the others train with the weights.
+    per_channel: whether per-channel statistics are supported.
+    threshold_split: optional ``(w, params, *, per_channel) -> (codes, scale)``
+      with ``scale * codes == apply(w, params)`` and a gradient for the
+      thresholds only (:func:`tgq_jax.ternarize.threshold_split`); lets the
+      sequential update's threshold pass skip the kernel gradients.
+    symmetric: whether a -1 code is ``-scale`` (False: its own magnitude, as TTQ's).
+    description: one line for ``--help`` and error messages.
+  """
+
+  name: str
+  apply: Callable
+  init: Callable
+  parts: Callable | None
+  param_names: tuple[str, ...] = ()
+  threshold_names: tuple[str, ...] = ()
+  per_channel: bool = True
+  threshold_split: Callable | None = None
+  symmetric: bool = True
+  description: str = ""
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not self.name or self.name.startswith(PACKED_PREFIX) or ":" in self.name:
+      raise ValueError(f"quantizer name must be a non-empty string without ':', got {self.name!r}.")
+    if not set(self.threshold_names) <= set(self.param_names):
+      raise ValueError(f"quantizer {self.name!r}: threshold_names {self.threshold_names} must be among "
+                       f"param_names {self.param_names}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class Quantizer:
-  """A weight quantizer with its settings bound.
+  """A registered quantizer with its statistics layout bound.
 
   Attributes:
     name: registry name.
-    per_channel: per-output-channel statistics (last axis) instead of per tensor.
+    per_channel: False (per tensor), True (last axis) or the kept axes (see :class:`QuantizerSpec`).
     ternary: whether ``apply`` produces ternary weights (False for ``"fp"``).
     param_names: names of the quantizer's own params leaves (``init``'s keys).
     threshold_params: the subset of ``param_names`` that are thresholds (trained
       by the trainer's threshold optimizer); other quantizer leaves train with
       the weights.
+    packed: the inference form: the layer holds packed codes and scales, not a float kernel.
   """
 
-  name: str
-  per_channel: bool
-  ternary: bool
-  param_names: tuple[str, ...]
-  threshold_params: tuple[str, ...]
-  _apply: Callable = dataclasses.field(repr=False)
-  _init: Callable = dataclasses.field(repr=False)
-  _parts: Callable | None = dataclasses.field(repr=False)
-  _threshold_split: Callable | None = dataclasses.field(default=None, repr=False)
-  #: Inference form: the layer holds packed codes and scales, not a float kernel.
+  spec: QuantizerSpec = dataclasses.field(repr=False)
+  per_channel: PerChannel = False
   packed: bool = False
+
+  @property
+  def name(self) -> str:
+    return PACKED_PREFIX + self.spec.name if self.packed else self.spec.name
+
+  @property
+  def ternary(self) -> bool:
+    return self.spec.parts is not None
+
+  @property
+  def param_names(self) -> tuple[str, ...]:
+    return () if self.packed else self.spec.param_names
+
+  @property
+  def threshold_params(self) -> tuple[str, ...]:
+    return () if self.packed else self.spec.threshold_names
 
   @property
   def symmetric(self) -> bool:
     """Whether a -1 code is ``-scale`` (TGA, TWN); TTQ has its own magnitude for -1."""
-    return self.name.removeprefix(PACKED_PREFIX) != "ttq"
+    return self.spec.symmetric
+
+  def _unpacked(self) -> QuantizerSpec:
+    if self.packed:
+      _packed_only()
+    return self.spec
 
   def __call__(self, w: jax.Array, params: Params) -> jax.Array:
-    return self._apply(w, params, per_channel=self.per_channel)
+    return self._unpacked().apply(w, params, per_channel=self.per_channel)
 
   def init(self, w: jax.Array) -> dict[str, jax.Array]:
-    return self._init(w, per_channel=self.per_channel)
+    return self._unpacked().init(w, per_channel=self.per_channel)
 
   def parts(self, w: jax.Array, params: Params) -> TernaryParts:
-    if self._parts is None:
+    if self._unpacked().parts is None:
       raise ValueError(f"quantizer {self.name!r} is not ternary: it has no codes.")
-    return self._parts(w, params, per_channel=self.per_channel)
+    return self.spec.parts(w, params, per_channel=self.per_channel)
 
   def threshold_split(self, w: jax.Array, params: Params) -> tuple[jax.Array, jax.Array] | None:
     """``(codes, scale)`` with the gradient reaching the thresholds only (see
     :func:`tgq_jax.ternarize.threshold_split`), or None for a quantizer without thresholds."""
-    if self._threshold_split is None:
+    if self.packed or self.spec.threshold_split is None:
       return None
-    return self._threshold_split(w, params, per_channel=self.per_channel)
+    return self.spec.threshold_split(w, params, per_channel=self.per_channel)
 
 
-# name: (apply, init, parts, param names, threshold param names, per-channel supported[, threshold split])
-_REGISTRY: dict[str, tuple] = {
-  "tga": (tga, tga_init, tga_parts, ("delta",), ("delta",), True, tga_threshold_split),
-  "twn": (twn, twn_init, twn_parts, (), (), True),
-  "ttq": (ttq, ttq_init, ttq_parts, ("neg_scale", "pos_scale"), (), False),
-  "absmean": (absmean, twn_init, absmean_parts, (), (), True),
-  "fp": (fp, fp_init, None, (), (), True),
-}
-QUANTIZERS: tuple[str, ...] = tuple(_REGISTRY)
+_REGISTRY: dict[str, QuantizerSpec] = {}
 PACKED_PREFIX = "packed:"
+
+
+def register_quantizer(spec: QuantizerSpec, *, replace: bool = False) -> QuantizerSpec:
+  """Adds ``spec`` to the registry: every model, the trainer and the CLI can then use its name.
+
+  Raises ValueError if the name is taken (unless ``replace``).
+  """
+  if not isinstance(spec, QuantizerSpec):
+    raise TypeError(f"register_quantizer takes a QuantizerSpec, got {type(spec).__name__}.")
+  if spec.name in _REGISTRY and not replace:
+    raise ValueError(f"quantizer {spec.name!r} is already registered (pass replace=True to replace it).")
+  _REGISTRY[spec.name] = spec
+  return spec
+
+
+def quantizer_names() -> tuple[str, ...]:
+  """The registered quantizer names, in registration order."""
+  return tuple(_REGISTRY)
+
+
+def __getattr__(name: str):
+  if name == "QUANTIZERS":  # the registry's names now, including quantizers registered later
+    return quantizer_names()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def packed_name(name: str) -> str:
@@ -331,20 +407,30 @@ def _packed_only(*_args, **_kwargs):
                    "and scales (tgq_jax.export.load_packed fills them).")
 
 
-def get_quantizer(name: str, *, per_channel: bool = False) -> Quantizer:
-  """Returns the quantizer registered under ``name`` (one of :data:`QUANTIZERS`, or "packed:" one of them)."""
+def get_quantizer(name: str, *, per_channel: PerChannel = False) -> Quantizer:
+  """Returns the quantizer registered under ``name`` (see :func:`quantizer_names`), or "packed:" one of them."""
   if isinstance(name, str) and name.startswith(PACKED_PREFIX):
     base = get_quantizer(name[len(PACKED_PREFIX):], per_channel=per_channel)
-    if not base.ternary:
-      return base  # nothing to pack: "packed:fp" is "fp"
-    return dataclasses.replace(base, name=PACKED_PREFIX + base.name, param_names=(), threshold_params=(),
-                               _apply=_packed_only, _init=_packed_only, _parts=_packed_only,
-                               _threshold_split=None, packed=True)
+    # nothing to pack for a non-ternary quantizer: "packed:fp" is "fp"
+    return dataclasses.replace(base, packed=True) if base.ternary else base
   if name not in _REGISTRY:
-    raise ValueError(f"unknown quantizer {name!r}; valid quantizers: {', '.join(QUANTIZERS)}.")
-  apply, init, parts, param_names, thresholds, per_channel_ok, *split = _REGISTRY[name]
-  if per_channel and not per_channel_ok:
+    raise ValueError(f"unknown quantizer {name!r}; valid quantizers: {', '.join(_REGISTRY)}.")
+  spec = _REGISTRY[name]
+  if per_channel not in (False, None, ()) and not spec.per_channel:
     raise ValueError(f"quantizer {name!r} does not support per-channel statistics "
-                     "(supported by: " + ", ".join(n for n, r in _REGISTRY.items() if r[5]) + ").")
-  return Quantizer(name, per_channel, parts is not None, param_names, thresholds, apply, init, parts,
-                   *split)
+                     "(supported by: " + ", ".join(n for n, r in _REGISTRY.items() if r.per_channel) + ").")
+  return Quantizer(spec, False if per_channel is None else per_channel)
+
+
+register_quantizer(QuantizerSpec(
+  "tga", tga, tga_init, tga_parts, ("delta",), ("delta",), threshold_split=tga_threshold_split,
+  description="TGA (He & Fan 2019): trainable threshold, truncated-Gaussian scale"))
+register_quantizer(QuantizerSpec(
+  "twn", twn, twn_init, twn_parts, description="TWN (Li et al. 2016): t = 0.7 mean|w|, straight-through"))
+register_quantizer(QuantizerSpec(
+  "ttq", ttq, ttq_init, ttq_parts, ("neg_scale", "pos_scale"), per_channel=False, symmetric=False,
+  description="TTQ (Zhu et al. 2017): trained positive and negative scales"))
+register_quantizer(QuantizerSpec(
+  "absmean", absmean, twn_init, absmean_parts,
+  description="BitNet b1.58 absmean (Ma et al. 2024): scale = mean|w|, straight-through"))
+register_quantizer(QuantizerSpec("fp", fp, fp_init, None, description="full precision (identity)"))

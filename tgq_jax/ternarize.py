@@ -67,8 +67,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+import sys
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -142,8 +144,33 @@ def _compute_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _reduction_axes(ndim: int, per_channel: bool) -> tuple[int, ...]:
-  return tuple(range(ndim - 1)) if per_channel else tuple(range(ndim))
+PerChannel = Union[bool, Sequence[int]]
+
+
+def channel_axes(ndim: int, per_channel: PerChannel) -> tuple[int, ...]:
+  """The axes that keep one statistic per slice: ``()`` per tensor, the last axis for
+  ``per_channel=True``, or the given axes (e.g. the output-feature axes of a
+  ``DenseGeneral`` kernel ``(in, heads, head_dim)``: ``(1, 2)``), normalized and sorted."""
+  if per_channel is True:
+    return (ndim - 1,) if ndim else ()
+  if per_channel is False or per_channel is None:
+    return ()
+  axes = tuple(sorted({int(a) % ndim if -ndim <= int(a) < ndim else _bad_axis(a, ndim) for a in per_channel}))
+  return axes
+
+
+def _bad_axis(axis, ndim: int):
+  raise ValueError(f"per_channel axis {axis} is out of range for weights with {ndim} axes.")
+
+
+def _reduction_axes(ndim: int, per_channel: PerChannel) -> tuple[int, ...]:
+  kept = channel_axes(ndim, per_channel)
+  return tuple(i for i in range(ndim) if i not in kept)
+
+
+def stat_shape(shape: Sequence[int], per_channel: PerChannel) -> tuple[int, ...]:
+  """Shape of one statistic (threshold, scale) for weights of ``shape``."""
+  return tuple(shape[a] for a in channel_axes(len(shape), per_channel))
 
 
 class _Stats(NamedTuple):
@@ -241,7 +268,7 @@ def _threshold_scale_bwd(axes, residuals, dalpha):
 _threshold_scale.defvjp(_threshold_scale_fwd, _threshold_scale_bwd)
 
 
-def threshold_split(w: jax.Array, params: Mapping[str, jax.Array], *, per_channel: bool = False
+def threshold_split(w: jax.Array, params: Mapping[str, jax.Array], *, per_channel: PerChannel = False
                     ) -> tuple[jax.Array, jax.Array]:
   """``(q, alpha)`` with ``alpha * q == ternarize(w, params)``, differentiable in ``delta`` only.
 
@@ -259,25 +286,25 @@ def threshold_split(w: jax.Array, params: Mapping[str, jax.Array], *, per_channe
   return q, _threshold_scale(wc, delta, axes)
 
 
-def _check_w(w, per_channel: bool, who: str) -> None:
+def _check_w(w, per_channel: PerChannel, who: str) -> None:
   if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
     raise TypeError(f"{who}: weights must be floating point, got dtype {jnp.result_type(w)}.")
-  if per_channel and jnp.ndim(w) < 1:
-    raise ValueError(f"{who}: per_channel=True needs at least one axis, got a scalar.")
+  if per_channel is not False and per_channel is not None and per_channel != () and jnp.ndim(w) < 1:
+    raise ValueError(f"{who}: per-channel statistics need at least one axis, got a scalar.")
   if jnp.size(w) == 0:
     raise ValueError(f"{who}: cannot ternarize an empty tensor (shape {jnp.shape(w)}).")
 
 
-def _delta_from(params: Any, w, per_channel: bool) -> jax.Array:
+def _delta_from(params: Any, w, per_channel: PerChannel) -> jax.Array:
   if not isinstance(params, Mapping) or "delta" not in params:
     got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
     raise ValueError(
       f"ternarize: params must be a mapping with key 'delta' (TGA's threshold), got {got}. "
       "Use tgq_jax.ternarize.init_params(w) to create it.")
   delta = params["delta"]
-  expected = (jnp.shape(w)[-1],) if per_channel else ()
+  expected = stat_shape(jnp.shape(w), per_channel)
   if jnp.shape(delta) != expected:
-    what = "a vector with one threshold per output channel" if per_channel else "a scalar"
+    what = "one threshold per output channel" if expected else "a scalar"
     raise ValueError(
       f"ternarize: params['delta'] must be {what} (shape {expected}), "
       f"got shape {jnp.shape(delta)} for weights of shape {jnp.shape(w)}.")
@@ -286,7 +313,7 @@ def _delta_from(params: Any, w, per_channel: bool) -> jax.Array:
   return delta
 
 
-def _validated(w, params, per_channel: bool, who: str) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
+def _validated(w, params, per_channel: PerChannel, who: str) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
   """Checks the inputs (at trace time); returns w and delta in the compute dtype, and the axes."""
   _check_w(w, per_channel, who)
   delta = _delta_from(params, w, per_channel)
@@ -295,14 +322,15 @@ def _validated(w, params, per_channel: bool, who: str) -> tuple[jax.Array, jax.A
   return w.astype(compute), jnp.asarray(delta).astype(compute), _reduction_axes(w.ndim, per_channel)
 
 
-def ternarize(w: jax.Array, params: Mapping[str, jax.Array], *, per_channel: bool = False) -> jax.Array:
+def ternarize(w: jax.Array, params: Mapping[str, jax.Array], *, per_channel: PerChannel = False) -> jax.Array:
   """TGA-ternarizes ``w``: returns ``alpha * q`` with ``w``'s shape and dtype.
 
   Args:
     w: full-precision weights of any shape (float32, float64 or bfloat16).
     params: ``{"delta": threshold}``; ``delta`` is a scalar, or ``(w.shape[-1],)``
       with ``per_channel=True``. Make it with :func:`init_params`.
-    per_channel: statistics per slice of the last axis instead of per tensor.
+    per_channel: statistics per slice of the last axis (``True``) or of the
+      given axes (a sequence of ints) instead of per tensor.
 
   Gradients flow to both ``w`` and ``params["delta"]`` as derived in the module
   docstring. Works under ``jit``, ``vmap``, ``grad`` and ``lax.scan``.
@@ -311,7 +339,7 @@ def ternarize(w: jax.Array, params: Mapping[str, jax.Array], *, per_channel: boo
   return _tga(wc, delta, axes).astype(jnp.result_type(w))
 
 
-def init_params(w: jax.Array, *, per_channel: bool = False, dtype=None) -> dict[str, jax.Array]:
+def init_params(w: jax.Array, *, per_channel: PerChannel = False, dtype=None) -> dict[str, jax.Array]:
   """The reference initialization ``delta = 0.05 * max|w|`` (per tensor or per channel).
 
   ``dtype`` defaults to the statistics' dtype: float32, or float64 for float64
@@ -324,23 +352,40 @@ def init_params(w: jax.Array, *, per_channel: bool = False, dtype=None) -> dict[
   return {"delta": delta if dtype is None else delta.astype(dtype)}
 
 
-def clip_bound(w: jax.Array, *, per_channel: bool = False) -> jax.Array:
+def clip_bound(w: jax.Array, *, per_channel: PerChannel = False) -> jax.Array:
   """``3 sigma``: thresholds at or beyond it are clipped and receive no gradient."""
   w = jnp.asarray(w)
-  shape = (w.shape[-1],) if per_channel else ()
+  shape = stat_shape(w.shape, per_channel)
   _, _, sigma = _moments(w.astype(_compute_dtype(w.dtype)), _reduction_axes(w.ndim, per_channel))
   return jnp.reshape(CLIP_SIGMAS * sigma, shape)
 
 
-def ternary_parts(w: jax.Array, params: Mapping[str, jax.Array], *, per_channel: bool = False) -> TernaryParts:
+def ternary_parts(w: jax.Array, params: Mapping[str, jax.Array], *, per_channel: PerChannel = False) -> TernaryParts:
   """Codes (int8), scale, clipped threshold, mean and std of TGA on ``w``.
 
   ``dequantize(ternary_parts(w, p))`` equals ``ternarize(w, p)`` (in float32).
   """
   wc, delta, axes = _validated(w, params, per_channel, "ternary_parts")
   s = _forward_stats(wc, delta, axes)
-  shape = (wc.shape[-1],) if per_channel else ()
+  shape = stat_shape(wc.shape, per_channel)
   flat = lambda x: jnp.reshape(x, shape)
   return TernaryParts(
     codes=s.q.astype(jnp.int8), scale=flat(s.alpha), neg_scale=flat(s.alpha),
     threshold=flat(s.t), mean=flat(s.mu), std=flat(s.sigma))
+
+
+class _CallableModule(types.ModuleType):
+  """This module, callable as :func:`ternarize`.
+
+  ``from tgq_jax import ternarize`` gives this module (``import tgq_jax.ternarize``
+  does too: one name, one object), and ``ternarize(w, params)`` calls the
+  function. Settings such as ``ternarize.CLIP_SIGMAS`` are this module's own
+  globals, the ones the code reads.
+  """
+
+  def __call__(self, w: jax.Array, params: Mapping[str, jax.Array], *, per_channel: PerChannel = False
+               ) -> jax.Array:
+    return ternarize(w, params, per_channel=per_channel)
+
+
+sys.modules[__name__].__class__ = _CallableModule
