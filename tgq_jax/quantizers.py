@@ -328,6 +328,9 @@ class Quantizer:
   def name(self) -> str:
     return PACKED_PREFIX + self.spec.name if self.packed else self.spec.name
 
+  def __repr__(self) -> str:
+    return f"Quantizer({self.name!r}, per_channel={self.per_channel!r})"
+
   @property
   def ternary(self) -> bool:
     return self.spec.parts is not None
