@@ -47,7 +47,7 @@ def test_vit_tiny_parameter_count_and_shapes():
   assert _count(params) == _closed_form(p=4, channels=1, image=28, d=128, depth=6, m=512, classes=10)
   assert params["embedding"]["kernel"].shape == (4, 4, 1, 128)
   assert params["cls"].shape == (1, 1, 128)
-  assert params["pos_embedding"].shape == (1, 49 + 1, 128)  # 7 x 7 patches + the class token
+  assert params["pos_embedding"].shape == (1, 16 + 1, 128)  # 4 x 4 patches of 7x7 + the class token
   attn = params["encoderblock_0"]["attn"]
   assert attn["query"]["kernel"].shape == (128, 4, 32)
   assert attn["out"]["kernel"].shape == (4, 32, 128)

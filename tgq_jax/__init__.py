@@ -5,8 +5,12 @@
 it was reached by ``from tgq_jax import ternarize`` or ``import tgq_jax.ternarize``.
 """
 from tgq_jax import ternarize
+from tgq_jax.interception import ternarize_model
+from tgq_jax.policy import QuantPolicy
+from tgq_jax.quantizers import QuantizerSpec, register_quantizer
 from tgq_jax.ternarize import TernaryParts, dequantize, init_params, ternary_parts
 
 __version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
-__all__ = ["TernaryParts", "dequantize", "init_params", "ternarize", "ternary_parts", "__version__"]
+__all__ = ["QuantPolicy", "QuantizerSpec", "TernaryParts", "dequantize", "init_params", "register_quantizer",
+           "ternarize", "ternarize_model", "ternary_parts", "__version__"]

@@ -14,6 +14,8 @@ import numbers
 import typing
 from typing import Any
 
+from tgq_jax.models import ModelSpec
+from tgq_jax.policy import QuantPolicy
 from tgq_jax.quantizers import quantizer_names
 
 
@@ -32,10 +34,12 @@ class Config:
   num_classes: int | None = None  # synthetic data's class count; None = the dataset's
   augment: bool = True  # the dataset's training augmentation (crops, flips)
   workdir: str | None = None  # default: runs/<arch>_<dataset>_<quantizer>
+  # quantization (tgq_jax.QuantPolicy): which quantizer, per-channel statistics, first/last layer
   quantizer: str = "tga"
   per_channel: bool = False
   ternary_first: bool = True
   ternary_last: bool = True
+  dropout: float | None = None  # the model's dropout rate (models that have one: the ViTs); None = its default
   # schedule
   epochs: int = 5
   max_steps: int | None = None  # stop early (smoke runs)
@@ -43,7 +47,7 @@ class Config:
   eval_batch_size: int = 1000
   # optimization
   update: str = "sequential"  # sequential (the paper) | joint
-  optimizer: str = "adam"  # sgd | adam
+  optimizer: str = "adam"  # sgd | adam | adamw (decoupled weight decay)
   lr: float = 5e-3
   momentum: float = 0.9
   nesterov: bool = True
@@ -51,6 +55,9 @@ class Config:
   schedule: tuple[int, ...] = ()  # epochs at which the step schedule multiplies the lr ...
   gammas: tuple[float, ...] = ()  # ... by these factors (cumulative, like the reference)
   weight_decay: float = 0.0
+  warmup_epochs: float = 0.0  # linear warm-up from 0 before the schedule (fractions of an epoch allowed)
+  grad_clip: float = 0.0  # clip the weights' gradient to this global norm; 0 = off
+  label_smoothing: float = 0.0
   # The threshold optimizer. "auto" is the authors' pairing (main_dc.py): SGD with --momentum
   # and Nesterov for the thresholds whatever the weights use, at the weights' learning rate and
   # schedule; weight decay as the weights' under --optimizer sgd, none under adam.
@@ -81,6 +88,17 @@ class Config:
   coordinator_address: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
+
+  def policy(self) -> QuantPolicy:
+    """The quantization policy of these options."""
+    return QuantPolicy(self.quantizer, per_channel=self.per_channel, ternary_first=self.ternary_first,
+                       ternary_last=self.ternary_last)
+
+  def model_spec(self, num_classes: int) -> ModelSpec:
+    """The model these options train (written to config.json and to exported files)."""
+    kwargs = {} if self.dropout is None else {"dropout_rate": self.dropout}
+    return ModelSpec(self.arch, num_classes, self.policy(), "bfloat16" if self.half_precision else "float32",
+                     kwargs)
 
   def resolved_workdir(self) -> str:
     return self.workdir or f"runs/{self.arch}_{self.dataset}_{self.quantizer}"
@@ -118,6 +136,17 @@ PRESETS: dict[str, dict[str, Any]] = {
   "imagenet_resnet50": dict(_IMAGENET_FT, arch="resnet50"),
   # CIFAR ResNets trained from scratch with the reference SGD recipe.
   **{f"cifar10_{a}": dict(_CIFAR, arch=a) for a in ("resnet20", "resnet32", "resnet44", "resnet56")},
+  # Ternary vision transformers: the transformer recipe (AdamW, warm-up then cosine, gradient
+  # clipping, label smoothing, dropout). The sequential TGA update is unchanged; under "auto" the
+  # thresholds keep the authors' SGD pairing at the weights' learning rate.
+  "fmnist_vit_tiny": dict(arch="vit_tiny", dataset="fashion_mnist", optimizer="adamw", lr=1e-3,
+                          weight_decay=0.05, warmup_epochs=0.5, lr_schedule="cosine", grad_clip=1.0,
+                          label_smoothing=0.1, dropout=0.0, epochs=5, batch_size=128, augment=False),
+  # ViT-S/16 on ImageNet, DeiT's recipe (AdamW 5e-4 x batch/512, wd 0.05, 5 warm-up epochs, smoothing 0.1).
+  "imagenet_vit_s16": dict(arch="vit_s16", dataset="imagenet2012", optimizer="adamw", lr=5e-4, weight_decay=0.05,
+                           warmup_epochs=5, lr_schedule="cosine", grad_clip=1.0, label_smoothing=0.1,
+                           dropout=0.0, epochs=300, batch_size=512, half_precision=True, eval_batch_size=250,
+                           log_every=100, checkpoint_every=2000),
   # Full-precision pretraining for the --init-from flow.
   "imagenet_resnet18_fp": dict(dataset="imagenet2012", arch="resnet18", quantizer="fp", optimizer="sgd",
                                lr=0.1, epochs=90, lr_schedule="step", schedule=(30, 60, 80),
@@ -125,7 +154,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
-  "update": ("sequential", "joint"), "optimizer": ("sgd", "adam"),
+  "update": ("sequential", "joint"), "optimizer": ("sgd", "adam", "adamw"),
   "threshold_optimizer": ("auto", "sgd", "adam"), "lr_schedule": ("step", "cosine"),
   "bn_running_stats": ("once", "authors"),
   "parallel": ("shard_map", "pmap"),
@@ -151,7 +180,10 @@ def _is_int(v: Any) -> bool:
 
 # (fields, test, what the test requires): one phrase per violated field.
 _RULES: tuple[tuple[tuple[str, ...], Any, str], ...] = (
-  (("lr", "weight_decay", "threshold_grad_clip"), lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
+  (("lr", "weight_decay", "threshold_grad_clip", "warmup_epochs", "grad_clip"),
+   lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
+  (("label_smoothing",), lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)"),
+  (("dropout",), lambda v: v is None or (_is_real(v) and 0 <= v < 1), "in [0, 1)"),
   (("threshold_lr", "threshold_weight_decay"),  # None: the authors' pairing decides
    lambda v: v is None or (_is_real(v) and v >= 0), "a finite number >= 0"),
   (("momentum",), lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)"),

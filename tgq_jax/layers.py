@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -39,6 +40,7 @@ from flax import traverse_util
 
 from tgq_jax.kernels import ternary_matmul as _tm
 from tgq_jax.quantizers import Quantizer, get_quantizer, quantizer_names
+from tgq_jax.ternarize import channel_axes, stat_shape
 
 Path = tuple[str, ...]
 
@@ -92,6 +94,119 @@ def threshold_pass() -> Iterator[None]:
     _THRESHOLD_PASS.reset(token)
 
 
+# The recorder of quantized_layers: {params path: Quantizer}, or None when nobody is listening.
+_RECORDER: contextvars.ContextVar = contextvars.ContextVar("tgq_layer_recorder", default=None)
+
+
+def record_layer(path: Path, quantizer: Quantizer) -> None:
+  """Tells :func:`quantized_layers` (when it is listening) that the layer at ``path`` uses ``quantizer``."""
+  recorder = _RECORDER.get()
+  if recorder is not None and path not in recorder:
+    recorder[path] = quantizer
+
+
+@contextlib.contextmanager
+def recording(recorder: dict | None) -> Iterator[dict | None]:
+  """Collects :func:`record_layer` calls into ``recorder`` (None: none are collected) while active."""
+  token = _RECORDER.set(recorder)
+  try:
+    yield recorder
+  finally:
+    _RECORDER.reset(token)
+
+
+def packed_kernel(param_fn: Callable, quantizer: Quantizer, shape: tuple[int, ...], dtype) -> jax.Array:
+  """The kernel of ``shape`` rebuilt from a packed layer's ``codes``/``scale``/(``neg_scale``) params.
+
+  ``param_fn`` is the layer's (unshadowed) ``Module.param``. Codes are in the
+  planar layout of :mod:`tgq_jax.kernels.ternary_matmul` over the kernel
+  flattened to ``(prod(shape[:-1]), shape[-1])``; the scale has the
+  quantizer's statistic shape (a scalar, or the output-feature axes).
+  """
+  codes, scale, neg = packed_params(param_fn, quantizer, shape)
+  axes = channel_axes(len(shape), quantizer.per_channel)
+  if axes in ((), (len(shape) - 1,)):
+    return _tm.dequantize_planar(codes, scale, neg, shape, dtype)
+  # Output features on other axes (DenseGeneral heads x head_dim, Einsum): codes times the broadcast scale.
+  keep = tuple(shape[i] if i in axes else 1 for i in range(len(shape)))
+  unit = _tm.dequantize_planar(codes, jnp.ones((), dtype), None, shape, dtype)
+  return unit * jnp.reshape(scale, keep).astype(dtype)
+
+
+def packed_params(param_fn: Callable, quantizer: Quantizer, shape: tuple[int, ...]):
+  """A packed layer's (codes, scale, neg_scale or None) for a kernel of ``shape``."""
+  k4, n = _tm.planar_shape(shape)
+  scale_shape = stat_shape(shape, quantizer.per_channel)
+  codes = _after_input(param_fn("codes", lambda _rng: jnp.zeros((k4, n), jnp.uint8)))
+  scale = param_fn("scale", lambda _rng: jnp.zeros(scale_shape, jnp.float32))
+  neg = None if quantizer.symmetric else param_fn("neg_scale", lambda _rng: jnp.zeros(scale_shape, jnp.float32))
+  return codes, scale, neg
+
+
+class KernelHook:
+  """What a quantized layer's ``param`` does, for one call of the layer.
+
+  The layer's ``"kernel"`` request returns the quantized kernel (its quantizer
+  parameters created beside it, from the kernel); under :func:`threshold_pass`
+  it returns the codes and keeps the scale, which :meth:`finish` applies to
+  the output (then the bias, which is held back meanwhile). A packed layer's
+  ``"kernel"`` is rebuilt from its codes and scales.
+
+  Args:
+    module: the layer (bound).
+    quantizer_for: ``kernel_ndim -> Quantizer`` for this layer's kernel.
+    scale_broadcasts: ``(channel_axes, kernel_ndim) -> bool``: whether a
+      per-channel scale multiplies the layer's output directly (else the
+      threshold pass quantizes the kernel as usual: same gradients, no saving).
+    param_fn: the unshadowed ``param`` of the layer (default: ``Module.param``).
+  """
+
+  def __init__(self, module: nn.Module, quantizer_for: Callable[[int], Quantizer],
+               scale_broadcasts: Callable[[tuple[int, ...], int], bool] | None = None,
+               param_fn: Callable | None = None):
+    self.module = module
+    self.quantizer_for = quantizer_for
+    self.scale_broadcasts = scale_broadcasts or (lambda axes, ndim: axes in ((), (ndim - 1,)))
+    self.param_fn = param_fn or functools.partial(nn.Module.param, module)
+    self.scale = None
+    self.bias = None
+
+  def param(self, name: str, init_fn: Callable[..., Any], *init_args, **init_kwargs):
+    if name == "kernel":
+      shape = tuple(init_args[0] if init_args else init_kwargs["shape"])
+      quantizer = self.quantizer_for(len(shape))
+      record_layer(tuple(self.module.path), quantizer)
+      if quantizer.packed:
+        dtype = init_args[1] if len(init_args) > 1 else init_kwargs.get("dtype", self.module.param_dtype)
+        return packed_kernel(self.param_fn, quantizer, shape, dtype)
+      return self._quantized(quantizer, self.param_fn(name, init_fn, *init_args, **init_kwargs))
+    value = self.param_fn(name, init_fn, *init_args, **init_kwargs)
+    if name == "bias" and self.scale is not None:  # threshold pass: added after the scale (finish)
+      self.bias = value
+      return jnp.zeros_like(value)
+    return value
+
+  def _quantized(self, quantizer: Quantizer, kernel: jax.Array) -> jax.Array:
+    qparams = {key: self.param_fn(key, lambda _rng, key=key: quantizer.init(kernel)[key])
+               for key in quantizer.param_names}
+    axes = channel_axes(kernel.ndim, quantizer.per_channel)
+    split = None
+    if _THRESHOLD_PASS.get() and self.scale_broadcasts(axes, kernel.ndim):
+      split = quantizer.threshold_split(kernel, qparams)
+    if split is None:
+      return quantizer(kernel, qparams)
+    codes, scale = split
+    self.scale = jnp.reshape(scale, stat_shape(kernel.shape, quantizer.per_channel))
+    return codes.astype(kernel.dtype)
+
+  def finish(self, y: jax.Array) -> jax.Array:
+    """The layer's output with the threshold pass's scale and held-back bias applied."""
+    if self.scale is None:
+      return y
+    y = y * self.scale.astype(y.dtype)  # () per tensor, the output-feature shape per channel
+    return y if self.bias is None else y + self.bias.astype(y.dtype)
+
+
 class _QuantizedKernel:
   """Mixin: the ``kernel`` param is returned ternarized; quantizer params live beside it."""
 
@@ -103,50 +218,28 @@ class _QuantizedKernel:
 
   @nn.nowrap
   def param(self, name: str, init_fn: Callable[..., Any], *init_args, **init_kwargs):
-    if name == "kernel" and self.get_quantizer().packed:
-      # flax's Dense and Conv call self.param("kernel", init, shape, param_dtype).
-      shape = tuple(init_args[0] if init_args else init_kwargs["shape"])
-      return _tm.dequantize_planar(*self._packed_params(shape), shape, self.param_dtype)
-    value = super().param(name, init_fn, *init_args, **init_kwargs)
-    scaled = self.__dict__.get("_output_scale")
-    if name == "bias" and scaled is not None:  # threshold pass: added after the scale (__call__)
-      scaled["bias"] = value
-      return jnp.zeros_like(value)
-    if name != "kernel":
-      return value
-    quantizer = self.get_quantizer()
-    qparams = {
-      key: super(_QuantizedKernel, self).param(key, lambda _rng, key=key: quantizer.init(value)[key])
-      for key in quantizer.param_names
-    }
-    split = quantizer.threshold_split(value, qparams) if _THRESHOLD_PASS.get() else None
-    if split is None:
-      return quantizer(value, qparams)
-    codes, scale = split
-    object.__setattr__(self, "_output_scale", {"scale": jnp.reshape(scale, scale.shape[-1:])})
-    return codes.astype(value.dtype)
+    hook = self.__dict__.get("_kernel_hook") or self._new_hook()
+    return hook.param(name, init_fn, *init_args, **init_kwargs)
+
+  @nn.nowrap
+  def _new_hook(self) -> KernelHook:
+    return KernelHook(self, lambda ndim: self.get_quantizer(),
+                      param_fn=super(_QuantizedKernel, self).param)
 
   def __call__(self, inputs, *args, **kwargs):
-    object.__setattr__(self, "_output_scale", None)
-    y = super().__call__(inputs, *args, **kwargs)
-    scaled = self.__dict__.get("_output_scale")
-    if scaled is None:
-      return y
-    object.__setattr__(self, "_output_scale", None)
-    y = y * scaled["scale"].astype(y.dtype)  # (1,) per tensor, (out,) per channel
-    return y + scaled["bias"].astype(y.dtype) if "bias" in scaled else y
+    hook = self._new_hook()
+    object.__setattr__(self, "_kernel_hook", hook)
+    try:
+      with _layer_input(inputs):
+        y = super().__call__(inputs, *args, **kwargs)
+    finally:
+      object.__setattr__(self, "_kernel_hook", None)
+    return hook.finish(y)
 
   @nn.nowrap
   def _packed_params(self, shape: tuple[int, ...]):
     """The packed layer's (codes, scale, neg_scale or None) for a kernel of ``shape``."""
-    quantizer = self.get_quantizer()
-    k4, n = _tm.planar_shape(shape)
-    scale_shape = (n,) if quantizer.per_channel else ()
-    param = super(_QuantizedKernel, self).param
-    codes = _after_input(param("codes", lambda _rng: jnp.zeros((k4, n), jnp.uint8)))
-    scale = param("scale", lambda _rng: jnp.zeros(scale_shape, jnp.float32))
-    neg = None if quantizer.symmetric else param("neg_scale", lambda _rng: jnp.zeros(scale_shape, jnp.float32))
-    return codes, scale, neg
+    return packed_params(super(_QuantizedKernel, self).param, self.get_quantizer(), shape)
 
 
 class TernaryDense(_QuantizedKernel, nn.Dense):
@@ -166,8 +259,7 @@ class TernaryDense(_QuantizedKernel, nn.Dense):
       return super().__call__(inputs)
     custom_dot = self.dot_general is not None or self.dot_general_cls is not None
     if custom_dot or _tm._pallas_choice() is None:
-      with _layer_input(inputs):
-        return super().__call__(inputs)
+      return super().__call__(inputs)
     # Packed, on GPU/TPU: the Pallas kernel multiplies by the packed codes directly.
     with _layer_input(inputs):
       codes, scale, neg = self._packed_params((jnp.shape(inputs)[-1], self.features))
@@ -192,10 +284,7 @@ class TernaryConv(_QuantizedKernel, nn.Conv):
 
   @nn.compact
   def __call__(self, inputs):
-    if not self.get_quantizer().packed:
-      return super().__call__(inputs)
-    with _layer_input(inputs):
-      return super().__call__(inputs)
+    return super().__call__(inputs)
 
 
 def output_dtype(dtype: Any) -> jnp.dtype:
@@ -253,13 +342,10 @@ def quantized_layers(model: nn.Module, *args, **kwargs) -> dict[Path, Quantizer]
   """
   paths: dict[Path, Quantizer] = {}
 
-  def record(module, _):
-    if isinstance(module, _QuantizedKernel):
-      paths[tuple(module.path)] = module.get_quantizer()
-
-  # Only the call's structure is needed: trace it abstractly.
+  # Only the call's structure is needed: trace it abstractly. Quantized layers report themselves
+  # (TernaryConv/TernaryDense and the layers tgq_jax.ternarize_model intercepts).
   def init(x_args):
-    with nn.intercept_methods(lambda f, a, k, ctx: (record(ctx.module, None), f(*a, **k))[1]):
+    with recording(paths):
       return model.init(jax.random.key(0), *x_args, **kwargs)
 
   jax.eval_shape(init, args)

@@ -1,6 +1,7 @@
-"""The TGA trainer: train state, optimizers, the per-device train/eval steps, and helpers of the loop.
+"""The run harness: a :class:`Config` made into optimizers, a model and the loop (data, devices,
+checkpoints, logs). The algorithm itself (state, labels, steps) is :mod:`tgq_jax.algorithm`.
 
-The step functions are *per device* (pmap style): they see their shard of the
+The step functions run *per device* (pmap style): they see their shard of the
 batch and average gradients, running statistics and metrics explicitly with
 ``lax.pmean(..., "data")``; BatchNorm itself normalizes with the global
 batch's statistics (``Config.bn_cross_device``, default), so a step gives the
@@ -8,20 +9,9 @@ same result on any number of devices. :func:`tgq_jax.parallel.map_step` maps the
 the devices with ``jax.shard_map`` or ``jax.pmap``. :func:`train_and_evaluate`
 is the loop (``train.py`` and the notebooks call it).
 
-Update rules (He & Fan 2019, Fig. 1):
-
-* ``sequential`` (default): forward/backward, step the threshold optimizer;
-  forward/backward again with the new thresholds, step the weight optimizer.
-* ``joint``: one forward/backward; both optimizers step on the same gradients.
-
-BatchNorm running statistics (``Config.bn_running_stats``):
-
-* ``once`` (default): both passes start from the same running statistics and
-  only the second pass's update is kept, so the running averages move once per
-  step (as in joint mode), with the thresholds the weights are trained with,
-  and flax's biased batch variance.
-* ``authors``: the reference's torch rule: each pass of a sequential step
-  updates them (twice per step), with the unbiased batch variance.
+The update rules (sequential, joint) and the BatchNorm running-statistics
+rules are described in :mod:`tgq_jax.algorithm`; ``Config.bn_running_stats``
+"once" / "authors" selects ``bn_both_passes`` False / True.
 """
 from __future__ import annotations
 
@@ -48,55 +38,37 @@ import optax
 import tqdm
 from jax import lax
 
-from tgq_jax import checkpoints, parallel
+from tgq_jax import algorithm, checkpoints, parallel
+from tgq_jax.algorithm import (THRESHOLD, WEIGHT, TrainState, eval_step, param_labels, state_from_variables,
+                               step_rngs, threshold_names, train_step)
 from tgq_jax import data as data_lib
 from tgq_jax.configs import Config
 from tgq_jax.layers import init_ternary_from_fp, layer_stats, quantized_layers, threshold_pass
 from tgq_jax.models import create_model, load_torchvision_weights
 from tgq_jax.parallel import AXIS
 
-THRESHOLD, WEIGHT = "threshold", "weight"
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything that changes during training (and goes into a checkpoint)."""
-
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  threshold_opt_state: Any
-  weight_opt_state: Any
-  rng: jax.Array  # raw uint32 key: orbax saves it as a plain array
-
-
-# --- optimizers --------------------------------------------------------------
-
-
-def threshold_names(layers: Mapping) -> frozenset[str]:
-  """Names of the quantizer leaves trained by the threshold optimizer (TGA: {"delta"})."""
-  return frozenset(name for q in layers.values() for name in q.threshold_params)
-
-
-def param_labels(params: Any, layers: Mapping) -> Any:
-  """THRESHOLD for the threshold leaves of quantized layers, WEIGHT for everything else."""
-  names = threshold_names(layers)
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-  labels = {k: THRESHOLD if (k[-1] in names and tuple(k[:-1]) in layers) else WEIGHT for k in flat}
-  return flax.traverse_util.unflatten_dict(labels)
+# --- the algorithm, configured from a Config ----------------------------------
 
 
 def lr_schedule(cfg: Config, base_lr: float, steps_per_epoch: int) -> optax.Schedule:
-  """The learning rate per step: cosine to 0 over the run, or x gamma at each listed epoch."""
+  """The learning rate per step: linear warm-up over ``cfg.warmup_epochs``, then cosine to 0
+  over the rest of the run, or x gamma at each listed epoch."""
+  total = max(1, cfg.epochs * steps_per_epoch)
+  warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
   if cfg.lr_schedule == "cosine":
-    return optax.cosine_decay_schedule(base_lr, decay_steps=max(1, cfg.epochs * steps_per_epoch))
+    if warmup:
+      return optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup_steps=warmup, decay_steps=total)
+    return optax.cosine_decay_schedule(base_lr, decay_steps=total)
   if cfg.lr_schedule == "step":
     if len(cfg.schedule) != len(cfg.gammas):
       raise ValueError(f"--schedule ({len(cfg.schedule)} epochs) and --gammas ({len(cfg.gammas)} factors) "
                        "must have the same length.")
     # piecewise_constant_schedule multiplies cumulatively, like the reference's gammas.
     bounds = {int(e * steps_per_epoch): float(g) for e, g in zip(cfg.schedule, cfg.gammas)}
-    return optax.piecewise_constant_schedule(base_lr, bounds)
+    step = optax.piecewise_constant_schedule(base_lr, bounds)
+    if not warmup:
+      return step
+    return optax.join_schedules([optax.linear_schedule(0.0, base_lr, warmup), step], [warmup])
   raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r}; valid: step, cosine.")
 
 
@@ -106,7 +78,7 @@ def threshold_recipe(cfg: Config) -> tuple[str, float, float]:
   ``threshold_optimizer="auto"`` is the authors' pairing (main_dc.py): the
   thresholds always use SGD (``cfg.momentum``, Nesterov) at the weights'
   learning rate; with SGD weights they share the weights' weight decay, with
-  Adam weights they get none. Explicit ``threshold_*`` fields override.
+  Adam (or AdamW) weights they get none. Explicit ``threshold_*`` fields override.
   """
   kind = "sgd" if cfg.threshold_optimizer == "auto" else cfg.threshold_optimizer
   lr = cfg.lr if cfg.threshold_lr is None else cfg.threshold_lr
@@ -119,6 +91,8 @@ def threshold_recipe(cfg: Config) -> tuple[str, float, float]:
 
 def _base_optimizer(kind: str, lr: optax.Schedule, weight_decay: float, cfg: Config
                     ) -> optax.GradientTransformation:
+  if kind == "adamw":  # decoupled weight decay (Loshchilov & Hutter), on every weight leaf
+    return optax.adamw(lr, weight_decay=weight_decay)
   # Coupled L2 weight decay (added to the gradient), as torch's SGD/Adam weight_decay.
   decay = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
   if kind == "sgd":
@@ -126,31 +100,31 @@ def _base_optimizer(kind: str, lr: optax.Schedule, weight_decay: float, cfg: Con
   elif kind == "adam":
     opt = optax.adam(lr)  # torch's defaults: b1 0.9, b2 0.999, eps 1e-8 outside the sqrt
   else:
-    raise ValueError(f"unknown optimizer {kind!r}; valid: sgd, adam.")
+    raise ValueError(f"unknown optimizer {kind!r}; valid: sgd, adam, adamw.")
   return optax.chain(*decay, opt)
 
 
 def make_optimizers(cfg: Config, labels: Any, steps_per_epoch: int):
-  """(threshold optimizer, weight optimizer, weight lr schedule).
+  """(threshold optimizer, weight optimizer, weight lr schedule) of ``cfg``.
 
-  Each optimizer sees the whole params tree; ``multi_transform`` zeroes the
-  group it must not touch (``set_to_zero``; not ``optax.masked``, which would
-  pass the other group's raw gradients through as updates). The threshold
-  gradient is clipped before weight decay is added, as the reference's
-  backward hook does.
+  See :func:`tgq_jax.algorithm.split_optimizers`. The threshold gradient is
+  clipped to ``+-threshold_grad_clip`` before weight decay is added, as the
+  reference's backward hook does; ``grad_clip`` clips the weights' gradient
+  by its global norm (the transformer recipe).
   """
   thr_kind, thr_base_lr, thr_decay = threshold_recipe(cfg)
   thr_lr = lr_schedule(cfg, thr_base_lr, steps_per_epoch)
   w_lr = lr_schedule(cfg, cfg.lr, steps_per_epoch)
   thr = optax.chain(optax.clip(cfg.threshold_grad_clip), _base_optimizer(thr_kind, thr_lr, thr_decay, cfg))
-  tx_thr = optax.multi_transform({THRESHOLD: thr, WEIGHT: optax.set_to_zero()}, labels)
-  tx_w = optax.multi_transform({THRESHOLD: optax.set_to_zero(),
-                                WEIGHT: _base_optimizer(cfg.optimizer, w_lr, cfg.weight_decay, cfg)}, labels)
+  weights = _base_optimizer(cfg.optimizer, w_lr, cfg.weight_decay, cfg)
+  if cfg.grad_clip:
+    weights = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), weights)
+  tx_thr, tx_w = algorithm.split_optimizers(labels, weights, thr)
   return tx_thr, tx_w, w_lr
 
 
 def make_model(cfg: Config, num_classes: int, dtype: Any = None) -> nn.Module:
-  """The model ``cfg`` trains, as the trainer builds it.
+  """The model ``cfg`` trains, as the trainer builds it (:meth:`Config.model_spec`).
 
   ``dtype``: the computation dtype; None is the config's (bfloat16 with
   ``half_precision``, else float32). BatchNorm gets the ``cfg.bn_*`` options:
@@ -158,12 +132,11 @@ def make_model(cfg: Config, num_classes: int, dtype: Any = None) -> nn.Module:
   data axis, so training-mode calls must run inside the mapped step
   (evaluation and initialization run anywhere).
   """
-  if dtype is None:
-    dtype = jnp.bfloat16 if cfg.half_precision else jnp.float32
-  return create_model(cfg.arch, num_classes, quantizer=cfg.quantizer, per_channel=cfg.per_channel,
-                      ternary_first=cfg.ternary_first, ternary_last=cfg.ternary_last, dtype=dtype,
-                      bn_axis_name=AXIS if cfg.bn_cross_device else None,
-                      bn_unbiased_running_var=cfg.bn_running_stats == "authors")
+  spec = cfg.model_spec(num_classes)
+  if dtype is not None:
+    spec = dataclasses.replace(spec, dtype=jnp.dtype(dtype).name)
+  return spec.build(bn_axis_name=AXIS if cfg.bn_cross_device else None,
+                    bn_unbiased_running_var=cfg.bn_running_stats == "authors")
 
 
 def create_state(model: nn.Module, image_shape: tuple[int, ...], tx_thr, tx_w, seed: int) -> TrainState:
@@ -175,112 +148,16 @@ def create_state(model: nn.Module, image_shape: tuple[int, ...], tx_thr, tx_w, s
   return state_from_variables(variables, tx_thr, tx_w, rng)
 
 
-def state_from_variables(variables: Mapping, tx_thr, tx_w, rng: jax.Array) -> TrainState:
-  """Step 0 of training from given variables: fresh optimizer states (e.g. fine-tuning)."""
-  params, batch_stats = variables["params"], variables.get("batch_stats", {})
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                    threshold_opt_state=tx_thr.init(params), weight_opt_state=tx_w.init(params), rng=rng)
-
-
-# --- per-device steps --------------------------------------------------------
-
-
-def _metrics(logits: jax.Array, labels: jax.Array, num_classes: int) -> dict[str, jax.Array]:
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  out = {"loss": losses, "accuracy": (jnp.argmax(logits, -1) == labels).astype(jnp.float32)}
-  if num_classes > 10:
-    top5 = lax.top_k(logits, 5)[1]
-    out["top5_accuracy"] = jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.float32)
-  return out
-
-
-def _select(tree: Any, labels: Any, group: str, fn: Callable) -> Any:
-  """fn(leaf) on ``group``'s leaves, zeros elsewhere (XLA then drops the unused gradients)."""
-  return jax.tree.map(lambda g, lab: fn(g) if lab == group else jnp.zeros_like(g), tree, labels)
-
-
-def step_rngs(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(the state's next key, this step's dropout key) from ``TrainState.rng``."""
-  next_rng, dropout_rng = jax.random.split(rng)
-  return next_rng, dropout_rng
-
-
-def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_thr, tx_w, labels: Any,
-               sequential: bool, has_thresholds: bool, num_classes: int,
-               bn_both_passes: bool = False) -> tuple[TrainState, dict]:
-  """One per-device training step; call it mapped over the ``"data"`` axis.
-
-  ``bn_both_passes`` (sequential update only): the second pass starts from the
-  running statistics the first pass updated, so they move twice per step (the
-  authors' rule); otherwise the first pass's update is dropped.
-  Dropout draws from ``state.rng`` (split every step, folded with the device
-  index so every shard gets its own masks); both passes of a step use the
-  same masks, so they differ only by the threshold update.
-  """
-  pmean = functools.partial(lax.pmean, axis_name=AXIS)
-  next_rng, dropout_rng = step_rngs(state.rng)
-  dropout_rng = jax.random.fold_in(dropout_rng, lax.axis_index(AXIS))
-
-  def loss_fn(params, batch_stats):
-    logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                                   train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
-    return loss, (logits, new_vars["batch_stats"])
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  params, thr_state = state.params, state.threshold_opt_state
-  extra = {}
-  if sequential and has_thresholds:
-    # Pass 1: only the threshold gradients are used (averaged). threshold_pass: the layers
-    # scale their outputs instead of their kernels, so no kernel gradient is computed here.
-    with threshold_pass():
-      (extra["threshold_pass_loss"], (_, stats)), grads = grad_fn(params, state.batch_stats)
-    grads = _select(grads, labels, THRESHOLD, pmean)
-    updates, thr_state = tx_thr.update(grads, thr_state, params)
-    params = optax.apply_updates(params, updates)
-    # Pass 2: with the new thresholds, for the weights.
-    start = stats if bn_both_passes else state.batch_stats
-    (_, (logits, batch_stats)), grads = grad_fn(params, start)
-    grads = _select(grads, labels, WEIGHT, pmean)
-    grad_norm = optax.tree.norm(grads)
-    updates, w_state = tx_w.update(grads, state.weight_opt_state, params)
-    params = optax.apply_updates(params, updates)
-  else:
-    (_, (logits, batch_stats)), grads = grad_fn(params, state.batch_stats)
-    grads = pmean(grads)
-    grad_norm = optax.tree.norm(grads)
-    thr_updates, thr_state = tx_thr.update(grads, thr_state, params)
-    w_updates, w_state = tx_w.update(grads, state.weight_opt_state, params)
-    params = optax.apply_updates(optax.apply_updates(params, thr_updates), w_updates)
-  metrics = {**jax.tree.map(jnp.mean, _metrics(logits, batch["label"], num_classes)), **extra}
-  # The NaN guard watches the gradient too: ReLU/max-pool can hide a NaN from the loss.
-  metrics["grad_norm"] = grad_norm
-  # With cross-device BatchNorm the running statistics are equal on every device already;
-  # per-device statistics (bn_cross_device=False) are averaged here.
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=pmean(batch_stats),
-                            threshold_opt_state=thr_state, weight_opt_state=w_state, rng=next_rng)
-  return new_state, pmean(metrics)
-
-
-def eval_step(state: TrainState, batch: dict, *, model: nn.Module, num_classes: int) -> dict:
-  """Per-device masked sums over an eval batch, summed over devices."""
-  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"],
-                       train=False)
-  per_example = _metrics(logits, batch["label"], num_classes)
-  sums = {k: jnp.sum(v * batch["mask"]) for k, v in per_example.items()}
-  sums["count"] = jnp.sum(batch["mask"])
-  return lax.psum(sums, AXIS)
-
-
 def make_step_fns(model: nn.Module, tx_thr, tx_w, labels: Any, cfg: Config, num_classes: int,
                   has_thresholds: bool) -> tuple[Callable, Callable]:
-  """The per-device (train_step, eval_step) with everything static bound."""
+  """The per-device (train_step, eval_step) of ``cfg``, with everything static bound (mapped over AXIS)."""
   if cfg.bn_running_stats not in ("once", "authors"):
     raise ValueError(f"unknown bn running stats rule {cfg.bn_running_stats!r}; valid: once, authors.")
   train = functools.partial(train_step, model=model, tx_thr=tx_thr, tx_w=tx_w, labels=labels,
                             sequential=cfg.update == "sequential", has_thresholds=has_thresholds,
-                            num_classes=num_classes, bn_both_passes=cfg.bn_running_stats == "authors")
-  return train, functools.partial(eval_step, model=model, num_classes=num_classes)
+                            num_classes=num_classes, bn_both_passes=cfg.bn_running_stats == "authors",
+                            label_smoothing=cfg.label_smoothing, axis_name=AXIS)
+  return train, functools.partial(eval_step, model=model, num_classes=num_classes, axis_name=AXIS)
 
 
 # --- reports -----------------------------------------------------------------
@@ -578,6 +455,7 @@ def write_run_config(workdir: str, cfg: Config, info) -> None:
   check_run_config(workdir, cfg)
   path = os.path.join(workdir, RUN_CONFIG)
   record = {"config": dataclasses.asdict(cfg),
+            "model": cfg.model_spec(info.num_classes).to_dict(),  # what export rebuilds the model from
             "dataset_info": {"name": info.name, "num_classes": info.num_classes,
                              "image_shape": list(info.image_shape), "num_train": info.num_train,
                              "num_test": info.num_test}}

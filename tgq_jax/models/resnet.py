@@ -16,11 +16,13 @@ no parameters (resnet20 has 269,722 weights at 10 classes, as in the paper's
 0.27M) and nothing to ternarize, so every conv and dense layer that exists is
 a quantized one. Any input size works (28x28x1 Fashion-MNIST included).
 
-BatchNorm (momentum 0.9, i.e. PyTorch's 0.1; epsilon 1e-5; statistics over the
-mapped axis ``bn_axis_name`` when set, the trainer's default) and biases stay
-in full precision; every conv and dense kernel goes through ``quantizer``,
-except the first conv / the classifier when ``ternary_first`` /
-``ternary_last`` is False.
+BatchNorm: momentum 0.9 (PyTorch's 0.1), epsilon 1e-5, statistics over the
+mapped axis ``bn_axis_name`` when set (the trainer's default).
+
+The models are plain Flax: their convs are ``conv`` (``nn.Conv`` unless
+injected, as in flax's examples/imagenet) and the classifier is ``nn.Dense``.
+:func:`tgq_jax.models.create_model` makes them ternary by interception
+(:func:`tgq_jax.ternarize_model` with a :class:`tgq_jax.QuantPolicy`).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tgq_jax.layers import BatchNorm, TernaryConv, TernaryDense, output_dtype
+from tgq_jax.layers import BatchNorm, output_dtype
 
 ModuleDef = Any  # a module constructor (a class or a functools.partial of one)
 
@@ -55,8 +57,7 @@ def _conv(conv: ModuleDef, features: int, k: int, stride: int = 1, **kw) -> nn.M
 
 def _factories(model: nn.Module, train: bool, kernel_init) -> tuple[ModuleDef, ModuleDef]:
   """The conv and BatchNorm constructors of ``model``'s blocks (the flax examples' pattern)."""
-  conv = functools.partial(TernaryConv, use_bias=False, dtype=model.dtype, quantizer=model.quantizer,
-                           per_channel=model.per_channel, kernel_init=kernel_init)
+  conv = functools.partial(model.conv, use_bias=False, dtype=model.dtype, kernel_init=kernel_init)
   norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                            dtype=model.dtype, axis_name=model.bn_axis_name,
                            unbiased_running_var=model.bn_unbiased_running_var)
@@ -142,11 +143,8 @@ class ResNet(nn.Module):
   block_cls: ModuleDef = BasicBlock
   width: int = 64
   zero_init_residual: bool = False  # torchvision's option, off by default as there
-  quantizer: str = "tga"
-  per_channel: bool = False
-  ternary_first: bool = True
-  ternary_last: bool = True
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
   bn_axis_name: str | None = None  # BatchNorm statistics over this mapped axis (training mode only)
   bn_unbiased_running_var: bool = False  # torch's running variance (see tgq_jax.layers.BatchNorm)
 
@@ -154,8 +152,7 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = False):
     conv, norm = _factories(self, train, _IMAGENET_CONV_INIT)
     x = x.astype(self.dtype)
-    first_q = self.quantizer if self.ternary_first else "fp"
-    x = nn.relu(norm(name="bn1")(_conv(conv, self.width, 7, 2, quantizer=first_q, name="conv1")(x)))
+    x = nn.relu(norm(name="bn1")(_conv(conv, self.width, 7, 2, name="conv1")(x)))
     # Pads with -inf, as PyTorch's MaxPool2d(3, 2, padding=1).
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, blocks in enumerate(self.stage_sizes):
@@ -164,9 +161,7 @@ class ResNet(nn.Module):
         x = self.block_cls(self.width * 2**i, stride, conv, norm, shortcut="B",
                            zero_init_residual=self.zero_init_residual, name=f"layer{i + 1}_{j}")(x)
     x = jnp.mean(x, axis=(1, 2))
-    head_q = self.quantizer if self.ternary_last else "fp"
-    x = TernaryDense(self.num_classes, quantizer=head_q, dtype=self.dtype,
-                     per_channel=self.per_channel, name="fc")(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
     return x.astype(output_dtype(self.dtype))
 
 
@@ -177,11 +172,8 @@ class CifarResNet(nn.Module):
   depth: int = 20
   width: int = 16
   zero_init_residual: bool = False
-  quantizer: str = "tga"
-  per_channel: bool = False
-  ternary_first: bool = True
-  ternary_last: bool = True
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
   bn_axis_name: str | None = None  # BatchNorm statistics over this mapped axis (training mode only)
   bn_unbiased_running_var: bool = False  # torch's running variance (see tgq_jax.layers.BatchNorm)
 
@@ -192,15 +184,12 @@ class CifarResNet(nn.Module):
     n = (self.depth - 2) // 6
     conv, norm = _factories(self, train, _CIFAR_INIT)
     x = x.astype(self.dtype)
-    first_q = self.quantizer if self.ternary_first else "fp"
-    x = nn.relu(norm(name="bn1")(_conv(conv, self.width, 3, quantizer=first_q, name="conv1")(x)))
+    x = nn.relu(norm(name="bn1")(_conv(conv, self.width, 3, name="conv1")(x)))
     for i in range(3):
       for j in range(n):
         stride = 2 if i > 0 and j == 0 else 1
         x = BasicBlock(self.width * 2**i, stride, conv, norm, shortcut="A",
                        zero_init_residual=self.zero_init_residual, name=f"layer{i + 1}_{j}")(x)
     x = jnp.mean(x, axis=(1, 2))
-    head_q = self.quantizer if self.ternary_last else "fp"
-    x = TernaryDense(self.num_classes, quantizer=head_q, dtype=self.dtype, per_channel=self.per_channel,
-                     kernel_init=_CIFAR_INIT, name="fc")(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_CIFAR_INIT, name="fc")(x)
     return x.astype(output_dtype(self.dtype))

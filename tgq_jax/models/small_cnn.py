@@ -8,7 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tgq_jax.layers import BatchNorm, TernaryConv, TernaryDense, output_dtype
+from tgq_jax.layers import BatchNorm, output_dtype
 
 
 class SmallCNN(nn.Module):
@@ -16,30 +16,22 @@ class SmallCNN(nn.Module):
 
   num_classes: int
   widths: Sequence[int] = (16, 32, 64, 128)
-  quantizer: str = "tga"
-  per_channel: bool = False
-  ternary_first: bool = True
-  ternary_last: bool = True
   dtype: Any = jnp.float32
+  conv: Any = nn.Conv  # injected conv constructor (flax examples' pattern)
   bn_axis_name: str | None = None  # BatchNorm statistics over this mapped axis (training mode only)
   bn_unbiased_running_var: bool = False  # torch's running variance (see tgq_jax.layers.BatchNorm)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(TernaryConv, kernel_size=(3, 3), use_bias=False, dtype=self.dtype,
-                             per_channel=self.per_channel)
+    conv = functools.partial(self.conv, kernel_size=(3, 3), use_bias=False, dtype=self.dtype)
     norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, dtype=self.dtype,
                              axis_name=self.bn_axis_name, unbiased_running_var=self.bn_unbiased_running_var)
     x = x.astype(self.dtype)
     for i, width in enumerate(self.widths):
-      first = i == 0
-      quantizer = self.quantizer if (self.ternary_first or not first) else "fp"
-      x = conv(width, quantizer=quantizer, name=f"conv{i}")(x)
+      x = conv(width, name=f"conv{i}")(x)
       x = nn.relu(norm(name=f"bn{i}")(x))
       if i < len(self.widths) - 1:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = jnp.mean(x, axis=(1, 2))
-    head_quantizer = self.quantizer if self.ternary_last else "fp"
-    x = TernaryDense(self.num_classes, quantizer=head_quantizer, dtype=self.dtype,
-                     per_channel=self.per_channel, name="head")(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
     return x.astype(output_dtype(self.dtype))
