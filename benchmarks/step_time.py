@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tgq_jax import models, parallel, train_lib  # noqa: E402
+from tgq_jax import QuantPolicy, models, parallel, train_lib  # noqa: E402
 from tgq_jax.configs import Config  # noqa: E402
 from tgq_jax.layers import quantized_layers  # noqa: E402
 
@@ -40,7 +40,7 @@ def build_step(arch: str, quantizer: str, update: str, batch: int, image_shape, 
   """A jitted single-device train step and its initial state and batch (``dtype``: activations;
   ``config``: Config fields of the optimizers, SGD 0.01 by default)."""
   cfg = Config(arch=arch, quantizer=quantizer, update=update, **{"optimizer": "sgd", "lr": 0.01, **config})
-  model = models.create_model(arch, num_classes, quantizer=quantizer, dtype=dtype)
+  model = models.create_model(arch, num_classes, dtype=dtype, quant=QuantPolicy(quantizer=quantizer))
   layers = quantized_layers(model, jnp.zeros((1, *image_shape)), train=False)
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                           jnp.zeros((1, *image_shape)))["params"]

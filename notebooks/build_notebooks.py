@@ -201,6 +201,7 @@ for l in final:
 One file: codes packed 4 per byte, one scale per layer, the full-precision leaves (BatchNorm, biases)
 and a JSON header. The packed model's logits equal the trained model's exactly."""),
     new_code_cell('''from tgq_jax import checkpoints
+from tgq_jax import QuantPolicy
 from tgq_jax.models import create_model
 
 path = os.path.join(WORKDIR, "small_cnn_tga.tgq")
@@ -209,7 +210,7 @@ print(f"{path}: {os.path.getsize(path):,} bytes")
 print(report.format())
 
 model, variables, header = export.load_packed(path)
-trained = create_model("small_cnn", info.num_classes, quantizer="tga")
+trained = create_model("small_cnn", info.num_classes, quant=QuantPolicy(quantizer="tga"))
 batch = next(data.get_dataset("fashion_mnist", data_dir=DATA_DIR).eval_batches(global_batch_size=jax.device_count() * 8))
 packed_logits = model.apply(variables, batch["image"], train=False)
 trained_logits = trained.apply(checkpoints.load_variables(runs["tga"]), batch["image"], train=False)

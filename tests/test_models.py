@@ -3,6 +3,9 @@
 Big models are only traced (jax.eval_shape); behaviour is checked on resnet20
 and on tiny ResNets of the ImageNet layout (width 4, one block per stage).
 """
+import tgq_jax
+from tgq_jax import QuantPolicy
+import dataclasses
 import functools
 
 import jax
@@ -31,7 +34,11 @@ def _abstract_init(model, shape):
 
 
 def _tiny_imagenet(block_cls, **kw):
-  return ResNet(num_classes=5, stage_sizes=(1, 1, 1, 1), block_cls=block_cls, width=4, **kw)
+  """A tiny torchvision-layout ResNet; QuantPolicy fields in ``kw`` make its policy, the rest its options."""
+  fields = {f.name for f in dataclasses.fields(QuantPolicy)}
+  plain = ResNet(num_classes=5, stage_sizes=(1, 1, 1, 1), block_cls=block_cls, width=4,
+                 **{k: v for k, v in kw.items() if k not in fields})
+  return tgq_jax.ternarize_model(plain, QuantPolicy(**{k: v for k, v in kw.items() if k in fields}))
 
 
 @pytest.mark.parametrize("arch, num_classes, expected", [
@@ -132,7 +139,7 @@ def _ternarized_twin_params(params, layers):
 
 
 TWIN_CASES = [
-  ("resnet20", lambda **kw: create_model("resnet20", 10, **kw), (2, 28, 28, 1), 20),  # 19 convs + fc
+  ("resnet20", lambda **kw: create_model("resnet20", 10, quant=QuantPolicy(**kw)), (2, 28, 28, 1), 20),  # 19 convs + fc
   # conv1 + 4 blocks x (3 convs + projection) + fc.
   ("bottleneck", lambda **kw: _tiny_imagenet(Bottleneck, **kw), (2, 16, 16, 3), 18),
 ]
@@ -165,9 +172,9 @@ def test_every_kernel_is_ternarized(name, make, shape, num_layers, first_last):
 
 def test_fp_twin_has_the_same_tree_without_quantizer_leaves():
   shape = (1, 32, 32, 3)
-  tga = _abstract_init(create_model("resnet18", 10, quantizer="tga"), shape)
-  ttq = _abstract_init(create_model("resnet18", 10, quantizer="ttq"), shape)
-  fp = _abstract_init(create_model("resnet18", 10, quantizer="fp"), shape)
+  tga = _abstract_init(create_model("resnet18", 10, quant=QuantPolicy(quantizer="tga")), shape)
+  ttq = _abstract_init(create_model("resnet18", 10, quant=QuantPolicy(quantizer="ttq")), shape)
+  fp = _abstract_init(create_model("resnet18", 10, quant=QuantPolicy(quantizer="fp")), shape)
   strip = lambda v: {n: (x.shape, x.dtype) for n, x in _leaves(v) if n.split("/")[-1] not in QUANTIZER_LEAVES}
   assert strip(tga) == strip(fp) == strip(ttq)
   assert not any(n.split("/")[-1] in QUANTIZER_LEAVES for n, _ in _leaves(fp))
@@ -175,7 +182,7 @@ def test_fp_twin_has_the_same_tree_without_quantizer_leaves():
 
 
 def test_per_channel_thresholds():
-  params = _abstract_init(create_model("resnet20", 10, per_channel=True), (1, 8, 8, 3))["params"]
+  params = _abstract_init(create_model("resnet20", 10, quant=QuantPolicy(per_channel=True)), (1, 8, 8, 3))["params"]
   assert params["conv1"]["delta"].shape == (16,)
   assert params["layer3_2"]["conv2"]["delta"].shape == (64,)
   assert params["fc"]["delta"].shape == (10,)

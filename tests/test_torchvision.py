@@ -3,6 +3,8 @@
 No torch: the state dicts are fakes built with numpy from torchvision's
 ResNet structure (tests/torchvision_helpers.py).
 """
+import tgq_jax
+from tgq_jax import QuantPolicy
 import functools
 import re
 
@@ -48,7 +50,7 @@ def test_torchvision_param_counts():
 
 
 def test_convert_resnet18_fills_every_leaf(sd18, fp18):
-  model = create_model("resnet18", 1000, quantizer="fp")
+  model = create_model("resnet18", 1000, quant=QuantPolicy(quantizer="fp"))
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   want = {k: (v.shape, v.dtype) for k, v in _flat(abstract).items()}
   got = {k: (v.shape, v.dtype) for k, v in _flat(fp18).items()}
@@ -75,7 +77,7 @@ def test_convert_deeper_archs_match(arch):
 
 def test_converted_resnet18_computes_as_torch(sd18, fp18):
   """Layouts checked by computing in PyTorch's convention (NCHW, OIHW, (out, in)) on one forward pass."""
-  model = create_model("resnet18", 1000, quantizer="fp")
+  model = create_model("resnet18", 1000, quant=QuantPolicy(quantizer="fp"))
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   _, state = model.apply(fp18, x, capture_intermediates=True, mutable=["intermediates"])
   inter = state["intermediates"]
@@ -164,12 +166,12 @@ def _check_ternary_init(model, fp, ternary, image_shape):
 
 
 def test_init_ternary_from_torchvision_resnet18(fp18):
-  model = create_model("resnet18", 1000, quantizer="tga")
+  model = create_model("resnet18", 1000, quant=QuantPolicy(quantizer="tga"))
   ternary = init_ternary_from_fp(model, fp18, (32, 32, 3))
   q = _check_ternary_init(model, fp18, ternary, (32, 32, 3))
   assert len(q) == 21  # 17 convs + 3 projections + fc, one delta each
   # ternary_first/last False: conv1 and fc stay FP, so get no delta.
-  ff_lf = create_model("resnet18", 1000, quantizer="tga", ternary_first=False, ternary_last=False)
+  ff_lf = create_model("resnet18", 1000, quant=QuantPolicy(quantizer="tga", ternary_first=False, ternary_last=False))
   ternary = init_ternary_from_fp(ff_lf, fp18, (32, 32, 3))
   assert len(_check_ternary_init(ff_lf, fp18, ternary, (32, 32, 3))) == 19
   assert "delta" not in ternary["params"]["conv1"] and "delta" not in ternary["params"]["fc"]
@@ -181,12 +183,12 @@ def test_init_ternary_from_torchvision_resnet18(fp18):
   ("small_cnn", (8, 8, 1), "twn", False),
 ])
 def test_init_ternary_generic(arch, image_shape, quantizer, per_channel):
-  fp = _init(create_model(arch, 10, quantizer="fp"), image_shape, seed=2)
-  model = create_model(arch, 10, quantizer=quantizer, per_channel=per_channel)
+  fp = _init(create_model(arch, 10, quant=QuantPolicy(quantizer="fp")), image_shape, seed=2)
+  model = create_model(arch, 10, quant=QuantPolicy(quantizer=quantizer, per_channel=per_channel))
   ternary = init_ternary_from_fp(model, fp, image_shape)
   _check_ternary_init(model, fp, ternary, image_shape)
   # A ternary source (its quantizer leaves recomputed, not copied) into another quantizer.
-  other = create_model(arch, 10, quantizer="ttq" if quantizer == "tga" else "tga")
+  other = create_model(arch, 10, quant=QuantPolicy(quantizer="ttq" if quantizer == "tga" else "tga"))
   _check_ternary_init(other, fp, init_ternary_from_fp(other, ternary, image_shape), image_shape)
 
 
@@ -194,8 +196,8 @@ def test_init_ternary_tiny_imagenet_bottleneck():
   """A tiny torchvision-layout ResNet with bottlenecks and projections (FP twin -> TGA)."""
   from tgq_jax.models.resnet import Bottleneck
   kw = dict(num_classes=5, stage_sizes=(1, 1, 1, 1), block_cls=Bottleneck, width=4)
-  fp = _init(ResNet(quantizer="fp", **kw), (32, 32, 3), seed=3)
-  model = ResNet(quantizer="tga", **kw)
+  fp = _init(tgq_jax.ternarize_model(ResNet(**kw), QuantPolicy("fp")), (32, 32, 3), seed=3)
+  model = tgq_jax.ternarize_model(ResNet(**kw), QuantPolicy("tga"))
   ternary = init_ternary_from_fp(model, fp, (32, 32, 3))
   _check_ternary_init(model, fp, ternary, (32, 32, 3))
   logits = jax.jit(functools.partial(model.apply, train=False))(ternary, jnp.ones((2, 32, 32, 3)))  # usable as is
@@ -203,11 +205,11 @@ def test_init_ternary_tiny_imagenet_bottleneck():
 
 
 def test_init_ternary_mismatch():
-  fp = _init(create_model("resnet20", 10, quantizer="fp"), (8, 8, 3))
+  fp = _init(create_model("resnet20", 10, quant=QuantPolicy(quantizer="fp")), (8, 8, 3))
   with pytest.raises(ValueError, match=r"missing leaves: .*layer1_3"):
     init_ternary_from_fp(create_model("resnet32", 10), fp, (8, 8, 3))
   with pytest.raises(ValueError, match=r"unexpected leaves: .*layer1_3"):
-    fp32 = jax.eval_shape(lambda: create_model("resnet32", 10, quantizer="fp").init(
+    fp32 = jax.eval_shape(lambda: create_model("resnet32", 10, quant=QuantPolicy(quantizer="fp")).init(
       jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
     init_ternary_from_fp(create_model("resnet20", 10), fp32, (8, 8, 3))
   with pytest.raises(ValueError, match=re.escape("params/fc/kernel: got (64, 10), expected (64, 7)")):
@@ -222,7 +224,7 @@ def test_float64_stays_float64_under_x64():
     assert {leaf.dtype for leaf in jax.tree.leaves(fp)} == {np.dtype(np.float64)}
     np.testing.assert_array_equal(fp["params"]["layer1_0"]["conv2"]["kernel"],
                                   sd["layer1.0.conv2.weight"].transpose(2, 3, 1, 0))
-    model = create_model("resnet18", 10, quantizer="tga", dtype=jnp.float64)
+    model = create_model("resnet18", 10, dtype=jnp.float64, quant=QuantPolicy(quantizer="tga"))
     ternary = init_ternary_from_fp(model, fp, (32, 32, 3))
     assert {leaf.dtype for leaf in jax.tree.leaves(ternary)} == {np.dtype(np.float64)}
     np.testing.assert_array_equal(ternary["params"]["fc"]["delta"], 0.05 * np.abs(sd["fc.weight"]).max())

@@ -21,6 +21,7 @@ from torchvision_helpers import fake_state_dict
 from trainer_helpers import build, mesh_of, quick, run_steps, synthetic_batches
 from tgq_jax import checkpoints, data, ternarize, train_lib
 from tgq_jax.configs import Config
+from tgq_jax import algorithm
 from tgq_jax.layers import TernaryDense, quantized_layers
 
 
@@ -253,12 +254,12 @@ def test_top5_against_an_independent_count():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(64, 20)).astype(np.float32)
   labels = rng.integers(0, 20, 64)
-  metrics = train_lib._metrics(jnp.asarray(logits), jnp.asarray(labels), 20)
+  metrics = algorithm.classification_metrics(jnp.asarray(logits), jnp.asarray(labels), 20)
   beaten_by = (logits > logits[np.arange(64), labels][:, None]).sum(axis=1)  # classes scoring above the label
   np.testing.assert_array_equal(metrics["accuracy"], beaten_by == 0)
   np.testing.assert_array_equal(metrics["top5_accuracy"], beaten_by < 5)
   assert np.mean(beaten_by < 5) > np.mean(beaten_by == 0) > 0  # a case where they differ
-  assert "top5_accuracy" not in train_lib._metrics(jnp.asarray(logits[:, :10]), jnp.asarray(labels % 10), 10)
+  assert "top5_accuracy" not in algorithm.classification_metrics(jnp.asarray(logits[:, :10]), jnp.asarray(labels % 10), 10)
 
 
 def test_top5_is_reported_by_the_step_beyond_ten_classes():
@@ -369,7 +370,8 @@ def test_dropout_draws_a_fresh_key_from_the_state_every_step():
   put = lambda b: train_lib.parallel.put_batch(b, mesh_of(1), "shard_map")
   new, metrics = step(state, put(batch))
   # The key the step documents: split off TrainState.rng, folded with the device index (0 here).
-  next_rng, dropout_rng = train_lib.step_rngs(state.rng)
+  next_rng, rngs = algorithm.step_rngs(state.rng)
+  dropout_rng = rngs["dropout"]
   np.testing.assert_array_equal(new.rng, next_rng)
   assert not np.array_equal(new.rng, state.rng)
 
