@@ -3,8 +3,6 @@
 Big models are only traced (jax.eval_shape); behaviour is checked on resnet20
 and on tiny ResNets of the ImageNet layout (width 4, one block per stage).
 """
-import tgq_jax
-from tgq_jax import QuantPolicy
 import dataclasses
 import functools
 
@@ -13,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tgq_jax
+from tgq_jax import QuantPolicy
 from tgq_jax.layers import quantized_layers
 from tgq_jax.models import archs, create_model
 from tgq_jax.models.resnet import BasicBlock, Bottleneck, CifarResNet, ResNet

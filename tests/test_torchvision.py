@@ -3,8 +3,6 @@
 No torch: the state dicts are fakes built with numpy from torchvision's
 ResNet structure (tests/torchvision_helpers.py).
 """
-import tgq_jax
-from tgq_jax import QuantPolicy
 import functools
 import re
 
@@ -13,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tgq_jax
+from tgq_jax import QuantPolicy
 from tgq_jax.layers import quantized_layers
 from tgq_jax.models import create_model
 from tgq_jax.models.resnet import ResNet

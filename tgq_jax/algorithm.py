@@ -6,11 +6,11 @@ harness): every function takes what it needs as arguments, so a user's own
 loop can train their own (ternarized) Linen model with it::
 
   model = tgq_jax.ternarize_model(MyNet(), tgq_jax.QuantPolicy())
-  layers = quantized_layers(model, x)                       # tgq_jax.layers
-  state, tx_thr, tx_w, labels = algorithm.init(model, x, optax.adam(1e-3), layers,
-                                               threshold_tx=algorithm.threshold_optimizer(1e-3))
-  state, metrics = jax.jit(functools.partial(
-      algorithm.train_step, model=model, tx_thr=tx_thr, tx_w=tx_w, labels=labels))(state, batch)
+  layers = quantized_layers(model, x, train=False)            # tgq_jax.layers
+  state, tx_thr, tx_w, labels = algorithm.init(model, x, optax.adam(1e-3), layers, train=False)
+  step = jax.jit(functools.partial(algorithm.train_step, model=model, tx_thr=tx_thr, tx_w=tx_w,
+                                   labels=labels))
+  state, metrics = step(state, {"image": x, "label": y})
 
 Update rules (He & Fan 2019, Fig. 1):
 
@@ -118,8 +118,7 @@ def init(model: nn.Module, example_input: jax.Array, weight_tx: optax.GradientTr
 
   ``layers`` is :func:`tgq_jax.layers.quantized_layers` of the model;
   ``threshold_tx`` defaults to :func:`threshold_optimizer` at learning rate
-  1e-3. ``init_kwargs`` go to ``model.init`` (default ``train=False`` when the
-  model takes it: pass ``{}``-like kwargs explicitly for models that do not).
+  1e-3. ``init_kwargs`` go to ``model.init`` (e.g. ``train=False``).
   """
   rng = jax.random.key(0) if rng is None else rng
   init_rng, rng = jax.random.split(rng)
@@ -167,13 +166,14 @@ def step_rngs(rng: jax.Array, streams: Sequence[str] = ("dropout",)) -> tuple[ja
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module, tx_thr, tx_w, labels: Any,
                sequential: bool = True, has_thresholds: bool = True, num_classes: int | None = None,
                bn_both_passes: bool = False, label_smoothing: float = 0.0, axis_name: str | None = None,
-               rng_streams: Sequence[str] = ("dropout",)) -> tuple[TrainState, dict]:
+               rng_streams: Sequence[str] = ("dropout",), apply_kwargs: Mapping[str, Any] | None = None
+               ) -> tuple[TrainState, dict]:
   """One training step of ``model`` on ``batch = {"image", "label"}``.
 
   Args:
     state: the :class:`TrainState`.
     batch: images (NHWC) and integer labels (this device's shard when mapped).
-    model: a Linen module called as ``model.apply(variables, images, train=True)``.
+    model: a Linen module called as ``model.apply(variables, images, **apply_kwargs)``.
     tx_thr, tx_w, labels: from :func:`split_optimizers` / :func:`param_labels`.
     sequential: the paper's two-pass update (else joint).
     has_thresholds: whether the model has thresholds (without any, the sequential update is the joint one).
@@ -186,7 +186,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
       and, when mapped, folded with the device index so every shard draws
       its own. Both passes of a sequential step use the same keys, so they
       differ only by the threshold update.
+    apply_kwargs: the model's training-mode call arguments (default ``{"train": True}``;
+      ``{}`` for a model without such an argument).
   """
+  apply_kwargs = {"train": True} if apply_kwargs is None else dict(apply_kwargs)
   pmean = functools.partial(lax.pmean, axis_name=axis_name) if axis_name else (lambda x: x)
   next_rng, rngs = step_rngs(state.rng, rng_streams)
   if axis_name:
@@ -194,7 +197,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
 
   def loss_fn(params, batch_stats):
     logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                                   train=True, mutable=["batch_stats"], rngs=rngs)
+                                   mutable=["batch_stats"], rngs=rngs, **apply_kwargs)
     loss = cross_entropy(logits, batch["label"], label_smoothing)
     return loss, (logits, new_vars.get("batch_stats", {}))
 
@@ -235,10 +238,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
 
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module, num_classes: int | None = None,
-              axis_name: str | None = None) -> dict:
+              axis_name: str | None = None, apply_kwargs: Mapping[str, Any] | None = None) -> dict:
   """Sums of the per-example metrics over the batch (``batch["mask"]`` marks real examples,
-  default all), with ``count``; summed over ``axis_name`` when mapped."""
-  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+  default all), with ``count``; summed over ``axis_name`` when mapped. ``apply_kwargs``:
+  the model's evaluation-mode call arguments (default ``{"train": False}``)."""
+  apply_kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
+  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], **apply_kwargs)
   num_classes = logits.shape[-1] if num_classes is None else num_classes
   per_example = classification_metrics(logits, batch["label"], num_classes)
   mask = batch.get("mask", jnp.ones(logits.shape[:1], jnp.float32))
