@@ -26,6 +26,7 @@ The layer-level mechanics (threshold pass, packed kernels) are those of
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,7 +34,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from tgq_jax.layers import KernelHook, _QuantizedKernel, record_layer, recording
+from tgq_jax.layers import (KernelHook, _layer_input, _QuantizedKernel, packed_dense_pallas, pallas_applies,
+                            record_layer, recording)
 from tgq_jax.policy import QuantPolicy
 from tgq_jax.quantizers import get_quantizer
 
@@ -168,13 +170,19 @@ class TernarizedModel(nn.Module):
       if not policy.matches(path) or path in skip:
         record_layer(tuple(m.path), get_quantizer("fp"))
         return next_fun(*a, **k)
+      if policy.packed and type(m) is nn.Dense and pallas_applies(m):
+        # GPU/TPU serving: the Pallas kernel multiplies by the 2-bit codes (no float kernel at all).
+        quantizer = policy.layer_quantizer(output_axes(m, 2))
+        record_layer(tuple(m.path), quantizer)
+        return packed_dense_pallas(m, functools.partial(nn.Module.param, m), quantizer, a[0])
       hook = KernelHook(
         m, lambda ndim: policy.layer_quantizer(output_axes(m, ndim, a, k)),
         lambda axes, ndim: _output_scale_broadcasts(m, axes, ndim))
       attributes = {"param": hook.param}
       if policy.dtype is not None and hasattr(m, "dtype"):
         attributes["dtype"] = policy.dtype
-      with _shadowed(m, **attributes):
+      # _layer_input: a packed layer rebuilds its kernel only once its input exists (layers.py).
+      with _shadowed(m, **attributes), _layer_input(a[0] if a else None):
         y = next_fun(*a, **k)
       return hook.finish(y)
 

@@ -1,26 +1,27 @@
-"""Ternary drop-in replacements of ``nn.Dense`` and ``nn.Conv``, and tools over their params.
+"""Quantized layers: the kernel hook shared by interception and the explicit ``Ternary*`` layers.
 
-``TernaryDense`` / ``TernaryConv`` are ``nn.Dense`` / ``nn.Conv`` (every
-constructor argument of theirs works the same) whose kernel goes through a
-quantizer of :mod:`tgq_jax.quantizers` before use. The full-precision kernel
-is the ordinary ``params`` leaf ``kernel``; the quantizer's own parameters sit
-next to it (TGA: ``delta``; TTQ: ``pos_scale``, ``neg_scale``), initialized
-from the initialized kernel, so an optimizer can label them by name.
+:class:`KernelHook` is what a quantized layer's ``param`` does: its
+``"kernel"`` comes back quantized, the quantizer's own parameters (TGA:
+``delta``; TTQ: ``pos_scale``, ``neg_scale``) are created beside it from the
+initialized kernel, so an optimizer can label them by name.
+:func:`tgq_jax.ternarize_model` installs it on the ``nn.Dense``/``nn.Conv``/
+``nn.DenseGeneral``/``nn.Einsum`` layers of any model; ``TernaryDense`` /
+``TernaryConv`` are ``nn.Dense`` / ``nn.Conv`` with it built in (every
+constructor argument of theirs works the same), for hand-written models.
 
 The quantizer sees the kernel in ``param_dtype`` (float32 by default): with
-``dtype=jnp.bfloat16`` the convolution runs in bfloat16 on the ternarized
+``dtype=jnp.bfloat16`` the layer computes in bfloat16 on the ternarized
 kernel while the quantizer's statistics stay in float32.
 
-Packed (inference) mode: with a packed quantizer (``quantizer="packed:tga"``,
+Packed (inference) mode: with a packed quantizer (``QuantPolicy("packed:tga")``,
 ``create_model(..., packed=True)``; see :func:`tgq_jax.quantizers.packed_name`)
 the layer holds no float kernel. Its ``params`` are ``codes`` (``uint8 (ceil(K/4), N)``,
 2-bit codes in the planar layout of :mod:`tgq_jax.kernels.ternary_matmul`),
-``scale`` (float32, scalar or per output channel) and, for TTQ, ``neg_scale``;
+``scale`` (float32, scalar or per output feature) and, for TTQ, ``neg_scale``;
 the kernel is rebuilt from them inside the layer's call (so inside the
 compiled forward, one layer at a time) with the values the trained layer
 computes with. On GPU/TPU a packed ``TernaryDense`` multiplies by the Pallas
 ternary kernel instead (codes unpacked on chip, scale after accumulation).
-Models need no change: they pass their ``quantizer`` on to their layers.
 """
 from __future__ import annotations
 
@@ -207,6 +208,25 @@ class KernelHook:
     return y if self.bias is None else y + self.bias.astype(y.dtype)
 
 
+def pallas_applies(module: nn.Module) -> bool:
+  """Whether a packed ``nn.Dense`` runs on the Pallas ternary kernel (GPU/TPU, small batches; see
+  :mod:`tgq_jax.kernels.ternary_matmul`) rather than on its dequantized kernel."""
+  custom_dot = module.dot_general is not None or module.dot_general_cls is not None
+  return not custom_dot and _tm._pallas_choice() is not None
+
+
+def packed_dense_pallas(module: nn.Dense, param_fn: Callable, quantizer: Quantizer, inputs) -> jax.Array:
+  """A packed ``nn.Dense``'s output computed by the Pallas kernel on its 2-bit codes directly."""
+  with _layer_input(inputs):
+    codes, scale, neg = packed_params(param_fn, quantizer, (jnp.shape(inputs)[-1], module.features))
+  bias = param_fn("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
+  dtype = module.dtype or jnp.result_type(inputs, module.param_dtype)
+  y = _tm.ternary_dense(jnp.asarray(inputs, dtype), codes, scale, neg)
+  if bias is not None:
+    y += jnp.reshape(jnp.asarray(bias, dtype), (1,) * (y.ndim - 1) + (-1,))
+  return y
+
+
 class _QuantizedKernel:
   """Mixin: the ``kernel`` param is returned ternarized; quantizer params live beside it."""
 
@@ -255,20 +275,9 @@ class TernaryDense(_QuantizedKernel, nn.Dense):
 
   @nn.compact
   def __call__(self, inputs):
-    if not self.get_quantizer().packed:
-      return super().__call__(inputs)
-    custom_dot = self.dot_general is not None or self.dot_general_cls is not None
-    if custom_dot or _tm._pallas_choice() is None:
-      return super().__call__(inputs)
-    # Packed, on GPU/TPU: the Pallas kernel multiplies by the packed codes directly.
-    with _layer_input(inputs):
-      codes, scale, neg = self._packed_params((jnp.shape(inputs)[-1], self.features))
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-    dtype = self.dtype or jnp.result_type(inputs, self.param_dtype)
-    y = _tm.ternary_dense(jnp.asarray(inputs, dtype), codes, scale, neg)
-    if bias is not None:
-      y += jnp.reshape(jnp.asarray(bias, dtype), (1,) * (y.ndim - 1) + (-1,))
-    return y
+    if self.get_quantizer().packed and pallas_applies(self):
+      return packed_dense_pallas(self, super(_QuantizedKernel, self).param, self.get_quantizer(), inputs)
+    return super().__call__(inputs)
 
 
 class TernaryConv(_QuantizedKernel, nn.Conv):

@@ -11,7 +11,7 @@ checkpoints. The flow here:
      np.savez("resnet18.npz", **{k: v.numpy() for k, v in sd.items()})
 
 2. ``fp = load_torchvision_weights("resnet18.npz", "resnet18")``: the
-   variables of ``create_model("resnet18", 1000, quantizer="fp")``.
+   variables of ``create_model("resnet18", 1000, quant=QuantPolicy("fp"))``.
 3. ``variables = tgq_jax.layers.init_ternary_from_fp(create_model("resnet18", 1000),
    fp, (224, 224, 3))``: every weight copied, quantizer leaves (TGA ``delta``,
    TTQ scales) initialized from the loaded kernels (``delta = 0.05 max|w|``).
@@ -98,8 +98,9 @@ def _fp_structure(arch: str, num_classes: int, in_channels: int) -> dict[tuple[s
   """Flattened abstract variables of the FP ``arch`` (traced only; cached, as tracing ResNet-50 costs seconds)."""
   # Imported here: tgq_jax.models imports this module, so a top-level import would be a cycle.
   from tgq_jax.models import create_model
+  from tgq_jax.policy import QuantPolicy
 
-  model = create_model(arch, num_classes, quantizer="fp")
+  model = create_model(arch, num_classes, quant=QuantPolicy("fp"))
   # Parameter shapes do not depend on the spatial size; 32x32 keeps the trace cheap.
   x = jax.ShapeDtypeStruct((1, 32, 32, in_channels), jnp.float32)
   abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
@@ -107,7 +108,7 @@ def _fp_structure(arch: str, num_classes: int, in_channels: int) -> dict[tuple[s
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict:
-  """A torchvision ResNet state dict -> flax variables of ``create_model(arch, n, quantizer="fp")``.
+  """A torchvision ResNet state dict -> flax variables of ``create_model(arch, n, quant=QuantPolicy("fp"))``.
 
   Args:
     state_dict: torchvision tensor name -> array (numpy, or anything
