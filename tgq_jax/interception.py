@@ -26,14 +26,17 @@ The layer-level mechanics (threshold pass, packed kernels) are those of
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from tgq_jax.layers import KernelHook, _QuantizedKernel, record_layer, recording
+from tgq_jax.kernels import ternary_matmul as _tm
+from tgq_jax.layers import KernelHook, _layer_input, _QuantizedKernel, packed_params, record_layer, recording
 from tgq_jax.policy import QuantPolicy
 from tgq_jax.quantizers import get_quantizer
 
@@ -135,6 +138,33 @@ def _call_order(module: nn.Module, args, kwargs) -> list[tuple[str, ...]]:
   return order
 
 
+def _inputs(args, kwargs):
+  return args[0] if args else kwargs.get("inputs")
+
+
+def _pallas_dense(module: nn.Module) -> bool:
+  """Whether a packed layer is a plain ``nn.Dense`` the Pallas ternary kernel can multiply for (GPU/TPU)."""
+  return (type(module) is nn.Dense and module.dot_general is None and module.dot_general_cls is None
+          and _tm._pallas_choice() is not None)
+
+
+def _packed_dense(module: nn.Dense, policy: QuantPolicy, args, kwargs):
+  """A packed ``nn.Dense`` by the Pallas kernel: ``x @ codes`` with the codes unpacked on chip, the
+  scale after accumulation, then the bias (what :class:`tgq_jax.layers.TernaryDense` does)."""
+  inputs = _inputs(args, kwargs)
+  quantizer = policy.layer_quantizer(output_axes(module, 2))
+  record_layer(tuple(module.path), quantizer)
+  param = functools.partial(nn.Module.param, module)
+  with _layer_input(inputs):
+    codes, scale, neg = packed_params(param, quantizer, (jnp.shape(inputs)[-1], module.features))
+  bias = param("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
+  dtype = policy.dtype or module.dtype or jnp.result_type(inputs, module.param_dtype)
+  y = _tm.ternary_dense(jnp.asarray(inputs, dtype), codes, scale, neg)
+  if bias is not None:
+    y += jnp.reshape(jnp.asarray(bias, dtype), (1,) * (y.ndim - 1) + (-1,))
+  return y
+
+
 class TernarizedModel(nn.Module):
   """``module`` with the kernels the ``policy`` selects quantized (see :func:`ternarize_model`)."""
 
@@ -168,13 +198,17 @@ class TernarizedModel(nn.Module):
       if not policy.matches(path) or path in skip:
         record_layer(tuple(m.path), get_quantizer("fp"))
         return next_fun(*a, **k)
+      if policy.packed and _pallas_dense(m):
+        return _packed_dense(m, policy, a, k)
       hook = KernelHook(
         m, lambda ndim: policy.layer_quantizer(output_axes(m, ndim, a, k)),
         lambda axes, ndim: _output_scale_broadcasts(m, axes, ndim))
       attributes = {"param": hook.param}
       if policy.dtype is not None and hasattr(m, "dtype"):
         attributes["dtype"] = policy.dtype
-      with _shadowed(m, **attributes):
+      # A packed layer's kernel is rebuilt from its codes only once its input exists (layers.packed_params):
+      # one float kernel at a time in the compiled forward, not all of them up front.
+      with _shadowed(m, **attributes), _layer_input(_inputs(a, k) if policy.packed else None):
         y = next_fun(*a, **k)
       return hook.finish(y)
 
