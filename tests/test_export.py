@@ -10,8 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tgq_jax
 from tgq_jax import export
-from tgq_jax.models import create_model
+from tgq_jax.layers import quantized_layers
+from tgq_jax.models import ModelSpec, create_model
+from tgq_jax.policy import QuantPolicy
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 7, 8, 9, 255, 1001])
@@ -55,21 +60,20 @@ def _trained_like_variables(model, shape, seed=0):
 @pytest.mark.parametrize("quantizer,first,per_channel", [
   ("tga", True, False), ("tga", False, True), ("twn", True, False), ("ttq", False, False), ("fp", True, False)])
 def test_packed_logits_equal_trained_logits_exactly(tmp_path, quantizer, first, per_channel, suffix):
-  settings = export.model_settings("small_cnn", 10, quantizer=quantizer, ternary_first=first,
-                                   per_channel=per_channel)
-  model = create_model(**{**settings, "dtype": jnp.float32})
+  spec = ModelSpec("small_cnn", 10, QuantPolicy(quantizer, per_channel=per_channel, ternary_first=first))
+  model = spec.build()
   variables, x = _trained_like_variables(model, (28, 28, 1))
   path = tmp_path / f"m.{suffix}"
-  report = export.export_variables(path, variables, settings, (28, 28, 1), extra={"note": "test"})
+  report = export.export_variables(path, variables, spec, (28, 28, 1), extra={"note": "test"})
   loaded_model, loaded, header = export.load_packed(path)
-  assert header["arch"] == "small_cnn" and header["quantizer"] == quantizer and header["note"] == "test"
-  assert header["format_version"] == export.FORMAT_VERSION
+  assert ModelSpec.from_dict(header["spec"]) == spec and header["note"] == "test"
+  assert header["format_version"] == export.FORMAT_VERSION == 3
   want = model.apply(variables, x, train=False)
   got = loaded_model.apply(loaded, x, train=False)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   # Packed inference: codes and scales resident, kernels rebuilt in the forward pass, eager and jitted.
   packed_model, packed, _ = export.load_packed(path, packed=True)
-  assert packed_model.quantizer == ("fp" if quantizer == "fp" else f"packed:{quantizer}")
+  assert packed_model.policy.quantizer == ("fp" if quantizer == "fp" else f"packed:{quantizer}")
   np.testing.assert_array_equal(np.asarray(packed_model.apply(packed, x, train=False)), np.asarray(want))
   jitted = jax.jit(lambda v, x: packed_model.apply(v, x, train=False))
   np.testing.assert_allclose(np.asarray(jitted(packed, x)), np.asarray(want), rtol=0,
@@ -80,10 +84,9 @@ def test_packed_logits_equal_trained_logits_exactly(tmp_path, quantizer, first, 
 
 
 def test_size_bound_and_report(tmp_path):
-  settings = export.model_settings("small_cnn", 10)
   model = create_model("small_cnn", 10)
   variables, _ = _trained_like_variables(model, (28, 28, 1))
-  report = export.export_variables(tmp_path / "m.tgq", variables, settings, (28, 28, 1))
+  report = export.export_variables(tmp_path / "m.tgq", variables, ModelSpec("small_cnn", 10), (28, 28, 1))
   ternary = [l for l in report.layers if l.ternary]
   assert [l.name for l in ternary] == ["conv0", "conv1", "conv2", "conv3", "head"]
   for layer in ternary:
@@ -102,18 +105,42 @@ def packed_file(tmp_path_factory):
   path = tmp_path_factory.mktemp("packed") / "m.tgq"
   model = create_model("small_cnn", 10)
   variables, _ = _trained_like_variables(model, (28, 28, 1))
-  export.export_variables(path, variables, export.model_settings("small_cnn", 10), (28, 28, 1))
+  export.export_variables(path, variables, ModelSpec("small_cnn", 10), (28, 28, 1))
   return path
 
 
+def _flat_settings(header: dict) -> dict:
+  """A header naming its model by ``spec`` rewritten with the flat settings of versions 1 and 2."""
+  if "spec" not in header:
+    return header
+  spec = header["spec"]
+  policy = spec["policy"]
+  flat = dict(arch=spec["arch"], num_classes=spec["num_classes"], quantizer=policy["quantizer"],
+              per_channel=policy["per_channel"], ternary_first=policy["ternary_first"],
+              ternary_last=policy["ternary_last"], dtype=spec["dtype"])
+  first = {k: header[k] for k in ("format_version", "tgq_jax_version")}
+  return {**first, **flat, **{k: v for k, v in header.items() if k not in first and k != "spec"}}
+
+
 def _to_v1(blob: bytes) -> bytes:
-  """A version-2 .tgq file rewritten in version 1's layout: no trailer, the payload's SHA-256 in the header."""
+  """A .tgq file rewritten in version 1's layout: no trailer, the payload's SHA-256 and the flat settings
+  in the header."""
   _, _, n = struct.unpack_from("<4sIQ", blob)
-  header = json.loads(blob[16:16 + n])
+  header = _flat_settings(json.loads(blob[16:16 + n]))
   payload = blob[16 + n:-32]
   header.update(format_version=1, payload_sha256=hashlib.sha256(payload).hexdigest())
   new = json.dumps(header).encode()
   return struct.pack("<4sIQ", b"TGQ\x00", 1, len(new)) + new + payload
+
+
+def _rewrite_tgq(blob: bytes, change) -> bytes:
+  """A .tgq file of version 2 or 3 with its header changed by ``change`` and a valid trailer."""
+  _, version, n = struct.unpack_from("<4sIQ", blob)
+  header = json.loads(blob[16:16 + n])
+  change(header)
+  new = json.dumps(header).encode()
+  body = struct.pack("<4sIQ", b"TGQ\x00", version, len(new)) + new + blob[16 + n:-32]
+  return body + hashlib.sha256(body).digest()
 
 
 def _rewrite_v1_header(blob: bytes, change) -> bytes:
@@ -164,7 +191,7 @@ def test_reads_version_1_files(packed_file, tmp_path):
   model = create_model("small_cnn", 10)
   variables, x = _trained_like_variables(model, (28, 28, 1))
   v2 = tmp_path / "m.tgq"
-  export.export_variables(v2, variables, export.model_settings("small_cnn", 10), (28, 28, 1))
+  export.export_variables(v2, variables, ModelSpec("small_cnn", 10), (28, 28, 1))
   v1 = tmp_path / "old.tgq"
   v1.write_bytes(_to_v1(v2.read_bytes()))
   want = np.asarray(model.apply(variables, x, train=False))
@@ -177,17 +204,15 @@ def test_reads_version_1_files(packed_file, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
   """A tiny ternary model (conv 3x3x1x4, dense 4x10; TTQ, so a neg_scale too) in both containers."""
-  import trainer_helpers  # noqa: F401  (registers "nobn")
-
   root = tmp_path_factory.mktemp("tiny")
-  settings = export.model_settings("nobn", 10, quantizer="ttq")
-  model = create_model(**{**settings, "dtype": jnp.float32})
+  spec = ModelSpec("export_models:ConvHead", 10, QuantPolicy("ttq"))
+  model = spec.build()
   x = jax.random.normal(jax.random.key(1), (2, 6, 6, 1))
   variables = model.init(jax.random.key(0), x, train=False)
   paths = {}
   for suffix in ("tgq", "safetensors"):
     paths[suffix] = root / f"m.{suffix}"
-    export.export_variables(paths[suffix], variables, settings, (6, 6, 1), extra={"dataset": "synthetic"})
+    export.export_variables(paths[suffix], variables, spec, (6, 6, 1), extra={"dataset": "synthetic"})
   return paths
 
 
@@ -244,23 +269,28 @@ def test_safetensors_file_is_standard_and_holds_the_packed_variables(tiny_files)
   with safe_open(str(tiny_files["safetensors"]), "np") as f:
     metadata = f.metadata()
   assert metadata["format"] == "tgq_jax.packed" and metadata["format_version"] == str(export.FORMAT_VERSION)
-  assert json.loads(metadata["model"])["arch"] == "nobn"
+  assert json.loads(metadata["model"])["spec"]["arch"] == "export_models:ConvHead"
   assert json.loads(metadata["ternary"])["conv"] == {"kernel_shape": [3, 3, 1, 4]}
   _, _, header = export.load_packed(tiny_files["safetensors"])
   assert header["dataset"] == "synthetic" and header["image_shape"] == [6, 6, 1]
 
 
 def test_export_refuses_non_finite_models_and_directories(tmp_path):
-  settings = export.model_settings("small_cnn", 10)
+  spec = ModelSpec("small_cnn", 10)
   model = create_model("small_cnn", 10)
   variables, _ = _trained_like_variables(model, (28, 28, 1))
   broken = jax.tree.map(lambda a: a, variables)
   broken["batch_stats"]["bn1"]["var"] = broken["batch_stats"]["bn1"]["var"].at[0].set(jnp.inf)
   for suffix in ("tgq", "safetensors"):
     with pytest.raises(ValueError, match="non-finite.*batch_stats/bn1/var"):
-      export.export_variables(tmp_path / f"m.{suffix}", broken, settings, (28, 28, 1))
+      export.export_variables(tmp_path / f"m.{suffix}", broken, spec, (28, 28, 1))
   with pytest.raises(ValueError, match="is a directory"):
-    export.export_variables(tmp_path, variables, settings, (28, 28, 1))
+    export.export_variables(tmp_path, variables, spec, (28, 28, 1))
+  with pytest.raises(ValueError, match="spec, tensors are keys of the file format"):
+    export.export_variables(tmp_path / "m.tgq", variables, spec, (28, 28, 1), extra={"tensors": 1, "spec": 2})
+  with pytest.raises(ValueError, match="packed inference form"):
+    export.export_variables(tmp_path / "m.tgq", variables, ModelSpec("small_cnn", 10, QuantPolicy("packed:tga")),
+                            (28, 28, 1))
   assert sorted(os.listdir(tmp_path)) == []  # nothing written, no temporary left behind
 
 
@@ -270,22 +300,37 @@ def test_export_cli_from_a_train_workdir_gives_the_checkpoint_logits(tmp_path, c
   from tgq_jax import checkpoints, train_lib
 
   workdir = tmp_path / "run"
-  train_lib.train_and_evaluate(quick(workdir, max_steps=3), verbose=False)
+  summary = train_lib.train_and_evaluate(quick(workdir, max_steps=3), verbose=False)
   out = tmp_path / f"model.{suffix}"
   assert export.main(["--workdir", str(workdir), "--out", str(out),
                       "--report-json", str(tmp_path / "r.json")]) == 0
   printed = capsys.readouterr().out
   assert "wrote" in printed and "ternary layers: packed/fp32" in printed
-  assert json.loads((tmp_path / "r.json").read_text())["packed_bytes"] > 0
+  report = json.loads((tmp_path / "r.json").read_text())
+  assert report["packed_bytes"] > 0
+  if suffix == "safetensors":  # the end-of-run table counts what a .safetensors export stores (planar codes)
+    assert (f"FP32 {report['fp32_bytes'] / 1024:.1f} KiB -> 2-bit ternary {report['packed_bytes'] / 1024:.1f} KiB"
+            in summary["report"]), summary["report"]
 
-  trained = create_model("tiny_cnn", 10, quantizer="tga")
+  trained = create_model("tiny_cnn", 10, quant=QuantPolicy("tga"))
   variables = checkpoints.load_variables(str(workdir))
   x = jax.random.normal(jax.random.key(3), (5, 28, 28, 1))
   want = np.asarray(trained.apply(variables, x, train=False))
   for packed in (False, True):
     loaded_model, loaded, header = export.load_packed(out, packed=packed)
-    assert header["arch"] == "tiny_cnn" and header["dataset"] == "synthetic"
+    assert header["spec"]["arch"] == "tiny_cnn" and header["dataset"] == "synthetic"
     np.testing.assert_array_equal(np.asarray(loaded_model.apply(loaded, x, train=False)), want)
+
+  # A workdir written before config.json held the model spec: the same spec, from the run's options.
+  config = json.loads((workdir / "config.json").read_text())
+  model_entry = config.pop("model")
+  assert model_entry == header["spec"]
+  (workdir / "config.json").write_text(json.dumps(config))
+  old = tmp_path / f"old.{suffix}"
+  assert export.main(["--workdir", str(workdir), "--out", str(old)]) == 0
+  loaded_model, loaded, header = export.load_packed(old)
+  assert header["spec"] == model_entry
+  np.testing.assert_array_equal(np.asarray(loaded_model.apply(loaded, x, train=False)), want)
 
 
 def test_export_cli_errors_are_one_line(tmp_path, capsys):
