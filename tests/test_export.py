@@ -201,6 +201,111 @@ def test_reads_version_1_files(packed_file, tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded_model.apply(loaded, x, train=False)), want)
 
 
+def test_spec_errors_name_the_problem(packed_file, tmp_path):
+  """A version-3 header (checksum recomputed) naming a model this process cannot build."""
+  blob = packed_file.read_bytes()
+  bad = tmp_path / "bad.tgq"
+  for change, message in [
+      (lambda spec: spec.update(arch="resnet9000"), "unknown arch 'resnet9000'"),
+      (lambda spec: spec.update(arch="no_such_module_xyz:Net"), "cannot be imported here"),
+      (lambda spec: spec.update(arch="export_models:NoSuchNet"), "cannot be imported here"),
+      (lambda spec: spec.update(arch="export_models:ConvHead", kwargs={"bogus": 1}), "cannot build the model"),
+      (lambda spec: spec["policy"].update(quantizer="nope"), "corrupt model spec.*unknown quantizer 'nope'"),
+      (lambda spec: spec.pop("policy"), "corrupt model spec.*missing policy")]:
+    bad.write_bytes(_rewrite_tgq(blob, lambda h: change(h["spec"])))
+    with pytest.raises(export.PackedFormatError, match=message):
+      export.load_packed(bad)
+  bad.write_bytes(_rewrite_tgq(blob, lambda h: h.pop("spec")))
+  with pytest.raises(export.PackedFormatError, match="header lacks arch"):
+    export.load_packed(bad)
+
+
+@pytest.mark.parametrize("suffix", ["tgq", "safetensors"])
+def test_a_users_linen_model_exports_and_loads_with_identical_logits(tmp_path, suffix):
+  """A plain Linen module of the user's (conv, BatchNorm, attention, dense), ternarized per channel by
+  tgq_jax.ternarize_model, named by its import path: the file rebuilds it, both forms give its logits."""
+  import export_models
+
+  policy = QuantPolicy("tga", per_channel=True)
+  model = tgq_jax.ternarize_model(export_models.TinyNet(num_classes=10), policy)
+  variables, x = _trained_like_variables(model, (8, 8, 3))
+  layers = quantized_layers(model, x, train=False)
+  assert layers[("attn", "query")].per_channel == (1, 2) and layers[("head",)].per_channel == (1,)
+  want = np.asarray(model.apply(variables, x, train=False))
+  spec = ModelSpec("export_models:TinyNet", 10, policy)
+  path = tmp_path / f"m.{suffix}"
+  export.export_variables(path, variables, spec, (8, 8, 3))
+  for packed in (False, True):
+    loaded_model, loaded, header = export.load_packed(path, packed=packed)
+    assert ModelSpec.from_dict(header["spec"]) == spec
+    np.testing.assert_array_equal(np.asarray(loaded_model.apply(loaded, x, train=False)), want)
+  # The packed form holds codes and one scale per (head, head_dim) feature of each attention projection.
+  query = loaded["params"]["attn"]["query"]
+  assert sorted(query) == ["bias", "codes", "scale"] and query["scale"].shape == (2, 4)
+  assert query["codes"].dtype == jnp.uint8 and query["codes"].shape == (4, 4)  # planar: (ceil(8 * 2 / 4), 4)
+  assert "delta" not in query and loaded["batch_stats"]["bn"]["var"].shape == (8,)
+
+
+@pytest.mark.parametrize("quantizer,per_channel", [("tga", True), ("ttq", False)])
+def test_end_of_run_sizes_and_the_export_report_agree(tmp_path, quantizer, per_channel):
+  """train_lib's end-of-run size line and export's SizeReport are one function's numbers, and they are
+  the bytes each container stores (planar codes in .safetensors, C-order codes in .tgq)."""
+  import export_models
+  from safetensors.numpy import load_file
+  from tgq_jax import sizes, train_lib
+
+  spec = ModelSpec("export_models:TinyNet", 10, QuantPolicy(quantizer, per_channel=per_channel))
+  model = spec.build()
+  variables, x = _trained_like_variables(model, (8, 8, 3))
+  layers = quantized_layers(model, x, train=False)
+  safetensors_report = export.export_variables(tmp_path / "m.safetensors", variables, spec, (8, 8, 3))
+  tgq_report = export.export_variables(tmp_path / "m.tgq", variables, spec, (8, 8, 3))
+  fp32_bits, packed_bits = train_lib.model_size_bits(variables, layers)
+  assert (fp32_bits, packed_bits) == (8 * safetensors_report.fp32_bytes, 8 * safetensors_report.packed_bytes)
+  assert train_lib.model_size_bits(variables["params"], layers)[0] < fp32_bits  # params alone: no batch_stats
+  line = train_lib.format_report({"accuracy": 0.5}, [], (fp32_bits, packed_bits)).splitlines()[-1]
+  assert f"-> 2-bit ternary {safetensors_report.packed_bytes / 1024:.1f} KiB" in line
+
+  # What is stored: every tensor of the .safetensors file; the .tgq payload.
+  assert safetensors_report.packed_bytes == sum(a.nbytes for a in load_file(str(tmp_path / "m.safetensors")).values())
+  assert tgq_report.packed_bytes == export.read_packed(tmp_path / "m.tgq")[0]["payload_bytes"]
+  assert tgq_report.fp32_bytes == safetensors_report.fp32_bytes
+  # The full-precision twin's size: every leaf but the quantizer's own, at 4 bytes.
+  fp_variables = export_models.TinyNet(10).init(jax.random.key(0), x, train=False)
+  assert safetensors_report.fp32_bytes == 4 * sum(a.size for a in jax.tree.leaves(fp_variables))
+  ternary = {l.name: l for l in safetensors_report.layers if l.ternary}
+  assert list(ternary) == ["/".join(p) for p, q in layers.items() if q.ternary]
+  scales = 2 * 4 if quantizer == "ttq" else 4 * 2 * 4  # per channel: one per (head, head_dim)
+  assert ternary["attn/query"].packed_bytes == 4 * 4 + scales  # planar codes (ceil(8 * 2 / 4), 4) + scales
+  assert sizes.code_bytes((3, 3, 1, 4), "planar") == 3 * 4 and sizes.code_bytes((3, 3, 1, 4), "c_order") == 9
+
+
+def test_files_written_by_the_previous_release_still_load(tmp_path):
+  """Version-2 files written by tgq_jax before ModelSpec (flat header keys; tests/data/README.md), and a
+  version-1 rewrite of each .tgq: the logits of the model that wrote them, in both forms."""
+  import trainer_helpers  # noqa: F401  (registers tiny_cnn)
+
+  expected = np.load(os.path.join(DATA, "legacy_v2_expected.npz"))
+  specs = {"tga_pc": ModelSpec("tiny_cnn", 10, QuantPolicy("tga", per_channel=True, ternary_first=False)),
+           "ttq": ModelSpec("tiny_cnn", 10, QuantPolicy("ttq", ternary_last=False))}
+  for name in ("legacy_v2_tga_pc.tgq", "legacy_v2_tga_pc.safetensors", "legacy_v2_ttq.tgq"):
+    key = name.split(".")[0].removeprefix("legacy_v2_")
+    paths = {2: os.path.join(DATA, name)}
+    if name.endswith(".tgq"):
+      paths[1] = tmp_path / f"v1_{name}"
+      paths[1].write_bytes(_to_v1(open(paths[2], "rb").read()))
+    for version, path in paths.items():
+      for packed in (False, True):
+        model, variables, header = export.load_packed(path, packed=packed)
+        assert header["format_version"] == version and header["arch"] == "tiny_cnn"
+        assert ModelSpec.from_dict(header["spec"]) == specs[key]
+        np.testing.assert_array_equal(np.asarray(model.apply(variables, expected["x"], train=False)),
+                                      expected[f"{key}_logits"])
+    if key == "ttq":  # conv0's entry has a null neg_scale (equal scales, stored once): the scale; conv1 its own
+      assert not np.array_equal(variables["params"]["conv1"]["neg_scale"], variables["params"]["conv1"]["scale"])
+      np.testing.assert_array_equal(variables["params"]["conv0"]["neg_scale"], variables["params"]["conv0"]["scale"])
+
+
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
   """A tiny ternary model (conv 3x3x1x4, dense 4x10; TTQ, so a neg_scale too) in both containers."""
