@@ -15,17 +15,17 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from tgq_jax import export  # noqa: E402
-from tgq_jax.models import create_model  # noqa: E402
+from tgq_jax.models import ModelSpec  # noqa: E402
 
 
 def report(arch: str, num_classes: int, image_shape: tuple[int, int, int]) -> export.SizeReport:
-  settings = export.model_settings(arch, num_classes)
-  model = create_model(arch, num_classes)
+  spec = ModelSpec(arch, num_classes)
+  model = spec.build()
   variables = jax.jit(model.init, static_argnames="train")(
     jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, f"{arch}.tgq")
-    result = export.export_variables(path, variables, settings, image_shape)
+    result = export.export_variables(path, variables, spec, image_shape)
     file_bytes = os.path.getsize(path)
   print(f"== {arch} ({num_classes} classes): file {file_bytes:,} bytes")
   print(result.format())

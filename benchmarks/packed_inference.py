@@ -95,12 +95,13 @@ def export_model(arch: str, image_shape, path: str) -> None:
   import jax.numpy as jnp
 
   from tgq_jax import export
-  from tgq_jax.models import create_model
+  from tgq_jax.models import ModelSpec
 
-  model = create_model(arch, 1000 if arch in ("resnet18", "resnet34", "resnet50") else 10)
+  spec = ModelSpec(arch, 1000 if arch in ("resnet18", "resnet34", "resnet50") else 10)
+  model = spec.build()
   variables = jax.jit(model.init, static_argnames="train")(jax.random.key(0), jnp.zeros((1, *image_shape)),
                                                            train=False)
-  export.export_variables(path, variables, export.model_settings(arch, model.num_classes), image_shape)
+  export.export_variables(path, variables, spec, image_shape)
 
 
 def main(argv=None) -> int:

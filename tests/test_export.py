@@ -10,8 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tgq_jax
 from tgq_jax import export
-from tgq_jax.models import create_model
+from tgq_jax.layers import quantized_layers
+from tgq_jax.models import ModelSpec, create_model
+from tgq_jax.policy import QuantPolicy
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 7, 8, 9, 255, 1001])
@@ -55,21 +60,20 @@ def _trained_like_variables(model, shape, seed=0):
 @pytest.mark.parametrize("quantizer,first,per_channel", [
   ("tga", True, False), ("tga", False, True), ("twn", True, False), ("ttq", False, False), ("fp", True, False)])
 def test_packed_logits_equal_trained_logits_exactly(tmp_path, quantizer, first, per_channel, suffix):
-  settings = export.model_settings("small_cnn", 10, quantizer=quantizer, ternary_first=first,
-                                   per_channel=per_channel)
-  model = create_model(**{**settings, "dtype": jnp.float32})
+  spec = ModelSpec("small_cnn", 10, QuantPolicy(quantizer, per_channel=per_channel, ternary_first=first))
+  model = spec.build()
   variables, x = _trained_like_variables(model, (28, 28, 1))
   path = tmp_path / f"m.{suffix}"
-  report = export.export_variables(path, variables, settings, (28, 28, 1), extra={"note": "test"})
+  report = export.export_variables(path, variables, spec, (28, 28, 1), extra={"note": "test"})
   loaded_model, loaded, header = export.load_packed(path)
-  assert header["arch"] == "small_cnn" and header["quantizer"] == quantizer and header["note"] == "test"
-  assert header["format_version"] == export.FORMAT_VERSION
+  assert ModelSpec.from_dict(header["spec"]) == spec and header["note"] == "test"
+  assert header["format_version"] == export.FORMAT_VERSION == 3
   want = model.apply(variables, x, train=False)
   got = loaded_model.apply(loaded, x, train=False)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   # Packed inference: codes and scales resident, kernels rebuilt in the forward pass, eager and jitted.
   packed_model, packed, _ = export.load_packed(path, packed=True)
-  assert packed_model.quantizer == ("fp" if quantizer == "fp" else f"packed:{quantizer}")
+  assert packed_model.policy.quantizer == ("fp" if quantizer == "fp" else f"packed:{quantizer}")
   np.testing.assert_array_equal(np.asarray(packed_model.apply(packed, x, train=False)), np.asarray(want))
   jitted = jax.jit(lambda v, x: packed_model.apply(v, x, train=False))
   np.testing.assert_allclose(np.asarray(jitted(packed, x)), np.asarray(want), rtol=0,
@@ -80,10 +84,9 @@ def test_packed_logits_equal_trained_logits_exactly(tmp_path, quantizer, first, 
 
 
 def test_size_bound_and_report(tmp_path):
-  settings = export.model_settings("small_cnn", 10)
   model = create_model("small_cnn", 10)
   variables, _ = _trained_like_variables(model, (28, 28, 1))
-  report = export.export_variables(tmp_path / "m.tgq", variables, settings, (28, 28, 1))
+  report = export.export_variables(tmp_path / "m.tgq", variables, ModelSpec("small_cnn", 10), (28, 28, 1))
   ternary = [l for l in report.layers if l.ternary]
   assert [l.name for l in ternary] == ["conv0", "conv1", "conv2", "conv3", "head"]
   for layer in ternary:
@@ -102,18 +105,42 @@ def packed_file(tmp_path_factory):
   path = tmp_path_factory.mktemp("packed") / "m.tgq"
   model = create_model("small_cnn", 10)
   variables, _ = _trained_like_variables(model, (28, 28, 1))
-  export.export_variables(path, variables, export.model_settings("small_cnn", 10), (28, 28, 1))
+  export.export_variables(path, variables, ModelSpec("small_cnn", 10), (28, 28, 1))
   return path
 
 
+def _flat_settings(header: dict) -> dict:
+  """A header naming its model by ``spec`` rewritten with the flat settings of versions 1 and 2."""
+  if "spec" not in header:
+    return header
+  spec = header["spec"]
+  policy = spec["policy"]
+  flat = dict(arch=spec["arch"], num_classes=spec["num_classes"], quantizer=policy["quantizer"],
+              per_channel=policy["per_channel"], ternary_first=policy["ternary_first"],
+              ternary_last=policy["ternary_last"], dtype=spec["dtype"])
+  first = {k: header[k] for k in ("format_version", "tgq_jax_version")}
+  return {**first, **flat, **{k: v for k, v in header.items() if k not in first and k != "spec"}}
+
+
 def _to_v1(blob: bytes) -> bytes:
-  """A version-2 .tgq file rewritten in version 1's layout: no trailer, the payload's SHA-256 in the header."""
+  """A .tgq file rewritten in version 1's layout: no trailer, the payload's SHA-256 and the flat settings
+  in the header."""
   _, _, n = struct.unpack_from("<4sIQ", blob)
-  header = json.loads(blob[16:16 + n])
+  header = _flat_settings(json.loads(blob[16:16 + n]))
   payload = blob[16 + n:-32]
   header.update(format_version=1, payload_sha256=hashlib.sha256(payload).hexdigest())
   new = json.dumps(header).encode()
   return struct.pack("<4sIQ", b"TGQ\x00", 1, len(new)) + new + payload
+
+
+def _rewrite_tgq(blob: bytes, change) -> bytes:
+  """A .tgq file of version 2 or 3 with its header changed by ``change`` and a valid trailer."""
+  _, version, n = struct.unpack_from("<4sIQ", blob)
+  header = json.loads(blob[16:16 + n])
+  change(header)
+  new = json.dumps(header).encode()
+  body = struct.pack("<4sIQ", b"TGQ\x00", version, len(new)) + new + blob[16 + n:-32]
+  return body + hashlib.sha256(body).digest()
 
 
 def _rewrite_v1_header(blob: bytes, change) -> bytes:
@@ -164,7 +191,7 @@ def test_reads_version_1_files(packed_file, tmp_path):
   model = create_model("small_cnn", 10)
   variables, x = _trained_like_variables(model, (28, 28, 1))
   v2 = tmp_path / "m.tgq"
-  export.export_variables(v2, variables, export.model_settings("small_cnn", 10), (28, 28, 1))
+  export.export_variables(v2, variables, ModelSpec("small_cnn", 10), (28, 28, 1))
   v1 = tmp_path / "old.tgq"
   v1.write_bytes(_to_v1(v2.read_bytes()))
   want = np.asarray(model.apply(variables, x, train=False))
@@ -174,20 +201,123 @@ def test_reads_version_1_files(packed_file, tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded_model.apply(loaded, x, train=False)), want)
 
 
+def test_spec_errors_name_the_problem(packed_file, tmp_path):
+  """A version-3 header (checksum recomputed) naming a model this process cannot build."""
+  blob = packed_file.read_bytes()
+  bad = tmp_path / "bad.tgq"
+  for change, message in [
+      (lambda spec: spec.update(arch="resnet9000"), "unknown arch 'resnet9000'"),
+      (lambda spec: spec.update(arch="no_such_module_xyz:Net"), "cannot be imported here"),
+      (lambda spec: spec.update(arch="export_models:NoSuchNet"), "cannot be imported here"),
+      (lambda spec: spec.update(arch="export_models:ConvHead", kwargs={"bogus": 1}), "cannot build the model"),
+      (lambda spec: spec["policy"].update(quantizer="nope"), "corrupt model spec.*unknown quantizer 'nope'"),
+      (lambda spec: spec.pop("policy"), "corrupt model spec.*missing policy")]:
+    bad.write_bytes(_rewrite_tgq(blob, lambda h: change(h["spec"])))
+    with pytest.raises(export.PackedFormatError, match=message):
+      export.load_packed(bad)
+  bad.write_bytes(_rewrite_tgq(blob, lambda h: h.pop("spec")))
+  with pytest.raises(export.PackedFormatError, match="header lacks arch"):
+    export.load_packed(bad)
+
+
+@pytest.mark.parametrize("suffix", ["tgq", "safetensors"])
+def test_a_users_linen_model_exports_and_loads_with_identical_logits(tmp_path, suffix):
+  """A plain Linen module of the user's (conv, BatchNorm, attention, dense), ternarized per channel by
+  tgq_jax.ternarize_model, named by its import path: the file rebuilds it, both forms give its logits."""
+  import export_models
+
+  policy = QuantPolicy("tga", per_channel=True)
+  model = tgq_jax.ternarize_model(export_models.TinyNet(num_classes=10), policy)
+  variables, x = _trained_like_variables(model, (8, 8, 3))
+  layers = quantized_layers(model, x, train=False)
+  assert layers[("attn", "query")].per_channel == (1, 2) and layers[("head",)].per_channel == (1,)
+  want = np.asarray(model.apply(variables, x, train=False))
+  spec = ModelSpec("export_models:TinyNet", 10, policy)
+  path = tmp_path / f"m.{suffix}"
+  export.export_variables(path, variables, spec, (8, 8, 3))
+  for packed in (False, True):
+    loaded_model, loaded, header = export.load_packed(path, packed=packed)
+    assert ModelSpec.from_dict(header["spec"]) == spec
+    np.testing.assert_array_equal(np.asarray(loaded_model.apply(loaded, x, train=False)), want)
+  # The packed form holds codes and one scale per (head, head_dim) feature of each attention projection.
+  query = loaded["params"]["attn"]["query"]
+  assert sorted(query) == ["bias", "codes", "scale"] and query["scale"].shape == (2, 4)
+  assert query["codes"].dtype == jnp.uint8 and query["codes"].shape == (4, 4)  # planar: (ceil(8 * 2 / 4), 4)
+  assert "delta" not in query and loaded["batch_stats"]["bn"]["var"].shape == (8,)
+
+
+@pytest.mark.parametrize("quantizer,per_channel", [("tga", True), ("ttq", False)])
+def test_end_of_run_sizes_and_the_export_report_agree(tmp_path, quantizer, per_channel):
+  """train_lib's end-of-run size line and export's SizeReport are one function's numbers, and they are
+  the bytes each container stores (planar codes in .safetensors, C-order codes in .tgq)."""
+  import export_models
+  from safetensors.numpy import load_file
+  from tgq_jax import sizes, train_lib
+
+  spec = ModelSpec("export_models:TinyNet", 10, QuantPolicy(quantizer, per_channel=per_channel))
+  model = spec.build()
+  variables, x = _trained_like_variables(model, (8, 8, 3))
+  layers = quantized_layers(model, x, train=False)
+  safetensors_report = export.export_variables(tmp_path / "m.safetensors", variables, spec, (8, 8, 3))
+  tgq_report = export.export_variables(tmp_path / "m.tgq", variables, spec, (8, 8, 3))
+  fp32_bits, packed_bits = train_lib.model_size_bits(variables, layers)
+  assert (fp32_bits, packed_bits) == (8 * safetensors_report.fp32_bytes, 8 * safetensors_report.packed_bytes)
+  assert train_lib.model_size_bits(variables["params"], layers)[0] < fp32_bits  # params alone: no batch_stats
+  line = train_lib.format_report({"accuracy": 0.5}, [], (fp32_bits, packed_bits)).splitlines()[-1]
+  assert f"-> 2-bit ternary {safetensors_report.packed_bytes / 1024:.1f} KiB" in line
+
+  # What is stored: every tensor of the .safetensors file; the .tgq payload.
+  assert safetensors_report.packed_bytes == sum(a.nbytes for a in load_file(str(tmp_path / "m.safetensors")).values())
+  assert tgq_report.packed_bytes == export.read_packed(tmp_path / "m.tgq")[0]["payload_bytes"]
+  assert tgq_report.fp32_bytes == safetensors_report.fp32_bytes
+  # The full-precision twin's size: every leaf but the quantizer's own, at 4 bytes.
+  fp_variables = export_models.TinyNet(10).init(jax.random.key(0), x, train=False)
+  assert safetensors_report.fp32_bytes == 4 * sum(a.size for a in jax.tree.leaves(fp_variables))
+  ternary = {l.name: l for l in safetensors_report.layers if l.ternary}
+  assert list(ternary) == ["/".join(p) for p, q in layers.items() if q.ternary]
+  scales = 2 * 4 if quantizer == "ttq" else 4 * 2 * 4  # per channel: one per (head, head_dim)
+  assert ternary["attn/query"].packed_bytes == 4 * 4 + scales  # planar codes (ceil(8 * 2 / 4), 4) + scales
+  assert sizes.code_bytes((3, 3, 1, 4), "planar") == 3 * 4 and sizes.code_bytes((3, 3, 1, 4), "c_order") == 9
+
+
+def test_files_written_by_the_previous_release_still_load(tmp_path):
+  """Version-2 files written by tgq_jax before ModelSpec (flat header keys; tests/data/README.md), and a
+  version-1 rewrite of each .tgq: the logits of the model that wrote them, in both forms."""
+  import trainer_helpers  # noqa: F401  (registers tiny_cnn)
+
+  expected = np.load(os.path.join(DATA, "legacy_v2_expected.npz"))
+  specs = {"tga_pc": ModelSpec("tiny_cnn", 10, QuantPolicy("tga", per_channel=True, ternary_first=False)),
+           "ttq": ModelSpec("tiny_cnn", 10, QuantPolicy("ttq", ternary_last=False))}
+  for name in ("legacy_v2_tga_pc.tgq", "legacy_v2_tga_pc.safetensors", "legacy_v2_ttq.tgq"):
+    key = name.split(".")[0].removeprefix("legacy_v2_")
+    paths = {2: os.path.join(DATA, name)}
+    if name.endswith(".tgq"):
+      paths[1] = tmp_path / f"v1_{name}"
+      paths[1].write_bytes(_to_v1(open(paths[2], "rb").read()))
+    for version, path in paths.items():
+      for packed in (False, True):
+        model, variables, header = export.load_packed(path, packed=packed)
+        assert header["format_version"] == version and header["arch"] == "tiny_cnn"
+        assert ModelSpec.from_dict(header["spec"]) == specs[key]
+        np.testing.assert_array_equal(np.asarray(model.apply(variables, expected["x"], train=False)),
+                                      expected[f"{key}_logits"])
+    if key == "ttq":  # conv0's entry has a null neg_scale (equal scales, stored once): the scale; conv1 its own
+      assert not np.array_equal(variables["params"]["conv1"]["neg_scale"], variables["params"]["conv1"]["scale"])
+      np.testing.assert_array_equal(variables["params"]["conv0"]["neg_scale"], variables["params"]["conv0"]["scale"])
+
+
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
   """A tiny ternary model (conv 3x3x1x4, dense 4x10; TTQ, so a neg_scale too) in both containers."""
-  import trainer_helpers  # noqa: F401  (registers "nobn")
-
   root = tmp_path_factory.mktemp("tiny")
-  settings = export.model_settings("nobn", 10, quantizer="ttq")
-  model = create_model(**{**settings, "dtype": jnp.float32})
+  spec = ModelSpec("export_models:ConvHead", 10, QuantPolicy("ttq"))
+  model = spec.build()
   x = jax.random.normal(jax.random.key(1), (2, 6, 6, 1))
   variables = model.init(jax.random.key(0), x, train=False)
   paths = {}
   for suffix in ("tgq", "safetensors"):
     paths[suffix] = root / f"m.{suffix}"
-    export.export_variables(paths[suffix], variables, settings, (6, 6, 1), extra={"dataset": "synthetic"})
+    export.export_variables(paths[suffix], variables, spec, (6, 6, 1), extra={"dataset": "synthetic"})
   return paths
 
 
@@ -244,23 +374,28 @@ def test_safetensors_file_is_standard_and_holds_the_packed_variables(tiny_files)
   with safe_open(str(tiny_files["safetensors"]), "np") as f:
     metadata = f.metadata()
   assert metadata["format"] == "tgq_jax.packed" and metadata["format_version"] == str(export.FORMAT_VERSION)
-  assert json.loads(metadata["model"])["arch"] == "nobn"
+  assert json.loads(metadata["model"])["spec"]["arch"] == "export_models:ConvHead"
   assert json.loads(metadata["ternary"])["conv"] == {"kernel_shape": [3, 3, 1, 4]}
   _, _, header = export.load_packed(tiny_files["safetensors"])
   assert header["dataset"] == "synthetic" and header["image_shape"] == [6, 6, 1]
 
 
 def test_export_refuses_non_finite_models_and_directories(tmp_path):
-  settings = export.model_settings("small_cnn", 10)
+  spec = ModelSpec("small_cnn", 10)
   model = create_model("small_cnn", 10)
   variables, _ = _trained_like_variables(model, (28, 28, 1))
   broken = jax.tree.map(lambda a: a, variables)
   broken["batch_stats"]["bn1"]["var"] = broken["batch_stats"]["bn1"]["var"].at[0].set(jnp.inf)
   for suffix in ("tgq", "safetensors"):
     with pytest.raises(ValueError, match="non-finite.*batch_stats/bn1/var"):
-      export.export_variables(tmp_path / f"m.{suffix}", broken, settings, (28, 28, 1))
+      export.export_variables(tmp_path / f"m.{suffix}", broken, spec, (28, 28, 1))
   with pytest.raises(ValueError, match="is a directory"):
-    export.export_variables(tmp_path, variables, settings, (28, 28, 1))
+    export.export_variables(tmp_path, variables, spec, (28, 28, 1))
+  with pytest.raises(ValueError, match="spec, tensors are keys of the file format"):
+    export.export_variables(tmp_path / "m.tgq", variables, spec, (28, 28, 1), extra={"tensors": 1, "spec": 2})
+  with pytest.raises(ValueError, match="packed inference form"):
+    export.export_variables(tmp_path / "m.tgq", variables, ModelSpec("small_cnn", 10, QuantPolicy("packed:tga")),
+                            (28, 28, 1))
   assert sorted(os.listdir(tmp_path)) == []  # nothing written, no temporary left behind
 
 
@@ -270,22 +405,37 @@ def test_export_cli_from_a_train_workdir_gives_the_checkpoint_logits(tmp_path, c
   from tgq_jax import checkpoints, train_lib
 
   workdir = tmp_path / "run"
-  train_lib.train_and_evaluate(quick(workdir, max_steps=3), verbose=False)
+  summary = train_lib.train_and_evaluate(quick(workdir, max_steps=3), verbose=False)
   out = tmp_path / f"model.{suffix}"
   assert export.main(["--workdir", str(workdir), "--out", str(out),
                       "--report-json", str(tmp_path / "r.json")]) == 0
   printed = capsys.readouterr().out
   assert "wrote" in printed and "ternary layers: packed/fp32" in printed
-  assert json.loads((tmp_path / "r.json").read_text())["packed_bytes"] > 0
+  report = json.loads((tmp_path / "r.json").read_text())
+  assert report["packed_bytes"] > 0
+  if suffix == "safetensors":  # the end-of-run table counts what a .safetensors export stores (planar codes)
+    assert (f"FP32 {report['fp32_bytes'] / 1024:.1f} KiB -> 2-bit ternary {report['packed_bytes'] / 1024:.1f} KiB"
+            in summary["report"]), summary["report"]
 
-  trained = create_model("tiny_cnn", 10, quantizer="tga")
+  trained = create_model("tiny_cnn", 10, quant=QuantPolicy("tga"))
   variables = checkpoints.load_variables(str(workdir))
   x = jax.random.normal(jax.random.key(3), (5, 28, 28, 1))
   want = np.asarray(trained.apply(variables, x, train=False))
   for packed in (False, True):
     loaded_model, loaded, header = export.load_packed(out, packed=packed)
-    assert header["arch"] == "tiny_cnn" and header["dataset"] == "synthetic"
+    assert header["spec"]["arch"] == "tiny_cnn" and header["dataset"] == "synthetic"
     np.testing.assert_array_equal(np.asarray(loaded_model.apply(loaded, x, train=False)), want)
+
+  # A workdir written before config.json held the model spec: the same spec, from the run's options.
+  config = json.loads((workdir / "config.json").read_text())
+  model_entry = config.pop("model")
+  assert model_entry == header["spec"]
+  (workdir / "config.json").write_text(json.dumps(config))
+  old = tmp_path / f"old.{suffix}"
+  assert export.main(["--workdir", str(workdir), "--out", str(old)]) == 0
+  loaded_model, loaded, header = export.load_packed(old)
+  assert header["spec"] == model_entry
+  np.testing.assert_array_equal(np.asarray(loaded_model.apply(loaded, x, train=False)), want)
 
 
 def test_export_cli_errors_are_one_line(tmp_path, capsys):

@@ -7,8 +7,9 @@ import pytest
 from tgq_jax import export, models
 from tgq_jax.kernels import ternary_matmul as tm
 from tgq_jax.layers import TernaryDense, quantized_layers
-from tgq_jax.models import create_model
+from tgq_jax.models import ModelSpec, create_model
 from tgq_jax.models.resnet import BasicBlock, Bottleneck, ResNet
+from tgq_jax.policy import QuantPolicy
 from tgq_jax.quantizers import get_quantizer
 
 # ImageNet ResNets' structure (7x7 stem, max-pool, projection shortcuts, bottlenecks) at test size.
@@ -30,12 +31,12 @@ def _variables(model, shape, seed=0):
   ("tiny_resnet50", (32, 32, 3), "ttq", False, False, True),
 ])
 def test_packed_model_gives_the_trained_logits(arch, shape, quantizer, per_channel, first, last):
-  settings = export.model_settings(arch, 10, quantizer=quantizer, per_channel=per_channel,
-                                   ternary_first=first, ternary_last=last)
-  model = create_model(**{**settings, "dtype": jnp.float32})
+  spec = ModelSpec(arch, 10, QuantPolicy(quantizer, per_channel=per_channel, ternary_first=first,
+                                         ternary_last=last))
+  model = spec.build()
   variables, x = _variables(model, shape)
-  packed_model = create_model(**{**settings, "dtype": jnp.float32}, packed=True)
-  packed = export.pack_variables(variables, settings, shape)
+  packed_model = spec.build(packed=True)
+  packed = export.pack_variables(variables, spec, shape)
   want = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
   got = jax.jit(lambda v, x: packed_model.apply(v, x, train=False))(packed, x)
   # Compiled, the two graphs may round differently (fusion): equal to float rounding.
@@ -54,10 +55,9 @@ def test_packed_model_gives_the_trained_logits(arch, shape, quantizer, per_chann
 
 
 def test_packed_resident_bytes_are_a_sixteenth():
-  settings = export.model_settings("resnet20", 10)
   model = create_model("resnet20", 10)
   variables, _ = _variables(model, (8, 8, 3))
-  packed = export.pack_variables(variables, settings, (8, 8, 3))
+  packed = export.pack_variables(variables, ModelSpec("resnet20", 10), (8, 8, 3))
   fp_bytes = sum(a.nbytes for a in jax.tree.leaves(variables["params"]))
   packed_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(packed["params"]))
   assert fp_bytes / packed_bytes > 12
@@ -65,11 +65,11 @@ def test_packed_resident_bytes_are_a_sixteenth():
 
 def test_packed_dense_uses_the_pallas_kernel_when_asked():
   """On GPU/TPU a packed TernaryDense multiplies with the Pallas kernel; here in the interpreter."""
-  settings = export.model_settings("resnet20", 10, per_channel=True)
-  model = create_model("resnet20", 10, per_channel=True)
+  spec = ModelSpec("resnet20", 10, QuantPolicy(per_channel=True))
+  model = spec.build()
   variables, x = _variables(model, (8, 8, 3))
-  packed_model = create_model("resnet20", 10, per_channel=True, packed=True)
-  packed = export.pack_variables(variables, settings, (8, 8, 3))
+  packed_model = spec.build(packed=True)
+  packed = export.pack_variables(variables, spec, (8, 8, 3))
   want = np.asarray(model.apply(variables, x, train=False))
   calls = []
   original = tm.ternary_matmul
@@ -100,16 +100,15 @@ def test_packed_quantizer_names_and_errors():
 
 def test_compiled_forward_rebuilds_one_kernel_at_a_time():
   """XLA may not hoist every layer's unpacking to the start: temporaries grow by about one float kernel."""
-  settings = export.model_settings("resnet20", 10)
   model = create_model("resnet20", 10)
   variables, x = _variables(model, (8, 8, 3))
   packed_model = create_model("resnet20", 10, packed=True)
-  packed = export.pack_variables(variables, settings, (8, 8, 3))
+  packed = export.pack_variables(variables, ModelSpec("resnet20", 10), (8, 8, 3))
 
   def temp_bytes(m, v):
     return jax.jit(lambda v, x: m.apply(v, x, train=False)).lower(v, x).compile().memory_analysis().temp_size_in_bytes
 
-  fp_model = create_model("resnet20", 10, quantizer="fp")
+  fp_model = create_model("resnet20", 10, quant=QuantPolicy("fp"))
   fp_variables = {**variables, "params": jax.tree.map(lambda a: a, variables["params"])}
   kernels = [a.nbytes for p, a in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
              if "kernel" in jax.tree_util.keystr(p)]

@@ -3,56 +3,69 @@
     python -m tgq_jax.export --workdir W --out model.safetensors   # or --out model.tgq
 
 Two containers, chosen by the suffix of ``--out``; :func:`load_packed` reads
-both (and version-1 ``.tgq`` files) and recognizes them by their content.
+both (and the version-1 and version-2 files of earlier tgq_jax releases) and
+recognizes them by their content.
 
-**safetensors** (``.safetensors``, the ecosystem's container; format version 2).
+Any Linen model can be exported: the file names its model by a
+:class:`~tgq_jax.models.ModelSpec` (a zoo arch, or the import path
+``"package.module:Name"`` of the user's module, the class count, the
+:class:`~tgq_jax.QuantPolicy`, the compute dtype, constructor arguments), which
+:func:`load_packed` builds again (``spec.build(packed=True)``); a user's module
+must be importable where the file is loaded.
+
+**safetensors** (``.safetensors``, the ecosystem's container; format version 3).
 The tensors are exactly the variables of the packed inference model
-(``create_model(..., packed=True)``), named ``"<collection>/<module path>/<leaf>"``:
+(``spec.build(packed=True)``), named ``"<collection>/<module path>/<leaf>"``:
 
 * a ternary layer ``P`` has ``params/P/codes`` (``uint8 (ceil(K/4), N)``: its
   kernel's codes in the planar 2-bit layout of
   :mod:`tgq_jax.kernels.ternary_matmul`, ``K`` the product of the kernel's leading
-  axes, ``N`` its last), ``params/P/scale`` (float32, scalar or one per output
-  channel: the value of a +1 code) and, for TTQ, ``params/P/neg_scale`` (the
-  magnitude of a -1 code);
+  axes, ``N`` its last), ``params/P/scale`` (float32: a scalar, or one per output
+  feature, of shape :func:`tgq_jax.ternarize.stat_shape`: e.g. ``(heads, head_dim)``
+  for an attention projection; the value of a +1 code) and, for TTQ,
+  ``params/P/neg_scale`` (the magnitude of a -1 code);
 * every other leaf (BatchNorm, biases, kernels of full-precision layers) as it is.
 
 The metadata (``__metadata__``, strings) holds ``format`` (``"tgq_jax.packed"``),
-``format_version``, ``tgq_jax_version``, ``model`` (JSON: the model's settings,
-``create_model``'s arguments, and ``image_shape``), ``ternary`` (JSON: each
+``format_version``, ``tgq_jax_version``, ``model`` (JSON: ``{"spec": ModelSpec.to_dict(),
+"image_shape": [H, W, C]}``; version 2: the flat settings below), ``ternary`` (JSON: each
 ternary layer's kernel shape), ``extra`` (JSON: dataset, test accuracy, ...)
 and ``sha256``: the SHA-256 of the whole file with these 64 hex digits written
 as ``0``. Every byte of the file is covered: any change, any truncation is a
 :class:`PackedFormatError`. Any safetensors reader (``safetensors.numpy.load_file``)
 reads the tensors.
 
-**.tgq** (tgq_jax's own layout; format version 2, all integers little-endian)::
+**.tgq** (tgq_jax's own layout; format version 3, all integers little-endian)::
 
     bytes 0-3    magic b"TGQ\\x00"
-    bytes 4-7    uint32 format version (2)
+    bytes 4-7    uint32 format version (3)
     bytes 8-15   uint64 length H of the header
     next H bytes UTF-8 JSON header
     next bytes   payload: the blobs the header's "tensors" entries point to
                  (offsets relative to the payload's start)
-    last 32      SHA-256 of every byte before them (version 2; version 1 has no
-                 trailer and only a payload SHA-256 in the header)
+    last 32      SHA-256 of every byte before them (versions 2 and 3; version 1
+                 has no trailer and only a payload SHA-256 in the header)
 
-The header holds the model's settings (``arch``, ``num_classes``,
-``quantizer``, ``per_channel``, ``ternary_first``, ``ternary_last``,
-``image_shape``, ``dtype``), the ``tgq_jax_version``, the ``format_version``, the
-payload's length and one entry per tensor:
+The header holds ``spec`` (``ModelSpec.to_dict()``), ``image_shape``, the
+``tgq_jax_version``, the ``format_version``, the payload's length, one entry per
+tensor, and the extra facts given at export (dataset, test accuracy, ...):
 
 * ``{"kind": "ternary", "path": [...], "shape": [...], "codes": blob,
   "scale_shape": [...], "scale": blob, "neg_scale": blob or null}`` for the
   kernel of a ternary layer: its codes packed 4 per byte in C order (below) and
-  its float32 scale (scalar, or one per output channel); ``neg_scale``, the
-  magnitude of a -1 code, is null when it equals ``scale`` (TGA, TWN; TTQ has
-  its own);
+  its float32 scale (scalar, or one per output feature); ``neg_scale``, the
+  magnitude of a -1 code, is null for symmetric quantizers (TGA, TWN; TTQ
+  stores its own);
 * ``{"kind": "array", "collection": ..., "path": [...], "shape": [...],
   "dtype": ..., "data": blob}`` for every other leaf as it is.
 
 The blobs must tile the payload exactly (checked on reading, which is what
 protects version-1 files, whose header no checksum covers).
+
+Versions 1 and 2 (.tgq; safetensors: version 2) named the model by flat settings instead of
+``spec``: ``arch``, ``num_classes``, ``quantizer``, ``per_channel``,
+``ternary_first``, ``ternary_last``, ``dtype`` (a zoo arch, the policy's fields);
+:func:`load_packed` reads them as the equivalent :class:`~tgq_jax.models.ModelSpec`.
 
 Bit layout of ``.tgq`` codes: the kernel's codes are flattened in C order (Flax's
 HWIO / (in, out) layout); code ``i`` occupies bits ``2*(i % 4)`` and
@@ -63,7 +76,9 @@ In both containers quantizer-only leaves (TGA's ``delta``, TTQ's trainable
 scales) are not stored: the scales carry all that inference needs. A ternary
 layer of N weights takes ``ceil(N / 4)`` bytes (a few more in the planar layout
 when K is not a multiple of 4) plus 4 bytes per scale: at most 1/15 of its FP32
-bytes once ``N >= 480`` per scale. A model with a non-finite value is refused.
+bytes once ``N >= 480`` per scale. :func:`tgq_jax.sizes.size_report` counts it
+(the export's :class:`SizeReport`, and the trainer's end-of-run table). A model
+with a non-finite value is refused.
 """
 from __future__ import annotations
 
@@ -81,19 +96,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tgq_jax.kernels.ternary_matmul import pack_planar, planar_shape, unpack_planar
+from tgq_jax.kernels.ternary_matmul import pack_planar, unpack_planar
 from tgq_jax.layers import quantized_layers
-from tgq_jax.models import create_model
+from tgq_jax.models import ModelSpec
+from tgq_jax.policy import QuantPolicy
+from tgq_jax.sizes import LayerSize, SizeReport, size_report  # noqa: F401  (LayerSize: part of the API here)
+from tgq_jax.ternarize import TernaryParts, channel_axes, dequantize, stat_shape
 
 MAGIC = b"TGQ\x00"
-FORMAT_VERSION = 2  # .tgq and .safetensors; load_packed also reads version-1 .tgq files
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # .tgq and .safetensors written now; load_packed also reads the earlier versions
+READABLE_VERSIONS = (1, 2, 3)  # .tgq
+SAFETENSORS_VERSIONS = (2, 3)
 SAFETENSORS_FORMAT = "tgq_jax.packed"
 SUFFIXES = (".safetensors", ".tgq")
 _PREFIX = struct.Struct("<4sIQ")
-_DIGEST = 32  # bytes of the .tgq version-2 trailer
+_DIGEST = 32  # bytes of the .tgq trailer (versions 2 and 3)
 _ZERO_DIGEST = "0" * 64
-_MODEL_KEYS = ("arch", "num_classes", "quantizer", "per_channel", "ternary_first", "ternary_last", "dtype")
+# Versions 1 and 2 named the model by these flat header keys (a zoo arch and the policy's fields).
+_LEGACY_KEYS = ("arch", "num_classes", "quantizer", "per_channel", "ternary_first", "ternary_last", "dtype")
+# Header keys of the format itself: export's ``extra`` facts may not use them.
+_RESERVED = frozenset({"format", "format_version", "tgq_jax_version", "spec", "image_shape", "payload_bytes",
+                       "payload_sha256", "tensors"})
 
 
 class PackedFormatError(ValueError):
@@ -126,62 +149,6 @@ def unpack_codes(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   return np.where(two_bits == 1, 1, np.where(two_bits == 2, -1, 0)).astype(np.int8).reshape(shape)
 
 
-# --- size report -------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSize:
-  name: str
-  num_weights: int
-  fp32_bytes: int
-  packed_bytes: int
-  sparsity: float  # fraction of zero codes; 0 for full-precision tensors
-  ternary: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class SizeReport:
-  layers: tuple[LayerSize, ...]
-
-  @property
-  def fp32_bytes(self) -> int:
-    return sum(layer.fp32_bytes for layer in self.layers)
-
-  @property
-  def packed_bytes(self) -> int:
-    return sum(layer.packed_bytes for layer in self.layers)
-
-  @property
-  def ratio(self) -> float:
-    """Packed size over FP32 size, whole model."""
-    return self.packed_bytes / self.fp32_bytes
-
-  @property
-  def ternary_ratio(self) -> float:
-    """Packed size over FP32 size of the ternary layers alone."""
-    tern = [layer for layer in self.layers if layer.ternary]
-    return sum(l.packed_bytes for l in tern) / max(sum(l.fp32_bytes for l in tern), 1)
-
-  def as_dict(self) -> dict[str, Any]:
-    return {"layers": [dataclasses.asdict(l) for l in self.layers], "fp32_bytes": self.fp32_bytes,
-            "packed_bytes": self.packed_bytes, "ratio": self.ratio, "ternary_ratio": self.ternary_ratio}
-
-  def format(self) -> str:
-    """A table: per layer and in total, FP32 bytes vs packed bytes, sparsity."""
-    ternary = [l for l in self.layers if l.ternary]
-    rows = [f"{'layer':<40} {'weights':>10} {'fp32 B':>11} {'packed B':>10} {'sparsity':>8}"]
-    for l in ternary:
-      rows.append(f"{l.name:<40} {l.num_weights:>10,} {l.fp32_bytes:>11,} {l.packed_bytes:>10,} {l.sparsity:>8.3f}")
-    rest = [l for l in self.layers if not l.ternary]
-    rows.append(f"{'(full-precision leaves: ' + str(len(rest)) + ')':<40} {sum(l.num_weights for l in rest):>10,} "
-                f"{sum(l.fp32_bytes for l in rest):>11,} {sum(l.packed_bytes for l in rest):>10,} {'':>8}")
-    rows.append(f"{'total':<40} {sum(l.num_weights for l in self.layers):>10,} {self.fp32_bytes:>11,} "
-                f"{self.packed_bytes:>10,} {'':>8}")
-    rows.append(f"ternary layers: packed/fp32 = 1/{1 / self.ternary_ratio:.1f}; whole model: "
-                f"packed/fp32 = 1/{1 / self.ratio:.1f}")
-    return "\n".join(rows)
-
-
 # --- what is stored ------------------------------------------------------------
 
 
@@ -202,18 +169,25 @@ def _set(tree: dict, path, value) -> None:
   tree[path[-1]] = value
 
 
-def model_settings(arch: str, num_classes: int, *, quantizer: str = "tga", per_channel: bool = False,
-                   ternary_first: bool = True, ternary_last: bool = True,
-                   dtype: Any = "float32") -> dict[str, Any]:
-  """The settings :func:`export_variables` records: ``create_model``'s arguments, JSON-friendly."""
-  return dict(arch=arch, num_classes=int(num_classes), quantizer=quantizer, per_channel=bool(per_channel),
-              ternary_first=bool(ternary_first), ternary_last=bool(ternary_last),
-              dtype=jnp.dtype(dtype).name)
+def legacy_spec(info: Mapping[str, Any]) -> ModelSpec:
+  """The :class:`ModelSpec` of a version-1 or version-2 header's flat settings (a zoo arch and the
+  policy's fields: ``arch``, ``num_classes``, ``quantizer``, ``per_channel``, ``ternary_first``,
+  ``ternary_last``, ``dtype``)."""
+  policy = QuantPolicy(info["quantizer"], per_channel=bool(info["per_channel"]),
+                       ternary_first=bool(info["ternary_first"]), ternary_last=bool(info["ternary_last"]))
+  return ModelSpec(str(info["arch"]), int(info["num_classes"]), policy, jnp.dtype(info["dtype"]).name)
 
 
-def _create(settings: Mapping[str, Any], **overrides):
-  kwargs = {**settings, **overrides}
-  return create_model(**{**kwargs, "dtype": jnp.dtype(kwargs["dtype"])})
+def _as_spec(spec: ModelSpec | Mapping[str, Any]) -> ModelSpec:
+  """``spec``, or the ModelSpec of its ``to_dict()`` form; only the training form can be exported."""
+  if isinstance(spec, Mapping):
+    spec = ModelSpec.from_dict(spec)
+  if not isinstance(spec, ModelSpec):
+    raise TypeError(f"spec must be a tgq_jax.models.ModelSpec, got {type(spec).__name__}.")
+  if spec.policy.packed:
+    raise ValueError(f"spec: the policy {spec.policy.quantizer!r} is the packed inference form; "
+                     "give the spec of the trained model (its quantizer without 'packed:').")
+  return spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +195,7 @@ class _TernaryLayer:
   path: tuple[str, ...]  # the layer's params path
   shape: tuple[int, ...]  # its kernel's
   codes: np.ndarray  # int8, the kernel's shape
-  scale: np.ndarray  # float32, () or (out,)
+  scale: np.ndarray  # float32, the quantizer's statistic shape (() or the output-feature axes)
   neg_scale: np.ndarray  # float32, the magnitude of a -1 code
   symmetric: bool  # the quantizer's -1 code is -scale (TGA, TWN): no neg_scale leaf in the packed model
 
@@ -239,11 +213,13 @@ def _check_finite(variables: Mapping) -> None:
                      "The run diverged: export an earlier checkpoint.")
 
 
-def _ternary_layers(variables: Mapping, settings: Mapping[str, Any],
-                    image_shape: tuple[int, ...]) -> tuple[list[_TernaryLayer], set[tuple[str, ...]]]:
-  """The ternary layers' codes and scales, and the params leaves they replace."""
-  model = _create(settings)
-  layers = quantized_layers(model, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+def _ternary_layers(variables: Mapping, spec: ModelSpec, image_shape: tuple[int, ...]
+                    ) -> tuple[list[_TernaryLayer], set[tuple[str, ...]], dict]:
+  """The ternary layers' codes and scales, the params leaves they replace, and every quantized
+  layer's quantizer (:func:`tgq_jax.layers.quantized_layers` of the model ``spec`` builds)."""
+  model = spec.build()
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  layers = quantized_layers(model, x, train=False)
   out, skip = [], set()
   for layer_path, quantizer in layers.items():
     if not quantizer.ternary:
@@ -253,23 +229,33 @@ def _ternary_layers(variables: Mapping, settings: Mapping[str, Any],
       layer = layer[key]
     kernel = layer["kernel"]
     parts = quantizer.parts(kernel, {k: layer[k] for k in quantizer.param_names})
+    scale_shape = stat_shape(tuple(kernel.shape), quantizer.per_channel)
     out.append(_TernaryLayer(layer_path, tuple(kernel.shape), np.asarray(parts.codes),
-                             np.asarray(parts.scale, np.float32), np.asarray(parts.neg_scale, np.float32),
+                             np.asarray(parts.scale, np.float32).reshape(scale_shape),
+                             np.asarray(parts.neg_scale, np.float32).reshape(scale_shape),
                              quantizer.symmetric))
     skip.add((*layer_path, "kernel"))
     skip.update((*layer_path, k) for k in quantizer.param_names)
-  return out, skip
+  return out, skip, layers
 
 
-def pack_variables(variables: Mapping, settings: Mapping[str, Any], image_shape: tuple[int, int, int]) -> dict:
-  """The variables of the packed inference model (``create_model(**settings, packed=True)``), in memory.
+def _size_report(variables: Mapping, ternary: list[_TernaryLayer], layers: Mapping, layout: str) -> SizeReport:
+  sparsity = {layer.path: float(np.mean(layer.codes == 0)) for layer in ternary}
+  return size_report(variables, layers, layout=layout, sparsity=sparsity)
+
+
+def pack_variables(variables: Mapping, spec: ModelSpec, image_shape: tuple[int, int, int]) -> dict:
+  """The variables of the packed inference model (``spec.build(packed=True)``), in memory.
 
   What a ``.safetensors`` export holds, as numpy arrays: each ternary layer's
   ``codes`` (planar 2-bit layout) and ``scale`` (and TTQ's ``neg_scale``), every
   other leaf as it is.
   """
-  settings = model_settings(**settings)
-  layers, skip = _ternary_layers(variables, settings, image_shape)
+  layers, skip, _ = _ternary_layers(variables, _as_spec(spec), image_shape)
+  return _packed_tree(variables, layers, skip)
+
+
+def _packed_tree(variables: Mapping, layers: list[_TernaryLayer], skip: set) -> dict:
   out: dict[str, dict] = {}
   for collection in sorted(variables):
     out[collection] = {}
@@ -311,20 +297,22 @@ def _atomic_write(path: str | os.PathLike, blob: bytes) -> None:
     raise
 
 
-def _tgq_blob(variables, settings, image_shape, layers, skip, extra) -> tuple[bytes, list[LayerSize]]:
+def _model_header(spec: ModelSpec, image_shape) -> dict[str, Any]:
+  """How a file names its model: the spec and the input shape (the .tgq header; safetensors' ``model``)."""
+  return {"spec": spec.to_dict(), "image_shape": [int(d) for d in image_shape]}
+
+
+def _tgq_blob(variables, spec, image_shape, layers, skip, extra) -> bytes:
   from tgq_jax import __version__
 
-  payload, entries, sizes = _Payload(), [], []
+  payload, entries = _Payload(), []
   for layer in layers:
     packed = pack_codes(layer.codes)
-    symmetric = np.array_equal(layer.scale, layer.neg_scale)  # TGA, TWN: store the scale once
     entries.append({"kind": "ternary", "collection": "params", "path": [*layer.path, "kernel"],
                     "shape": list(layer.shape), "codes": payload.add(packed.tobytes()),
                     "scale_shape": list(layer.scale.shape), "scale": payload.add(layer.scale.tobytes()),
-                    "neg_scale": None if symmetric else payload.add(layer.neg_scale.tobytes())})
-    stored = packed.nbytes + layer.scale.nbytes * (1 if symmetric else 2)
-    sizes.append(LayerSize("/".join(layer.path), layer.codes.size, 4 * layer.codes.size, stored,
-                           float(np.mean(layer.codes == 0)), True))
+                    # TGA, TWN: the scale once; TTQ: its own -1 magnitude
+                    "neg_scale": None if layer.symmetric else payload.add(layer.neg_scale.tobytes())})
   for collection in sorted(variables):
     for leaf_path, value in _flatten(variables[collection]):
       if collection == "params" and leaf_path in skip:
@@ -333,36 +321,24 @@ def _tgq_blob(variables, settings, image_shape, layers, skip, extra) -> tuple[by
       entries.append({"kind": "array", "collection": collection, "path": list(leaf_path),
                       "shape": list(array.shape), "dtype": array.dtype.name,
                       "data": payload.add(np.ascontiguousarray(array).tobytes())})
-      sizes.append(LayerSize("/".join((collection, *leaf_path)), array.size, 4 * array.size,
-                             array.nbytes, 0.0, False))
   data = b"".join(payload.chunks)
-  header = {"format_version": FORMAT_VERSION, "tgq_jax_version": __version__, **dict(settings),
-            "image_shape": list(image_shape), "payload_bytes": len(data), "tensors": entries, **dict(extra or {})}
+  header = {"format_version": FORMAT_VERSION, "tgq_jax_version": __version__, **_model_header(spec, image_shape),
+            "payload_bytes": len(data), "tensors": entries, **dict(extra or {})}
   header_bytes = json.dumps(header).encode()
   body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes + data
-  return body + hashlib.sha256(body).digest(), sizes
+  return body + hashlib.sha256(body).digest()
 
 
-def _safetensors_blob(variables, settings, image_shape, layers, extra) -> tuple[bytes, list[LayerSize]]:
+def _safetensors_blob(variables, spec, image_shape, layers, skip, extra) -> bytes:
   from tgq_jax import __version__
 
   safetensors_numpy = _safetensors()
-  packed = pack_variables(variables, settings, image_shape)
+  packed = _packed_tree(variables, layers, skip)
   tensors = {"/".join((collection, *leaf_path)): np.array(value, order="C")  # (ascontiguousarray makes 0-d 1-d)
              for collection in sorted(packed) for leaf_path, value in _flatten(packed[collection])}
-  sizes, counted = [], set()
-  for layer in layers:
-    names = [f"params/{'/'.join(layer.path)}/{leaf}" for leaf in ("codes", "scale", "neg_scale")]
-    names = [n for n in names if n in tensors]
-    counted.update(names)
-    sizes.append(LayerSize("/".join(layer.path), layer.codes.size, 4 * layer.codes.size,
-                           sum(tensors[n].nbytes for n in names), float(np.mean(layer.codes == 0)), True))
-  for name, array in tensors.items():
-    if name not in counted:
-      sizes.append(LayerSize(name, array.size, 4 * array.size, array.nbytes, 0.0, False))
   metadata = {
     "format": SAFETENSORS_FORMAT, "format_version": str(FORMAT_VERSION), "tgq_jax_version": __version__,
-    "model": json.dumps({**dict(settings), "image_shape": list(image_shape)}),
+    "model": json.dumps(_model_header(spec, image_shape)),
     "ternary": json.dumps({"/".join(l.path): {"kernel_shape": list(l.shape)} for l in layers}),
     "extra": json.dumps(dict(extra or {})),
     "sha256": _ZERO_DIGEST,
@@ -374,7 +350,7 @@ def _safetensors_blob(variables, settings, image_shape, layers, extra) -> tuple[
   if header.count(_ZERO_DIGEST.encode()) != 1:
     raise AssertionError("safetensors header: cannot place the checksum.")
   digest = hashlib.sha256(blob).hexdigest().encode()
-  return blob[:8] + header.replace(_ZERO_DIGEST.encode(), digest) + blob[8 + header_len:], sizes
+  return blob[:8] + header.replace(_ZERO_DIGEST.encode(), digest) + blob[8 + header_len:]
 
 
 def _safetensors():
@@ -386,44 +362,54 @@ def _safetensors():
   return safetensors.numpy
 
 
-def export_variables(path: str | os.PathLike, variables: Mapping, settings: Mapping[str, Any],
+def export_variables(path: str | os.PathLike, variables: Mapping, spec: ModelSpec,
                      image_shape: tuple[int, int, int], *, extra: Mapping[str, Any] | None = None,
                      format: str | None = None) -> SizeReport:
-  """Writes ``variables`` ({"params", "batch_stats"}) of the model ``settings`` to a packed file.
+  """Writes ``variables`` ({"params", "batch_stats", ...}) of the model ``spec`` to a packed file.
 
   Args:
     path: output file; written to a temporary name and renamed, so an existing
       file is never left half-written (and nothing is left behind on failure).
-    variables: the model's variables (arrays on any device); every value must be finite.
-    settings: :func:`model_settings` (how to rebuild the model).
+    variables: the trained model's variables (arrays on any device); every value must be finite.
+    spec: the :class:`~tgq_jax.models.ModelSpec` of the trained model (its training
+      form: ``spec.build()`` is the model ``variables`` belong to), recorded in the
+      file so that :func:`load_packed` can build it again. Any Linen model: a zoo
+      arch, or ``"package.module:Name"`` of the user's module.
     image_shape: (H, W, C) of the model's input.
-    extra: more JSON-serializable facts to record (e.g. dataset, test accuracy).
+    extra: more JSON-serializable facts to record (e.g. dataset, test accuracy);
+      not the format's own header keys (``spec``, ``image_shape``, ``tensors``, ...).
     format: "safetensors" or "tgq"; default by ``path``'s suffix (``.safetensors``,
       anything else is ``.tgq``).
 
   Returns:
-    The :class:`SizeReport` of what was written.
+    The :class:`SizeReport` of what was written (:func:`tgq_jax.sizes.size_report`:
+    the planar codes of ``.safetensors``, the C-order ones of ``.tgq``); its
+    ``packed_bytes`` are the file's tensor bytes exactly.
 
   Raises:
-    ValueError: a non-finite value in ``variables``, or ``path`` is a directory.
+    ValueError: a non-finite value in ``variables``, ``path`` is a directory, or
+      ``extra`` uses a reserved key.
   """
   format = format or _format_of(path)
   if format not in ("safetensors", "tgq"):
     raise ValueError(f"format must be 'safetensors' or 'tgq', got {format!r}.")
   if os.path.isdir(os.fspath(path)):
     raise ValueError(f"output {os.fspath(path)} is a directory: give a file name.")
-  settings = model_settings(**settings)
+  spec = _as_spec(spec)
+  reserved = sorted(_RESERVED & set(extra or {}))
+  if reserved:
+    raise ValueError(f"extra: {', '.join(reserved)} are keys of the file format itself; use other names.")
   _check_finite(variables)
-  layers, skip = _ternary_layers(variables, settings, image_shape)
+  layers, skip, quantizers = _ternary_layers(variables, spec, image_shape)
   for layer in layers:  # the scales are computed: check them too
     if not (np.isfinite(layer.scale).all() and np.isfinite(layer.neg_scale).all()):
       raise ValueError(f"refusing to export: layer {'/'.join(layer.path)} has a non-finite scale.")
   if format == "safetensors":
-    blob, sizes = _safetensors_blob(variables, settings, image_shape, layers, extra)
+    blob = _safetensors_blob(variables, spec, image_shape, layers, skip, extra)
   else:
-    blob, sizes = _tgq_blob(variables, settings, image_shape, layers, skip, extra)
+    blob = _tgq_blob(variables, spec, image_shape, layers, skip, extra)
   _atomic_write(path, blob)
-  return SizeReport(tuple(sizes))
+  return _size_report(variables, layers, quantizers, "planar" if format == "safetensors" else "c_order")
 
 
 class _Payload:
@@ -449,7 +435,7 @@ def _read_bytes(path: str | os.PathLike) -> bytes:
 
 
 def read_packed(path: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
-  """Reads and validates a ``.tgq`` file (format version 1 or 2): returns (header, payload)."""
+  """Reads and validates a ``.tgq`` file (format version 1, 2 or 3): returns (header, payload)."""
   return _parse_tgq(_read_bytes(path), path)
 
 
@@ -490,14 +476,16 @@ def _parse_tgq(blob: bytes, path) -> tuple[dict[str, Any], bytes]:
   return header, payload
 
 
-def _tgq_tree(header: Mapping[str, Any], payload: bytes) -> dict:
+def _tgq_tree(header: Mapping[str, Any], payload: bytes, symmetric: Mapping[tuple[str, ...], bool],
+              default_symmetric: bool) -> dict:
   """The packed model's variables from a .tgq header and payload; every blob checked against the payload.
 
   The blobs must tile the payload exactly, each of the size its entry's shape
   and dtype imply: in a version-1 file, whose header no checksum covers, a
-  changed offset, size or shape is caught here.
+  changed offset, size or shape is caught here. ``symmetric``: whether each
+  packed layer of the model (by params path) has no ``neg_scale`` leaf
+  (``default_symmetric`` for a path the model lacks: the model check reports it).
   """
-  quantizer = header["quantizer"]
   tree: dict[str, dict] = {}
   blobs: list[tuple[int, int]] = []
 
@@ -530,10 +518,10 @@ def _tgq_tree(header: Mapping[str, Any], payload: bytes) -> dict:
         layer = path[:-1]
         _set(tree.setdefault("params", {}), [*layer, "codes"], pack_planar(codes))
         _set(tree["params"], [*layer, "scale"], scale.copy())
-        if quantizer == "ttq":
-          _set(tree["params"], [*layer, "neg_scale"], neg.copy())
+        if not symmetric.get(tuple(layer), default_symmetric):
+          _set(tree["params"], [*layer, "neg_scale"], neg.copy())  # (versions 1, 2: the scale, when equal)
         elif not np.array_equal(neg, scale):
-          raise PackedFormatError(f"quantizer {quantizer!r} is symmetric but the entry has its own neg_scale.")
+          raise PackedFormatError("the layer's quantizer is symmetric but the entry has its own neg_scale.")
       elif entry["kind"] == "array":
         dtype = np.dtype(entry["dtype"])
         data = read(entry["data"], size * dtype.itemsize, name)
@@ -590,9 +578,9 @@ def _safetensors_tree(blob: bytes, path) -> tuple[dict[str, Any], dict]:
     extra = json.loads(metadata.get("extra", "{}"))
   except (KeyError, ValueError, TypeError) as e:
     raise PackedFormatError(f"{path}: corrupt metadata ({e!r}).") from None
-  if version != FORMAT_VERSION:
-    raise PackedFormatError(f"{path}: format version {version}, this tgq_jax reads safetensors version "
-                            f"{FORMAT_VERSION}.")
+  if version not in SAFETENSORS_VERSIONS:
+    raise PackedFormatError(f"{path}: format version {version}, this tgq_jax reads safetensors versions "
+                            f"{', '.join(map(str, SAFETENSORS_VERSIONS))}.")
   try:
     tensors = _safetensors().load(blob)
   except Exception as e:  # the library's own validation (offsets, dtypes): a corrupt file
@@ -632,84 +620,125 @@ def _check_against_model(model, tree: Mapping, image_shape, path) -> None:
       raise PackedFormatError(f"{path}: {name} holds non-finite values.")
 
 
-def _settings_of(info: Mapping[str, Any], path) -> tuple[dict[str, Any], tuple[int, int, int]]:
-  from tgq_jax.models import archs
-  from tgq_jax.quantizers import get_quantizer
+def _spec_of(info: Mapping[str, Any], path) -> tuple[ModelSpec, tuple[int, ...]]:
+  """The model a header names (its ``spec``, or a version-1/2 header's flat settings) and its input shape."""
+  from tgq_jax.models import _import, archs
 
-  missing = [k for k in (*_MODEL_KEYS, "image_shape") if k not in info]
+  if "spec" in info:
+    required, legacy = ("spec", "image_shape"), False
+  else:
+    required, legacy = (*_LEGACY_KEYS, "image_shape"), True
+  missing = [k for k in required if k not in info]
   if missing:
     raise PackedFormatError(f"{path}: header lacks {', '.join(missing)}.")
-  if info["arch"] not in archs():
-    raise PackedFormatError(f"{path}: unknown arch {info['arch']!r}; this tgq_jax knows {', '.join(archs())}.")
+  arch = info["arch"] if legacy else (info["spec"].get("arch") if isinstance(info["spec"], Mapping) else None)
+  if not isinstance(arch, str) or (arch not in archs() and ":" not in arch):
+    raise PackedFormatError(f"{path}: unknown arch {arch!r}; this tgq_jax knows {', '.join(archs())} "
+                            "(or a user's Linen module, named 'package.module:Name').")
+  if arch not in archs():
+    try:
+      _import(arch)
+    except ValueError as e:
+      raise PackedFormatError(f"{path}: the file's model is the user module {arch!r}, which cannot be imported "
+                              f"here: make its module importable (on sys.path) and load again ({e}).") from None
   try:
-    settings = model_settings(**{k: info[k] for k in _MODEL_KEYS})
-    get_quantizer(settings["quantizer"], per_channel=settings["per_channel"])
+    spec = legacy_spec(info) if legacy else ModelSpec.from_dict(info["spec"])
+    jnp.dtype(spec.dtype)
     image_shape = tuple(int(d) for d in info["image_shape"])
-  except (TypeError, ValueError) as e:
-    raise PackedFormatError(f"{path}: corrupt model settings ({e}).") from None
-  if len(image_shape) != 3 or min(image_shape) < 1:
+  except (TypeError, ValueError, KeyError, AttributeError) as e:
+    raise PackedFormatError(f"{path}: corrupt model spec ({e}).") from None
+  if spec.policy.packed:
+    raise PackedFormatError(f"{path}: corrupt model spec (the policy is the packed form {spec.policy.quantizer!r}).")
+  if not image_shape or min(image_shape) < 1:
     raise PackedFormatError(f"{path}: corrupt image_shape {info['image_shape']!r}.")
-  return settings, image_shape
+  return spec, image_shape
+
+
+def _build(spec: ModelSpec, path, **overrides):
+  """``spec``'s model (``packed=True``: the inference form; a ``policy``: another policy)."""
+  policy = overrides.pop("policy", None)
+  if policy is not None:
+    spec = dataclasses.replace(spec, policy=policy)
+  try:
+    return spec.build(**overrides)
+  except (TypeError, ValueError) as e:  # constructor arguments the module does not take, a bad value
+    raise PackedFormatError(f"{path}: cannot build the model the file names ({spec.arch!r}): {e}") from None
 
 
 def load_packed(path: str | os.PathLike, packed: bool = False):
-  """Loads a packed file (``.safetensors``, or ``.tgq`` of format version 1 or 2) for inference.
+  """Loads a packed file (``.safetensors`` or ``.tgq``, any format version so far) for inference.
 
   Returns ``(model, variables, header)``: ``model.apply(variables, images, train=False)``
-  gives the trained model's evaluation logits.
+  gives the trained model's evaluation logits. The model is built from the
+  :class:`~tgq_jax.models.ModelSpec` the file records (a user's module must be
+  importable by its ``"package.module:Name"``).
 
   Args:
     path: the file; its container is recognized from its content.
-    packed: False: the model is the full-precision twin (quantizer "fp") of
-      the exported architecture, its kernels the dequantized ternary kernels
+    packed: False: the model is the full-precision twin of the exported model
+      (the spec with quantizer "fp"), its kernels the dequantized ternary kernels
       (``scale * q``, the values the trained model computes with): logits equal
       the trained model's exactly, at full FP32 size in memory. True: the
-      packed inference model (``create_model(..., packed=True)``): its variables
+      packed inference model (``spec.build(packed=True)``): its variables
       hold the 2-bit codes (4 per byte) and scales, and each kernel is rebuilt
       inside the forward pass, layer by layer (on GPU/TPU, dense layers multiply
       by the codes directly, with the Pallas ternary kernel); only the packed
       bytes stay resident.
 
-  ``header`` holds the model's settings, ``image_shape``, ``format_version``
-  and the extra facts recorded at export (``dataset``, ``test_accuracy``, ...).
+  ``header`` holds ``spec`` (``ModelSpec.to_dict()``: ``ModelSpec.from_dict(header["spec"])``;
+  for a version-1/2 file, converted from its flat settings, which are kept too),
+  ``image_shape``, ``format``, ``format_version`` and the extra facts recorded at
+  export (``dataset``, ``test_accuracy``, ...).
 
   Raises:
     PackedFormatError: the file is truncated or corrupt (any changed byte of a
-      version-2 or safetensors file), of another format version, or names an
-      unknown architecture or other tensors than its model has.
+      version-2/3 or safetensors file), of another format version, or names an
+      unknown architecture, a module that cannot be imported, or other tensors
+      than its model has.
   """
   blob = _read_bytes(path)
   if blob[:4] == MAGIC:
     header, payload = _parse_tgq(blob, path)
-    settings, image_shape = _settings_of(header, path)
+    spec, image_shape = _spec_of(header, path)
     if not isinstance(header.get("tensors"), list):
       raise PackedFormatError(f"{path}: header lacks tensors.")
+    packed_model = _build(spec, path, packed=True)
+    layers = quantized_layers(packed_model, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32), train=False)
+    symmetric = {p: q.symmetric for p, q in layers.items() if q.packed}
+    default = next(iter(symmetric.values()), True)
     try:
-      tree = _tgq_tree(header, payload)
+      tree = _tgq_tree(header, payload, symmetric, default)
     except PackedFormatError as e:
       raise PackedFormatError(f"{path}: {e}") from None
+    header = {"format": "tgq", **header}
   else:
     header, tree = _safetensors_tree(blob, path)
-    settings, image_shape = _settings_of(header, path)
-  packed_model = _create(settings, packed=True)
+    spec, image_shape = _spec_of(header, path)
+    packed_model = _build(spec, path, packed=True)
+  header = {**header, "spec": spec.to_dict(), "image_shape": list(image_shape)}
   _check_against_model(packed_model, tree, image_shape, path)
   if packed:
     return packed_model, jax.tree.map(jnp.asarray, tree), header
-  fp_model = _create(settings, quantizer="fp")
+  fp_model = _build(spec, path, policy=dataclasses.replace(spec.policy, quantizer="fp"))
   return fp_model, _dequantized(packed_model, fp_model, tree, image_shape), header
 
 
 def _dequantized(packed_model, fp_model, tree: Mapping, image_shape) -> dict:
-  """The full-precision twin's variables: each ternary layer's kernel rebuilt from its codes."""
+  """The full-precision twin's variables: each ternary layer's kernel rebuilt from its codes.
+
+  The scale (and neg_scale) has the quantizer's statistic shape, over the kernel's
+  output-feature axes (:func:`tgq_jax.ternarize.channel_axes`: the last for Dense
+  and Conv, ``heads x head_dim`` of an attention projection ...): it is
+  broadcast along the other axes.
+  """
   from flax import traverse_util
 
   import flax.linen as nn
-  from tgq_jax.ternarize import TernaryParts, dequantize
 
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   abstract = jax.eval_shape(lambda x: fp_model.init(jax.random.key(0), x, train=False), x)
-  kernel_shapes = {k[:-1]: tuple(v.shape) for k, v in traverse_util.flatten_dict(nn.unbox(dict(abstract))["params"]).items()
-                   if k[-1] == "kernel"}
+  kernels = {k[:-1]: v for k, v in traverse_util.flatten_dict(nn.unbox(dict(abstract))["params"]).items()
+             if k[-1] == "kernel"}
   flat = {("/".join(k)): v for k, v in _flatten(tree)}
   for layer_path, quantizer in quantized_layers(packed_model, x, train=False).items():
     if not quantizer.packed:
@@ -717,9 +746,13 @@ def _dequantized(packed_model, fp_model, tree: Mapping, image_shape) -> dict:
     prefix = "/".join(("params", *layer_path))
     codes, scale = flat.pop(f"{prefix}/codes"), flat.pop(f"{prefix}/scale")
     neg = flat.pop(f"{prefix}/neg_scale", scale)
-    shape = kernel_shapes[layer_path]
+    kernel = kernels[layer_path]
+    shape = tuple(kernel.shape)
+    axes = channel_axes(len(shape), quantizer.per_channel)
+    keep = tuple(shape[i] if i in axes else 1 for i in range(len(shape)))
+    scale, neg = (jnp.reshape(jnp.asarray(s), keep) for s in (scale, neg))
     flat[f"{prefix}/kernel"] = dequantize(TernaryParts(jnp.asarray(unpack_planar(codes, shape)), scale, neg,
-                                                       None, None, None), jnp.float32)
+                                                       None, None, None), kernel.dtype)
   out: dict = {}
   for name, value in flat.items():
     _set(out, name.split("/"), jnp.asarray(value))
@@ -732,8 +765,9 @@ def _dequantized(packed_model, fp_model, tree: Mapping, image_shape) -> dict:
 def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike) -> SizeReport:
   """Exports the latest checkpoint of a ``train.py`` workdir to ``out`` (``.safetensors`` or ``.tgq``).
 
-  The model's settings come from ``<workdir>/config.json``, which the trainer
-  writes when a run starts.
+  The model comes from ``<workdir>/config.json``, which the trainer writes when a
+  run starts: its ``"model"`` entry (a :class:`~tgq_jax.models.ModelSpec`), or,
+  for a workdir written before there was one, the ``"config"`` options.
   """
   from tgq_jax import checkpoints
   from tgq_jax.train_lib import RUN_CONFIG
@@ -749,7 +783,8 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike) -> SizeRe
     with open(config_path) as f:
       record = json.load(f)
     cfg, info = record["config"], record["dataset_info"]
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    spec = ModelSpec.from_dict(record["model"]) if "model" in record else _config_spec(cfg, info)
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{config_path} is corrupt ({e!r}).") from None
   ckpt_dir = os.path.join(workdir, "checkpoints")
   steps = [p for p in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
@@ -757,17 +792,22 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike) -> SizeRe
   if not steps:
     raise FileNotFoundError(f"{workdir} has no checkpoint to export (no finished step under {ckpt_dir}): "
                             "the run saved none yet; train it (or let it reach its first checkpoint) first.")
-  settings = model_settings(cfg["arch"], info["num_classes"], quantizer=cfg["quantizer"],
-                            per_channel=cfg["per_channel"], ternary_first=cfg["ternary_first"],
-                            ternary_last=cfg["ternary_last"],
-                            dtype="bfloat16" if cfg.get("half_precision") else "float32")
   variables = checkpoints.load_variables(workdir)
   extra = {"dataset": info["name"]}
   summary_path = os.path.join(workdir, "summary.json")
   if os.path.exists(summary_path):
     with open(summary_path) as f:
       extra["test_accuracy"] = json.load(f).get("test_accuracy")
-  return export_variables(out, variables, settings, tuple(info["image_shape"]), extra=extra)
+  return export_variables(out, variables, spec, tuple(info["image_shape"]), extra=extra)
+
+
+def _config_spec(cfg: Mapping[str, Any], info: Mapping[str, Any]) -> ModelSpec:
+  """The ModelSpec of a config.json written before it held one (its training options)."""
+  policy = QuantPolicy(cfg["quantizer"], per_channel=bool(cfg["per_channel"]),
+                       ternary_first=bool(cfg["ternary_first"]), ternary_last=bool(cfg["ternary_last"]))
+  kwargs = {} if cfg.get("dropout") is None else {"dropout_rate": cfg["dropout"]}
+  return ModelSpec(cfg["arch"], int(info["num_classes"]), policy,
+                   "bfloat16" if cfg.get("half_precision") else "float32", kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,29 +163,30 @@ def make_step_fns(model: nn.Module, tx_thr, tx_w, labels: Any, cfg: Config, num_
 # --- reports -----------------------------------------------------------------
 
 
-def model_size_bits(params: Any, layers: Mapping) -> tuple[int, int]:
-  """(FP32 bits, bits with every ternary kernel at 2 bits/weight and everything else at 32)."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-  fp32 = ternary = 0
-  for key, leaf in flat.items():
-    n = int(jnp.size(leaf))
-    fp32 += 32 * n
-    quantized = key[-1] == "kernel" and tuple(key[:-1]) in layers and layers[tuple(key[:-1])].ternary
-    ternary += (2 if quantized else 32) * n
-  return fp32, ternary
+def model_size_bits(variables: Any, layers: Mapping) -> tuple[int, int]:
+  """(FP32 bits, packed bits) of the model: :func:`tgq_jax.sizes.size_report` (the export's
+  size report) of ``variables`` ({"params", "batch_stats", ...}; a bare params tree is taken as
+  {"params": ...}): ternary kernels at 2 bits per weight (planar layout, as the packed model and
+  a ``.safetensors`` export hold them) plus their float32 scales, quantizer leaves not stored,
+  everything else as it is."""
+  from tgq_jax.sizes import size_report
+
+  variables = variables if "params" in variables else {"params": variables}
+  report = size_report(flax.core.unfreeze(variables), layers)
+  return 8 * report.fp32_bytes, 8 * report.packed_bytes
 
 
 def format_report(test_metrics: dict, stats: list, size_bits: tuple[int, int]) -> str:
-  """The table printed at the end of a run."""
+  """The table printed at the end of a run; ``size_bits`` is :func:`model_size_bits`."""
   lines = [f"test accuracy: {100 * test_metrics['accuracy']:.2f}%"
            + (f"   top-5: {100 * test_metrics['top5_accuracy']:.2f}%" if "top5_accuracy" in test_metrics else ""),
            f"{'layer':<28}{'shape':<20}{'quantizer':<10}{'sparsity':>9}{'threshold':>11}{'scale':>10}"]
   for s in stats:
     thr, scale = ("-", "-") if s.scale is None else (f"{s.threshold:.4g}", f"{s.scale:.4g}")
     lines.append(f"{s.name:<28}{str(s.shape):<20}{s.quantizer:<10}{s.sparsity:>9.3f}{thr:>11}{scale:>10}")
-  fp32, tern = size_bits
-  lines.append(f"model size: FP32 {fp32 / 8 / 1024:.1f} KiB -> 2-bit ternary {tern / 8 / 1024:.1f} KiB "
-               f"({fp32 / tern:.1f}x smaller)")
+  fp32, packed = size_bits
+  lines.append(f"model size: FP32 {fp32 / 8 / 1024:.1f} KiB -> 2-bit ternary {packed / 8 / 1024:.1f} KiB "
+               f"({fp32 / packed:.1f}x smaller; codes, scales and full-precision leaves, as exported)")
   return "\n".join(lines)
 
 
@@ -596,7 +597,8 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
              "config": dataclasses.asdict(cfg)}
   if test is not None:
     summary["test_metrics"] = test
-    summary["report"] = format_report(test, stats, model_size_bits(to_host(state.params), layers))
+    summary["report"] = format_report(
+      test, stats, model_size_bits(to_host({"params": state.params, "batch_stats": state.batch_stats}), layers))
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump({k: v for k, v in summary.items() if k != "report"}, f, indent=2)
