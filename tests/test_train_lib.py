@@ -236,7 +236,7 @@ def test_eval_only_reproduces_the_final_test_accuracy(tmp_path):
 def test_half_precision_computes_in_bfloat16_with_float32_params(tmp_path):
   cfg = quick(tmp_path, max_steps=2, half_precision=True)
   _, model, _, _ = train_lib.setup(cfg)
-  assert model.dtype == jnp.bfloat16
+  assert model.module.dtype == jnp.bfloat16  # the zoo model inside its ternarize_model wrapper
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 1)), train=False)
   logits, state = model.apply(variables, jnp.ones((2, 28, 28, 1)), train=False, capture_intermediates=True,
                               mutable=["intermediates"])

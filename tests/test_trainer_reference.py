@@ -165,7 +165,8 @@ def run_our_trainer(z, meta) -> dict:
   final = train_lib.to_host({"params": state.params, "batch_stats": state.batch_stats})
   out["final"] = final
   # Training mode, as the file's final_logits; outside the mapped step, so without the data axis.
-  logits, _ = jax.jit(lambda v, x: model.clone(bn_axis_name=None).apply(v, x, train=True, mutable=["batch_stats"]))(
+  unmapped = model.clone(module=model.module.clone(bn_axis_name=None))  # the zoo model inside the wrapper
+  logits, _ = jax.jit(lambda v, x: unmapped.apply(v, x, train=True, mutable=["batch_stats"]))(
     final, z["images"])
   out["final_logits"] = np.asarray(logits)
   assert out["final_logits"].dtype == np.float64

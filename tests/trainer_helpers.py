@@ -12,42 +12,38 @@ from jax.sharding import Mesh
 
 from tgq_jax import data, models, parallel, train_lib
 from tgq_jax.configs import Config
-from tgq_jax.layers import TernaryConv, TernaryDense, quantized_layers
+from tgq_jax.layers import quantized_layers
 from tgq_jax.models.resnet import CifarResNet
 from tgq_jax.models.small_cnn import SmallCNN
 
 
-class _ZooFields(nn.Module):
-  """The constructor arguments create_model passes to every registered model."""
+class NoBNNet(nn.Module):
+  """conv -> relu -> mean-pool -> dense, without BatchNorm: data parallel == single device exactly.
+
+  Plain Flax, as every zoo model: create_model ternarizes it with its QuantPolicy.
+  """
 
   num_classes: int
-  quantizer: str = "tga"
-  per_channel: bool = False
-  ternary_first: bool = True
-  ternary_last: bool = True
   dtype: object = jnp.float32
-  bn_axis_name: str | None = None  # no BatchNorm: accepted and unused
-  bn_unbiased_running_var: bool = False
-
-
-class NoBNNet(_ZooFields):
-  """conv -> relu -> mean-pool -> dense, without BatchNorm: data parallel == single device exactly."""
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = TernaryConv(4, (3, 3), quantizer=self.quantizer, name="conv")(x)
+    x = nn.Conv(4, (3, 3), dtype=self.dtype, name="conv")(x)
     x = jnp.mean(nn.relu(x), axis=(1, 2))
-    return TernaryDense(self.num_classes, quantizer=self.quantizer, name="head")(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
 
-class DropoutNet(_ZooFields):
+class DropoutNet(nn.Module):
   """dense -> relu -> dropout(0.5) -> dense: a model whose training step needs a dropout key."""
 
+  num_classes: int
+  dtype: object = jnp.float32
+
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.relu(TernaryDense(32, quantizer=self.quantizer, name="hidden")(x.reshape((x.shape[0], -1))))
+    x = nn.relu(nn.Dense(32, dtype=self.dtype, name="hidden")(x.reshape((x.shape[0], -1))))
     x = nn.Dropout(0.5, deterministic=not train)(x)
-    return TernaryDense(self.num_classes, quantizer=self.quantizer, name="head")(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
 
 models.register("tiny_cnn", SmallCNN, widths=(4, 8))
