@@ -15,6 +15,7 @@ from tgq_jax.configs import Config
 from tgq_jax.layers import quantized_layers
 from tgq_jax.models.resnet import CifarResNet
 from tgq_jax.models.small_cnn import SmallCNN
+from tgq_jax.models.vit import ViT
 
 
 class NoBNNet(nn.Module):
@@ -53,6 +54,8 @@ models.register("dropout_net", DropoutNet)
 # BatchNorm without max-pooling: ternary kernels on uint8 images give exactly tied activations,
 # and max-pooling then routes the gradient by last-bit rounding (a subgradient choice).
 models.register("tiny_resnet", CifarResNet, depth=8, width=4)
+# A one-block ViT on 28x28x1 (4x4 patches of 7x7): attention (DenseGeneral q/k/v/out), MLP, dropout.
+models.register("tiny_vit", ViT, patch_size=7, hidden_size=16, depth=1, num_heads=2, mlp_dim=32)
 
 SYNTH = dict(image_shape=(28, 28, 1), num_train=512, num_test=128)
 SYNTH_ARGS = ["--dataset", "synthetic", "--image-shape", "28", "28", "1", "--num-train", "512",
