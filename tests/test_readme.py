@@ -12,8 +12,9 @@ README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
 def _examples() -> list[str]:
-  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-  return [b for b in blocks if "ternarize_model" in b]
+  """The Linen and the NNX example of the "Ternarize your own model" section."""
+  section = README.read_text().split("## Ternarize your own model")[1].split("\n## ")[0]
+  return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
 class LinenNet(nn.Module):

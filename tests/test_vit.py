@@ -42,10 +42,10 @@ def test_vit_s16_parameter_count():
 
 def test_vit_tiny_parameter_count_and_shapes():
   cfg = VIT_CONFIGS["vit_tiny"]
-  assert cfg == {"patch_size": 4, "hidden_size": 128, "depth": 6, "num_heads": 4, "mlp_dim": 512}
+  assert cfg == {"patch_size": 7, "hidden_size": 128, "depth": 6, "num_heads": 4, "mlp_dim": 512}
   params = _abstract_params(ViT(num_classes=10, **cfg), FMNIST)
-  assert _count(params) == _closed_form(p=4, channels=1, image=28, d=128, depth=6, m=512, classes=10)
-  assert params["embedding"]["kernel"].shape == (4, 4, 1, 128)
+  assert _count(params) == _closed_form(p=7, channels=1, image=28, d=128, depth=6, m=512, classes=10) == 1_199_882
+  assert params["embedding"]["kernel"].shape == (7, 7, 1, 128)
   assert params["cls"].shape == (1, 1, 128)
   assert params["pos_embedding"].shape == (1, 16 + 1, 128)  # 4 x 4 patches of 7x7 + the class token
   attn = params["encoderblock_0"]["attn"]
