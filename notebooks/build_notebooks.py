@@ -200,17 +200,16 @@ for l in final:
     new_markdown_cell("""## Export: 2 bits per weight
 One file: codes packed 4 per byte, one scale per layer, the full-precision leaves (BatchNorm, biases)
 and a JSON header. The packed model's logits equal the trained model's exactly."""),
-    new_code_cell('''from tgq_jax import checkpoints
-from tgq_jax import QuantPolicy
+    new_code_cell('''from tgq_jax import QuantPolicy, checkpoints
 from tgq_jax.models import create_model
 
-path = os.path.join(WORKDIR, "small_cnn_tga.tgq")
+path = os.path.join(WORKDIR, "small_cnn_tga.safetensors")
 report = export.export_workdir(runs["tga"], path)
 print(f"{path}: {os.path.getsize(path):,} bytes")
 print(report.format())
 
 model, variables, header = export.load_packed(path)
-trained = create_model("small_cnn", info.num_classes, quant=QuantPolicy(quantizer="tga"))
+trained = create_model("small_cnn", info.num_classes, quant=QuantPolicy("tga"))
 batch = next(data.get_dataset("fashion_mnist", data_dir=DATA_DIR).eval_batches(global_batch_size=jax.device_count() * 8))
 packed_logits = model.apply(variables, batch["image"], train=False)
 trained_logits = trained.apply(checkpoints.load_variables(runs["tga"]), batch["image"], train=False)
@@ -220,7 +219,114 @@ print("identical logits:", bool(np.array_equal(packed_logits, trained_logits)))'
                                              "language_info": {"name": "python"}})
 
 
-NOTEBOOKS = {"01_quickstart.ipynb": quickstart, "02_train.ipynb": train}
+def your_model():
+  params = new_code_cell('''# Parameters (CI overrides them with a smaller budget).
+STEPS = 600          # training steps per model (batch 128: 600 steps is 1.3 epochs)
+DATA_DIR = None      # a directory with the four Fashion-MNIST idx files, if not the default''')
+  params.metadata["tags"] = ["parameters"]
+  cells = [
+    new_markdown_cell(f"""# Ternarize your own Flax model (Linen and NNX)
+
+{badge("03_your_model.ipynb")}
+
+A model written with plain Flax layers, here a small conv + attention network, becomes ternary with
+one call: `tgq_jax.ternarize_model` intercepts the kernels of its `Dense`, `Conv`, `DenseGeneral` and
+`Einsum` layers (so every projection of `MultiHeadDotProductAttention`), puts TGA's trainable
+threshold `delta` beside each kernel, and leaves the model's code alone. One `QuantPolicy` says which
+quantizer, which layers and per-channel statistics. The training steps come from
+`tgq_jax.algorithm` (Linen) and `tgq_jax.nnx` (NNX): the paper's sequential update in your own
+loop."""),
+    new_code_cell(INSTALL),
+    params,
+    new_code_cell('''import functools
+import flax.linen as nn
+import jax, jax.numpy as jnp, numpy as np, optax
+from flax import nnx
+
+import tgq_jax
+from tgq_jax import QuantPolicy, algorithm, data
+from tgq_jax.layers import quantized_layers
+
+dataset = data.get_dataset("fashion_mnist", data_dir=DATA_DIR)
+batches = dataset.train_iterator(global_batch_size=128, seed=0, augment=False, num_devices=1)
+x0 = next(iter(dataset.eval_batches(global_batch_size=1000, num_devices=1)))["image"][:8]
+print(dataset.info)'''),
+    new_markdown_cell("""## A Linen model of yours
+Nothing in it knows about ternary weights."""),
+    new_code_cell('''class MyNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.max_pool(nn.relu(nn.Conv(32, (3, 3))(x)), (2, 2), (2, 2))
+    x = nn.max_pool(nn.relu(nn.Conv(64, (3, 3))(x)), (2, 2), (2, 2))
+    x = x.reshape(x.shape[0], -1, 64)                         # 7 x 7 tokens of 64 features
+    x = x + nn.MultiHeadDotProductAttention(4)(nn.LayerNorm()(x))
+    return nn.Dense(10)(jnp.mean(x, axis=1))
+
+model = tgq_jax.ternarize_model(MyNet(), QuantPolicy("tga", per_channel=True))
+for path, quantizer in quantized_layers(model, x0).items():
+  print(f"{'/'.join(path):<40} {quantizer}")'''),
+    new_markdown_cell("""The variables are the plain model's, plus one `delta` per output feature of each kernel (heads x
+head_dim for the attention's query, key and value):"""),
+    new_code_cell('''shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x0))["params"]
+print(jax.tree.map(lambda s: s.shape, shapes["MultiHeadDotProductAttention_0"]["query"]))'''),
+    new_markdown_cell("""## Train it with the paper's sequential update, and its full-precision twin
+`algorithm.init` labels the thresholds and builds the two optimizers (here Adam for the weights;
+the thresholds on the authors' optimizer: gradient clipped to +-0.001, Nesterov SGD);
+`algorithm.train_step` is one sequential step (thresholds first, then the weights at the new
+thresholds). `QuantPolicy("fp")` is the same model in full precision, trained the same way."""),
+    new_code_cell('''def train_and_test(model, steps):
+  layers = quantized_layers(model, x0)
+  state, tx_thr, tx_w, labels = algorithm.init(
+    model, x0, optax.adam(2e-3), layers, threshold_tx=algorithm.threshold_optimizer(2e-3), train=False)
+  step = jax.jit(functools.partial(algorithm.train_step, model=model, tx_thr=tx_thr, tx_w=tx_w, labels=labels,
+                                   has_thresholds=bool(algorithm.threshold_names(layers))))
+  it = iter(batches)
+  for _ in range(steps):
+    state, metrics = step(state, next(it))
+  evaluate = jax.jit(functools.partial(algorithm.eval_step, model=model))
+  sums = [evaluate(state, b) for b in dataset.eval_batches(global_batch_size=1000, num_devices=1)]
+  return state, sum(float(s["accuracy"]) for s in sums) / sum(float(s["count"]) for s in sums)
+
+for name, policy in [("fp", QuantPolicy("fp")), ("tga", QuantPolicy("tga", per_channel=True))]:
+  state, accuracy = train_and_test(tgq_jax.ternarize_model(MyNet(), policy), STEPS)
+  print(f"{name}: test accuracy {100 * accuracy:.2f}% after {STEPS} steps")'''),
+    new_code_cell('''from tgq_jax.layers import layer_stats
+for s in layer_stats(state.params, quantized_layers(model, x0)):
+  print(f"{s.name:<40} sparsity {s.sparsity:.3f}  threshold {s.threshold:.4f}  scale {s.scale:.4f}")'''),
+    new_markdown_cell("""## The same with Flax NNX
+`tgq_jax.nnx.ternarize_model` swaps ternary layers in; thresholds are their own variable type,
+`Threshold`, so two `nnx.Optimizer`s with two filters run the sequential update."""),
+    new_code_cell('''import tgq_jax.nnx as tnnx
+
+class MyNnxNet(nnx.Module):
+  def __init__(self, rngs):
+    self.conv1 = nnx.Conv(1, 32, (3, 3), rngs=rngs)
+    self.conv2 = nnx.Conv(32, 64, (3, 3), rngs=rngs)
+    self.head = nnx.Linear(64, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), (2, 2))
+    x = nnx.max_pool(nnx.relu(self.conv2(x)), (2, 2), (2, 2))
+    return self.head(jnp.mean(x, axis=(1, 2)))
+
+net = tnnx.ternarize_model(MyNnxNet(nnx.Rngs(0)), QuantPolicy("tga", ternary_last=False), x0)
+weight_opt, threshold_opt = tnnx.optimizers(net, optax.adam(2e-3), algorithm.threshold_optimizer(2e-3))
+loss_fn = lambda m, x, y: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+step = nnx.jit(tnnx.sequential_step, static_argnums=3)
+it = iter(batches)
+for _ in range(STEPS):
+  b = next(it)
+  metrics = step(net, weight_opt, threshold_opt, loss_fn, b["image"], b["label"])
+correct = sum(float(jnp.sum((jnp.argmax(net(b["image"]), -1) == b["label"]) * b["mask"]))
+              for b in dataset.eval_batches(global_batch_size=1000, num_devices=1))
+print(f"NNX, TGA (head kept full precision): test accuracy {100 * correct / dataset.info.num_test:.2f}%")
+print("conv1 delta:", float(net.conv1.delta.get_value()), "| head has a delta:", hasattr(net.head, "delta"))'''),
+  ]
+  return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"},
+                                             "language_info": {"name": "python"}})
+
+
+NOTEBOOKS = {"01_quickstart.ipynb": quickstart, "02_train.ipynb": train, "03_your_model.ipynb": your_model}
 
 if __name__ == "__main__":
   for name, build in NOTEBOOKS.items():
