@@ -137,10 +137,10 @@ def test_deltas_get_the_custom_vjp_gradient(name, cls, shape):
     plain = _hand_ternarized(params, True, quantized)
     return jnp.sum(target * cls().apply({**variables, "params": plain}, x))
 
-  got = traverse_util.flatten_dict(jax.grad(model_loss)(params))
-  want = traverse_util.flatten_dict(jax.grad(hand_loss)(params))
-  with threshold_pass():
-    split = traverse_util.flatten_dict(jax.grad(model_loss)(params))
+  got = traverse_util.flatten_dict(jax.jit(jax.grad(model_loss))(params))
+  want = traverse_util.flatten_dict(jax.jit(jax.grad(hand_loss))(params))
+  with threshold_pass():  # acts at trace time: a separate jit of the same function
+    split = traverse_util.flatten_dict(jax.jit(jax.grad(lambda p: model_loss(p)))(params))
   deltas = [k for k in got if k[-1] == "delta"]
   assert len(deltas) == len(quantized)
   for k in deltas:
@@ -171,10 +171,11 @@ def test_one_sequential_step_moves_thresholds_then_weights_as_by_hand():
     logits = AttentionMLP().apply({"params": plain}, x)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
+  hand_grad = jax.jit(jax.grad(hand_loss))
   p0 = traverse_util.flatten_dict(state.params)
-  g0 = traverse_util.flatten_dict(jax.grad(hand_loss)(state.params))
+  g0 = traverse_util.flatten_dict(hand_grad(state.params))
   p_half = {k: v - lr * jnp.clip(g0[k], -clip, clip) if k[-1] == "delta" else v for k, v in p0.items()}
-  g1 = traverse_util.flatten_dict(jax.grad(hand_loss)(traverse_util.unflatten_dict(p_half)))
+  g1 = traverse_util.flatten_dict(hand_grad(traverse_util.unflatten_dict(p_half)))
   p1 = {k: v if k[-1] == "delta" else v - lr * g1[k] for k, v in p_half.items()}
   got = traverse_util.flatten_dict(new.params)
   moved = 0

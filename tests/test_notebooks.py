@@ -14,7 +14,7 @@ from run_notebooks import execute  # noqa: E402
 # Papermill-style: a cell injected after the one tagged "parameters".
 CI_PARAMETERS = {
   "02_train.ipynb": 'EPOCHS = 1\nNUM_TRAIN = 2048\nBATCH_SIZE = 128\nWORKDIR = {workdir!r}\n',
-  "03_your_model.ipynb": 'STEPS = 20\n',
+  "03_your_model.ipynb": 'STEPS = 3\n',
 }
 
 
