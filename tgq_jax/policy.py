@@ -10,8 +10,8 @@ Layers are chosen by their module path, ``"/"``-joined below the model the
 policy is applied to (``"layer1_0/conv1"``, ``"encoder/block_3/attn/query"``):
 a layer is quantized when its path matches one of ``include`` and none of
 ``exclude`` (Python regular expressions, matched against the whole path with
-``re.fullmatch``), and, for the first and the last candidate layer in call
-order (a network's stem and classifier), when ``ternary_first`` /
+``re.fullmatch``), and, for the first and the last of those matched layers in
+call order (a network's stem and classifier), when ``ternary_first`` /
 ``ternary_last`` allow it. Candidate layers are those whose kernel a
 quantizer can take: Linen ``Dense``, ``Conv``, ``DenseGeneral``, ``Einsum``;
 NNX ``Linear``, ``Conv``, ``LinearGeneral``, ``Einsum``.
