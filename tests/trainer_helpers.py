@@ -17,21 +17,8 @@ from tgq_jax.models.resnet import CifarResNet
 from tgq_jax.models.small_cnn import SmallCNN
 from tgq_jax.models.vit import ViT
 
-
-class NoBNNet(nn.Module):
-  """conv -> relu -> mean-pool -> dense, without BatchNorm: data parallel == single device exactly.
-
-  Plain Flax, as every zoo model: create_model ternarizes it with its QuantPolicy.
-  """
-
-  num_classes: int
-  dtype: object = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = nn.Conv(4, (3, 3), dtype=self.dtype, name="conv")(x)
-    x = jnp.mean(nn.relu(x), axis=(1, 2))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+# conv -> relu -> mean-pool -> dense, without BatchNorm: data parallel == single device exactly.
+from export_models import ConvHead as NoBNNet  # noqa: E402  (tests/ is on sys.path, as for this module)
 
 
 class DropoutNet(nn.Module):

@@ -100,7 +100,7 @@ from tgq_jax.kernels.ternary_matmul import pack_planar, unpack_planar
 from tgq_jax.layers import quantized_layers
 from tgq_jax.models import ModelSpec
 from tgq_jax.policy import QuantPolicy
-from tgq_jax.sizes import LayerSize, SizeReport, size_report  # noqa: F401  (LayerSize: part of the API here)
+from tgq_jax.sizes import LayerSize, SizeReport, leaves, size_report  # noqa: F401  (LayerSize: part of the API here)
 from tgq_jax.ternarize import TernaryParts, channel_axes, dequantize, stat_shape
 
 MAGIC = b"TGQ\x00"
@@ -152,17 +152,6 @@ def unpack_codes(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 # --- what is stored ------------------------------------------------------------
 
 
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
-  out = []
-  for key in sorted(tree):
-    value = tree[key]
-    if isinstance(value, Mapping):
-      out.extend(_flatten(value, prefix + (str(key),)))
-    else:
-      out.append((prefix + (str(key),), value))
-  return out
-
-
 def _set(tree: dict, path, value) -> None:
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
@@ -203,7 +192,7 @@ class _TernaryLayer:
 def _check_finite(variables: Mapping) -> None:
   bad = []
   for collection in sorted(variables):
-    for leaf_path, value in _flatten(variables[collection]):
+    for leaf_path, value in leaves(variables[collection]):
       array = np.asarray(value)
       if jnp.issubdtype(array.dtype, jnp.inexact) and not np.isfinite(array.astype(np.float64)).all():
         bad.append("/".join((collection, *leaf_path)))
@@ -259,7 +248,7 @@ def _packed_tree(variables: Mapping, layers: list[_TernaryLayer], skip: set) -> 
   out: dict[str, dict] = {}
   for collection in sorted(variables):
     out[collection] = {}
-    for leaf_path, value in _flatten(variables[collection]):
+    for leaf_path, value in leaves(variables[collection]):
       if not (collection == "params" and leaf_path in skip):
         _set(out[collection], leaf_path, np.asarray(value))
   for layer in layers:
@@ -314,7 +303,7 @@ def _tgq_blob(variables, spec, image_shape, layers, skip, extra) -> bytes:
                     # TGA, TWN: the scale once; TTQ: its own -1 magnitude
                     "neg_scale": None if layer.symmetric else payload.add(layer.neg_scale.tobytes())})
   for collection in sorted(variables):
-    for leaf_path, value in _flatten(variables[collection]):
+    for leaf_path, value in leaves(variables[collection]):
       if collection == "params" and leaf_path in skip:
         continue
       array = np.asarray(value)
@@ -335,7 +324,7 @@ def _safetensors_blob(variables, spec, image_shape, layers, skip, extra) -> byte
   safetensors_numpy = _safetensors()
   packed = _packed_tree(variables, layers, skip)
   tensors = {"/".join((collection, *leaf_path)): np.array(value, order="C")  # (ascontiguousarray makes 0-d 1-d)
-             for collection in sorted(packed) for leaf_path, value in _flatten(packed[collection])}
+             for collection in sorted(packed) for leaf_path, value in leaves(packed[collection])}
   metadata = {
     "format": SAFETENSORS_FORMAT, "format_version": str(FORMAT_VERSION), "tgq_jax_version": __version__,
     "model": json.dumps(_model_header(spec, image_shape)),
@@ -603,7 +592,7 @@ def _check_against_model(model, tree: Mapping, image_shape, path) -> None:
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
   want = {"/".join(k): v for k, v in traverse_util.flatten_dict(nn.unbox(dict(abstract))).items()}
-  got = {"/".join(k): v for k, v in _flatten(tree)}
+  got = {"/".join(k): v for k, v in leaves(tree)}
   mismatched = [f"{k}: {got[k].dtype}{list(got[k].shape)}, expected {want[k].dtype}{list(want[k].shape)}"
                 for k in sorted(set(got) & set(want))
                 if tuple(got[k].shape) != tuple(want[k].shape) or np.dtype(got[k].dtype) != np.dtype(want[k].dtype)]
@@ -739,7 +728,7 @@ def _dequantized(packed_model, fp_model, tree: Mapping, image_shape) -> dict:
   abstract = jax.eval_shape(lambda x: fp_model.init(jax.random.key(0), x, train=False), x)
   kernels = {k[:-1]: v for k, v in traverse_util.flatten_dict(nn.unbox(dict(abstract))["params"]).items()
              if k[-1] == "kernel"}
-  flat = {("/".join(k)): v for k, v in _flatten(tree)}
+  flat = {("/".join(k)): v for k, v in leaves(tree)}
   for layer_path, quantizer in quantized_layers(packed_model, x, train=False).items():
     if not quantizer.packed:
       continue

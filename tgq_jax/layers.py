@@ -256,11 +256,6 @@ class _QuantizedKernel:
       object.__setattr__(self, "_kernel_hook", None)
     return hook.finish(y)
 
-  @nn.nowrap
-  def _packed_params(self, shape: tuple[int, ...]):
-    """The packed layer's (codes, scale, neg_scale or None) for a kernel of ``shape``."""
-    return packed_params(super(_QuantizedKernel, self).param, self.get_quantizer(), shape)
-
 
 class TernaryDense(_QuantizedKernel, nn.Dense):
   """``nn.Dense`` with a ternarized kernel.

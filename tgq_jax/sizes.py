@@ -106,12 +106,13 @@ def ternary_kernel_bytes(shape: tuple[int, ...], quantizer, layout: str = "plana
   return code_bytes(tuple(shape), layout) + SCALE_BYTES * scales * (1 if quantizer.symmetric else 2)
 
 
-def _leaves(tree: Mapping, prefix: Path = ()) -> list[tuple[Path, Any]]:
+def leaves(tree: Mapping, prefix: Path = ()) -> list[tuple[Path, Any]]:
+  """``(path, leaf)`` of a nested mapping, keys sorted at every level (the order export stores them in)."""
   out = []
   for key in sorted(tree, key=str):
     value = tree[key]
     if isinstance(value, Mapping):
-      out.extend(_leaves(value, prefix + (str(key),)))
+      out.extend(leaves(value, prefix + (str(key),)))
     else:
       out.append((prefix + (str(key),), value))
   return out
@@ -147,7 +148,7 @@ def size_report(variables: Mapping, layers: Mapping[Path, Any], *, layout: str =
                           None if sparsity is None else float(sparsity[path]), True))
     skip.update(("params", *path, leaf) for leaf in ("kernel", *quantizer.param_names))
   for collection in sorted(variables):
-    for leaf_path, value in _leaves(variables[collection]):
+    for leaf_path, value in leaves(variables[collection]):
       if (collection, *leaf_path) in skip:
         continue
       n = int(np.prod(np.shape(value), dtype=np.int64))
