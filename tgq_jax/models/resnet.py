@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tgq_jax.layers import BatchNorm, output_dtype
+from tgq_jax.models.pooling import max_pool
 
 ModuleDef = Any  # a module constructor (a class or a functools.partial of one)
 
@@ -154,7 +155,7 @@ class ResNet(nn.Module):
     x = x.astype(self.dtype)
     x = nn.relu(norm(name="bn1")(_conv(conv, self.width, 7, 2, name="conv1")(x)))
     # Pads with -inf, as PyTorch's MaxPool2d(3, 2, padding=1).
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         stride = 2 if i > 0 and j == 0 else 1

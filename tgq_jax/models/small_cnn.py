@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tgq_jax.layers import BatchNorm, output_dtype
+from tgq_jax.models.pooling import max_pool
 
 
 class SmallCNN(nn.Module):
@@ -31,7 +32,7 @@ class SmallCNN(nn.Module):
       x = conv(width, name=f"conv{i}")(x)
       x = nn.relu(norm(name=f"bn{i}")(x))
       if i < len(self.widths) - 1:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool(x, (2, 2), strides=(2, 2))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
     return x.astype(output_dtype(self.dtype))
