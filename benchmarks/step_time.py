@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tgq_jax import QuantPolicy, models, parallel, train_lib  # noqa: E402
+from tgq_jax import QuantPolicy, models, parallel, train_lib, xla_cpu  # noqa: E402
 from tgq_jax.configs import Config  # noqa: E402
 from tgq_jax.layers import quantized_layers  # noqa: E402
 
@@ -71,6 +71,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--rounds", type=int, default=3)
   args = parser.parse_args()
+  xla_cpu.configure()  # XLA:CPU convolutions on the thread pool, as train.py runs them
   print(f"devices: {jax.devices()[0].platform} x1 ({jax.devices()[0].device_kind})")
   for arch in args.archs:
     if arch not in models.archs():

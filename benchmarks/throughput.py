@@ -26,6 +26,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from step_time import VARIANTS, build_step, time_steps  # noqa: E402
 
+from tgq_jax import xla_cpu  # noqa: E402
+
 NUM_CLASSES = 1000
 
 
@@ -70,6 +72,7 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--json", help="also write the results here")
   args = parser.parse_args()
+  xla_cpu.configure()  # XLA:CPU convolutions on the thread pool, as train.py runs them
   dtype = jnp.bfloat16 if args.bf16 else jnp.float32
   dev = jax.devices()[0]
   print(f"device: {dev.platform} ({dev.device_kind}), jax {jax.__version__}", flush=True)

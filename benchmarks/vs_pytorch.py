@@ -30,6 +30,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
+from step_time import build_step, time_steps  # noqa: E402
+
+from tgq_jax import xla_cpu  # noqa: E402
 
 CASES = {  # batch, (H, W, C), classes
   "resnet18": (8, (224, 224, 3), 1000),
@@ -145,8 +148,6 @@ def torch_step(case: str, threads: int):
 
 
 def jax_step(case: str):
-  from step_time import build_step, time_steps
-
   batch, shape, classes = CASES[case]
   step, state, data = build_step(case, "tga", "sequential", batch, shape, classes, optimizer="adam",
                                  lr=1e-4, weight_decay=5e-6)
@@ -166,6 +167,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--rounds", type=int, default=3)
   args = parser.parse_args()
+  xla_cpu.configure()  # XLA:CPU convolutions on the thread pool, as train.py runs them
   import jax
   import torch
   print(f"torch {torch.__version__} ({args.threads} threads), jax {jax.__version__} on "

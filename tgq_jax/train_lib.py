@@ -38,7 +38,7 @@ import optax
 import tqdm
 from jax import lax
 
-from tgq_jax import algorithm, checkpoints, parallel
+from tgq_jax import algorithm, checkpoints, parallel, xla_cpu
 from tgq_jax.algorithm import (THRESHOLD, WEIGHT, TrainState, eval_step, param_labels, state_from_variables,
                                step_rngs, threshold_names, train_step)
 from tgq_jax import data as data_lib
@@ -468,6 +468,7 @@ def write_run_config(workdir: str, cfg: Config, info) -> None:
 
 def train_and_evaluate(cfg: Config, *, verbose: bool = True) -> dict:
   """Trains (or resumes, or only evaluates) as ``cfg`` says; returns the summary (also summary.json)."""
+  xla_cpu.configure()  # before the first computation, or it changes nothing
   with contextlib.ExitStack() as cleanup:  # close the checkpoint manager and writers on any exit
     return _train_and_evaluate(cfg, verbose, cleanup)
 
