@@ -3,8 +3,8 @@
 ``flax.linen.max_pool``'s gradient is XLA's ``select-and-scatter``, which XLA:CPU
 expands into iotas, window reductions and a scatter. Measured on 2 cores (one
 run, ``jax.vjp`` of the pool alone): ResNet-18's 3x3/2 stem pool (batch 8,
-112x112x64) 119 ms backward against 9 ms forward, 43 ms with this module; the
-demo CNN's first 2x2 pool (batch 128, 28x28x16) 25 ms, 3 ms with this module.
+112x112x64) 116-143 ms backward against 7-9 ms forward, 51-55 ms with this module;
+the demo CNN's first 2x2 pool (batch 128, 28x28x16) 16-35 ms, 1.3-1.8 ms with it.
 Before it, the demo CNN's pools cost more than its convolutions.
 
 :func:`max_pool` has flax's forward (``lax.reduce_window``) and, when JAX's
@@ -58,7 +58,11 @@ def _max_pool_jvp(window_shape, strides, pads, primals, tangents):
     return jax.jvp(lambda x: nn.max_pool(x, window_shape, strides=strides, padding=pads), (x,), (t,))
   out = _max_pool(x, window_shape, strides, pads)
   fill = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
-  x_at = _at_offsets(x, jnp.asarray(fill, x.dtype), window_shape, strides, pads, out.shape[1:-1])
+  padded = lax.pad(x, jnp.asarray(fill, x.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)])
+  x_at = []  # strided slices: the tangent's phase split (below) made this primal part slower
+  for offset in itertools.product(*(range(w) for w in window_shape)):
+    limits = [o + (n - 1) * s + 1 for o, n, s in zip(offset, out.shape[1:-1], strides)]
+    x_at.append(lax.slice(padded, (0, *offset, 0), (x.shape[0], *limits, x.shape[-1]), (1, *strides, 1)))
   t_at = _at_offsets(t, jnp.zeros((), t.dtype), window_shape, strides, pads, out.shape[1:-1])
   # The offset of each window's first maximum (none for an all-NaN window): what select-and-scatter
   # picks with its `>=` select, and what PyTorch picks.
