@@ -190,7 +190,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
       ``{}`` for a model without such an argument).
   """
   apply_kwargs = {"train": True} if apply_kwargs is None else dict(apply_kwargs)
-  pmean = functools.partial(lax.pmean, axis_name=axis_name) if axis_name else (lambda x: x)
+  # Over one device the mean is the value itself; XLA would still copy every gradient through an all-reduce.
+  mapped = axis_name is not None and lax.axis_size(axis_name) > 1
+  pmean = functools.partial(lax.pmean, axis_name=axis_name) if mapped else (lambda x: x)
   next_rng, rngs = step_rngs(state.rng, rng_streams)
   if axis_name:
     rngs = {k: jax.random.fold_in(v, lax.axis_index(axis_name)) for k, v in rngs.items()}

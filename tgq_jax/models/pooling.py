@@ -1,8 +1,8 @@
 """Max pooling whose gradient is cheap on XLA:CPU.
 
 ``flax.linen.max_pool``'s gradient is XLA's ``select-and-scatter``, which XLA:CPU
-expands into iotas, window reductions and a scatter. Measured on 2 cores (one
-run, ``jax.vjp`` of the pool alone): ResNet-18's 3x3/2 stem pool (batch 8,
+expands into iotas, window reductions and a scatter. Measured on 2 cores (three
+runs, ``jax.vjp`` of the pool alone): ResNet-18's 3x3/2 stem pool (batch 8,
 112x112x64) 116-143 ms backward against 7-9 ms forward, 51-55 ms with this module;
 the demo CNN's first 2x2 pool (batch 128, 28x28x16) 16-35 ms, 1.3-1.8 ms with it.
 Before it, the demo CNN's pools cost more than its convolutions.
