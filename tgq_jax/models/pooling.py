@@ -63,7 +63,7 @@ def _max_pool_jvp(window_shape, strides, pads, primals, tangents):
   for offset in itertools.product(*(range(w) for w in window_shape)):
     limits = [o + (n - 1) * s + 1 for o, n, s in zip(offset, out.shape[1:-1], strides)]
     x_at.append(lax.slice(padded, (0, *offset, 0), (x.shape[0], *limits, x.shape[-1]), (1, *strides, 1)))
-  t_at = _at_offsets(t, jnp.zeros((), t.dtype), window_shape, strides, pads, out.shape[1:-1])
+  t_at = _tangent_at_offsets(t, window_shape, strides, pads, out.shape[1:-1])
   # The offset of each window's first maximum (none for an all-NaN window): what select-and-scatter
   # picks with its `>=` select, and what PyTorch picks.
   first = jnp.full(out.shape, len(x_at), jnp.int32)
@@ -74,18 +74,19 @@ def _max_pool_jvp(window_shape, strides, pads, primals, tangents):
   return out, t_out
 
 
-def _at_offsets(x, fill, window_shape, strides, pads, out_spatial) -> list[jax.Array]:
-  """For each window offset (row-major), the output-shaped array of the inputs at that offset.
+def _tangent_at_offsets(t, window_shape, strides, pads, out_spatial) -> list[jax.Array]:
+  """For each window offset (row-major), the output-shaped array of the tangent at that offset
+  (zero in the padding).
 
-  The padded input is split into stride phases first (position ``q * stride + r``
+  The padded tangent is split into stride phases first (position ``q * stride + r``
   goes to phase ``r``, block ``q``), so each offset is a contiguous slice of one
   phase: the transposes reverse mode builds are then plain pads, not interior ones.
   """
-  batch, features = x.shape[0], x.shape[-1]
-  padded_sizes = [lo + n + hi for (lo, hi), n in zip(pads, x.shape[1:-1])]
+  batch, features = t.shape[0], t.shape[-1]
+  padded_sizes = [lo + n + hi for (lo, hi), n in zip(pads, t.shape[1:-1])]
   blocks = [-(-p // s) for p, s in zip(padded_sizes, strides)]
-  padded = lax.pad(x, fill, [(0, 0, 0), *((lo, hi + q * s - p, 0) for (lo, hi), q, s, p in
-                                          zip(pads, blocks, strides, padded_sizes)), (0, 0, 0)])
+  padded = lax.pad(t, jnp.zeros((), t.dtype), [(0, 0, 0), *((lo, hi + q * s - p, 0) for (lo, hi), q, s, p in
+                                                            zip(pads, blocks, strides, padded_sizes)), (0, 0, 0)])
   phased = padded.reshape(batch, *itertools.chain.from_iterable(zip(blocks, strides)), features)
   # Phase r: (batch, *blocks, features). lax.split, whose transpose is a concatenation: reverse mode
   # adds the offsets' gradients at phase size and interleaves the phases once.
