@@ -11,16 +11,16 @@ host reads its own shard of every global batch.
 """
 import sys
 
-from tgq_jax import configs
+from tgq_jax.training import configs
 
 
 def main(argv=None) -> int:
   cfg = configs.from_args(argv)
-  from tgq_jax import parallel, train_lib  # after parsing: --help stays fast
+  from tgq_jax.training import parallel, harness  # after parsing: --help stays fast
   try:
     parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-    train_lib.train_and_evaluate(cfg)
-  except train_lib.DivergenceError as e:
+    harness.train_and_evaluate(cfg)
+  except harness.DivergenceError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   except ValueError as e:  # bad options: one line, no traceback

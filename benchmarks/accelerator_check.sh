@@ -38,7 +38,7 @@ else
 fi
 
 stage "1. quantizer reference tests on $("$PY" -c 'import jax; print(jax.devices()[0].platform)')"
-timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_ternarize.py \
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/core/test_ternarize.py \
   2>&1 | tee "$OUT/tests.log" | tail -5
 
 stage "2. training throughput (bf16 activations)"

@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from step_time import VARIANTS, build_step, time_steps  # noqa: E402
 
-from tgq_jax import xla_cpu  # noqa: E402
+from tgq_jax.training import xla_cpu  # noqa: E402
 
 NUM_CLASSES = 1000
 

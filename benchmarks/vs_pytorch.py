@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 from step_time import build_step, time_steps  # noqa: E402
 
-from tgq_jax import xla_cpu  # noqa: E402
+from tgq_jax.training import xla_cpu  # noqa: E402
 
 CASES = {  # batch, (H, W, C), classes
   "resnet18": (8, (224, 224, 3), 1000),

@@ -41,7 +41,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from tgq_jax import ternarize
-from tgq_jax.quantizers import get_quantizer
+from tgq_jax.core.quantizers import get_quantizer
 
 print("jax", jax.__version__, "devices:", jax.devices())'''),
     new_markdown_cell("""## One Gaussian weight tensor
@@ -105,7 +105,7 @@ for name in ["tga", "twn", "ttq"]:
     new_markdown_cell("""## One Flax layer
 `TernaryConv` is `nn.Conv` with its kernel ternarized; the threshold `delta` is a `params` leaf next
 to the kernel, so optimizers can label it."""),
-    new_code_cell('''from tgq_jax.layers import TernaryConv
+    new_code_cell('''from tgq_jax.frontends.linen_layers import TernaryConv
 
 layer = TernaryConv(features=16, kernel_size=(3, 3))
 x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
@@ -146,8 +146,9 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from tgq_jax import data, export, train_lib
-from tgq_jax.configs import Config
+from tgq_jax import data, export
+from tgq_jax.training import harness
+from tgq_jax.training.configs import Config
 
 print("backend:", jax.default_backend(), "| devices:", jax.devices())'''),
     new_markdown_cell("""## Data
@@ -167,7 +168,7 @@ divide by the number of devices (all local devices are used, data parallel).""")
 runs = {}
 for quantizer in ["fp", "tga"]:
   cfg = Config(quantizer=quantizer, workdir=os.path.join(WORKDIR, quantizer), **common)
-  summary = train_lib.train_and_evaluate(cfg, verbose=False)
+  summary = harness.train_and_evaluate(cfg, verbose=False)
   runs[quantizer] = cfg.workdir
   print(f"{quantizer}: test accuracy {100 * summary['test_accuracy']:.2f}% "
         f"({summary['steps']} steps, {summary['wall_seconds']:.0f} s)")
@@ -234,7 +235,7 @@ one call: `tgq_jax.ternarize_model` intercepts the kernels of its `Dense`, `Conv
 `Einsum` layers (so every projection of `MultiHeadDotProductAttention`), puts TGA's trainable
 threshold `delta` beside each kernel, and leaves the model's code alone. One `QuantPolicy` says which
 quantizer, which layers and per-channel statistics. The training steps come from
-`tgq_jax.algorithm` (Linen) and `tgq_jax.nnx` (NNX): the paper's sequential update in your own
+`tgq_jax.training.algorithm` (Linen) and `tgq_jax.frontends.nnx` (NNX): the paper's sequential update in your own
 loop."""),
     new_code_cell(INSTALL),
     params,
@@ -244,8 +245,9 @@ import jax, jax.numpy as jnp, numpy as np, optax
 from flax import nnx
 
 import tgq_jax
-from tgq_jax import QuantPolicy, algorithm, data
-from tgq_jax.layers import quantized_layers
+from tgq_jax import QuantPolicy, data
+from tgq_jax.training import algorithm
+from tgq_jax.frontends.linen_layers import quantized_layers
 
 dataset = data.get_dataset("fashion_mnist", data_dir=DATA_DIR)
 batches = dataset.train_iterator(global_batch_size=128, seed=0, augment=False, num_devices=1)
@@ -290,13 +292,13 @@ thresholds). `QuantPolicy("fp")` is the same model in full precision, trained th
 for name, policy in [("fp", QuantPolicy("fp")), ("tga", QuantPolicy("tga", per_channel=True))]:
   state, accuracy = train_and_test(tgq_jax.ternarize_model(MyNet(), policy), STEPS)
   print(f"{name}: test accuracy {100 * accuracy:.2f}% after {STEPS} steps")'''),
-    new_code_cell('''from tgq_jax.layers import layer_stats
+    new_code_cell('''from tgq_jax.frontends.linen_layers import layer_stats
 for s in layer_stats(state.params, quantized_layers(model, x0)):
   print(f"{s.name:<40} sparsity {s.sparsity:.3f}  threshold {s.threshold:.4f}  scale {s.scale:.4f}")'''),
     new_markdown_cell("""## The same with Flax NNX
-`tgq_jax.nnx.ternarize_model` swaps ternary layers in; thresholds are their own variable type,
+`tgq_jax.frontends.nnx.ternarize_model` swaps ternary layers in; thresholds are their own variable type,
 `Threshold`, so two `nnx.Optimizer`s with two filters run the sequential update."""),
-    new_code_cell('''import tgq_jax.nnx as tnnx
+    new_code_cell('''import tgq_jax.frontends.nnx as tnnx
 
 class MyNnxNet(nnx.Module):
   def __init__(self, rngs):

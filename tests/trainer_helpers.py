@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tgq_jax import data, models, parallel, train_lib
-from tgq_jax.configs import Config
-from tgq_jax.layers import quantized_layers
+from tgq_jax import data, models
+from tgq_jax.training import parallel, harness
+from tgq_jax.training.configs import Config
+from tgq_jax.frontends.linen_layers import quantized_layers
 from tgq_jax.models.resnet import CifarResNet
 from tgq_jax.models.small_cnn import SmallCNN
 from tgq_jax.models.vit import ViT
@@ -71,17 +72,17 @@ def build(cfg: Config, num_classes: int = 10, image_shape=(28, 28, 1), steps_per
   ``dtype=jnp.float64`` (inside ``jax.enable_x64(True)``): the model computes in float64 and every
   float leaf of the state is float64.
   """
-  model = train_lib.make_model(cfg, num_classes, dtype)
+  model = harness.make_model(cfg, num_classes, dtype)
   layers = quantized_layers(model, jnp.zeros((1, *image_shape)), train=False)
   params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                           jnp.zeros((1, *image_shape)))["params"]
-  labels = train_lib.param_labels(params, layers)
-  tx_thr, tx_w, _ = train_lib.make_optimizers(cfg, labels, steps_per_epoch)
-  state = train_lib.create_state(model, image_shape, tx_thr, tx_w, cfg.seed)
+  labels = harness.param_labels(params, layers)
+  tx_thr, tx_w, _ = harness.make_optimizers(cfg, labels, steps_per_epoch)
+  state = harness.create_state(model, image_shape, tx_thr, tx_w, cfg.seed)
   if dtype is not None:
     state = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
-  train_fn, eval_fn = train_lib.make_step_fns(model, tx_thr, tx_w, labels, cfg, num_classes,
-                                              bool(train_lib.threshold_names(layers)))
+  train_fn, eval_fn = harness.make_step_fns(model, tx_thr, tx_w, labels, cfg, num_classes,
+                                              bool(harness.threshold_names(layers)))
   return model, layers, labels, tx_thr, tx_w, state, train_fn, eval_fn
 
 
@@ -91,5 +92,5 @@ def run_steps(train_fn, state, batches, mesh, kind):
   losses = []
   for batch in batches:
     state, metrics = step(state, parallel.put_batch(batch, mesh, kind))
-    losses.append(float(train_lib.to_host(metrics["loss"])))
-  return train_lib.to_host(state), losses
+    losses.append(float(harness.to_host(metrics["loss"])))
+  return harness.to_host(state), losses

@@ -5,7 +5,7 @@ block of them at a time on chip, accumulates ``x @ T`` in float32 and applies
 the scale once, after accumulation (``scale * (x @ T)``; for TTQ's asymmetric
 scales ``pos * (x @ [T = 1]) - neg * (x @ [T = -1])``).
 
-Planar layout (the one :class:`tgq_jax.layers.TernaryDense` /
+Planar layout (the one :class:`tgq_jax.frontends.linen_layers.TernaryDense` /
 ``TernaryConv`` hold in packed mode and the ``.safetensors`` export stores).
 A kernel of shape ``(..., N)`` is seen as the matrix ``(K, N)``, ``K`` the
 product of the leading axes (C order: a conv's HWIO kernel is the ``(H*W*I, O)``
@@ -95,7 +95,7 @@ def dequantize_planar(packed: jax.Array, scale: jax.Array, neg_scale: jax.Array 
                       shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
   """The kernel ``scale * T`` of ``shape`` rebuilt from its packed codes, inside the traced graph.
 
-  The same values as :func:`tgq_jax.ternarize.dequantize`: ``scale`` where the
+  The same values as :func:`tgq_jax.core.ternarize.dequantize`: ``scale`` where the
   code is +1, ``-neg_scale`` where it is -1, 0 elsewhere (``scale`` a scalar or
   one per output channel, the last axis); ``neg_scale=None`` is ``scale``.
   """

@@ -31,10 +31,10 @@ from tgq_jax.models.resnet import BasicBlock, Bottleneck, CifarResNet, ResNet
 from tgq_jax.models.small_cnn import SmallCNN
 from tgq_jax.models.vit import VIT_CONFIGS, ViT
 # torchvision.py imports create_model lazily (inside a function), so this is no cycle.
-from tgq_jax.layers import init_ternary_from_fp
+from tgq_jax.frontends.linen_layers import init_ternary_from_fp
 from tgq_jax.models.torchvision import convert_state_dict, load_torchvision_weights
-from tgq_jax.interception import ternarize_model
-from tgq_jax.policy import QuantPolicy
+from tgq_jax.frontends.linen import ternarize_model
+from tgq_jax.core.policy import QuantPolicy
 
 # arch name -> (module class, fixed constructor arguments)
 _ARCHS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
@@ -59,7 +59,7 @@ def register(name: str, cls: Callable[..., nn.Module], **fixed: Any) -> None:
   ``cls`` is a plain Linen module class (or constructor) taking
   ``num_classes`` and ``dtype`` plus ``fixed``; a model with BatchNorm may
   also take ``bn_axis_name`` and ``bn_unbiased_running_var`` and pass them to
-  :class:`tgq_jax.layers.BatchNorm` (``axis_name=``, ``unbiased_running_var=``).
+  :class:`tgq_jax.frontends.linen_layers.BatchNorm` (``axis_name=``, ``unbiased_running_var=``).
   """
   _ARCHS[name] = (cls, fixed)
 
@@ -95,7 +95,7 @@ def create_model(arch: str, num_classes: int, *, quant: QuantPolicy | None = Non
       statistics, whatever the device count. Training-mode calls must then run
       inside the mapping. Models without BatchNorm ignore it.
     bn_unbiased_running_var: torch's running-variance rule
-      (:class:`tgq_jax.layers.BatchNorm`); default: flax's biased one.
+      (:class:`tgq_jax.frontends.linen_layers.BatchNorm`); default: flax's biased one.
     **model_kwargs: further constructor arguments of the architecture (e.g.
       ``dropout_rate`` for the ViTs, ``width`` for the ResNets).
   """

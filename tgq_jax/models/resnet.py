@@ -33,7 +33,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tgq_jax.layers import BatchNorm, output_dtype
+from tgq_jax.models.common import BatchNorm, output_dtype
 from tgq_jax.models.pooling import max_pool
 
 ModuleDef = Any  # a module constructor (a class or a functools.partial of one)
@@ -147,7 +147,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
   bn_axis_name: str | None = None  # BatchNorm statistics over this mapped axis (training mode only)
-  bn_unbiased_running_var: bool = False  # torch's running variance (see tgq_jax.layers.BatchNorm)
+  bn_unbiased_running_var: bool = False  # torch's running variance (see tgq_jax.frontends.linen_layers.BatchNorm)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -176,7 +176,7 @@ class CifarResNet(nn.Module):
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
   bn_axis_name: str | None = None  # BatchNorm statistics over this mapped axis (training mode only)
-  bn_unbiased_running_var: bool = False  # torch's running variance (see tgq_jax.layers.BatchNorm)
+  bn_unbiased_running_var: bool = False  # torch's running variance (see tgq_jax.frontends.linen_layers.BatchNorm)
 
   @nn.compact
   def __call__(self, x, train: bool = False):

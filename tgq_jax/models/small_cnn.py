@@ -8,7 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tgq_jax.layers import BatchNorm, output_dtype
+from tgq_jax.models.common import BatchNorm, output_dtype
 from tgq_jax.models.pooling import max_pool
 
 
@@ -20,7 +20,7 @@ class SmallCNN(nn.Module):
   dtype: Any = jnp.float32
   conv: Any = nn.Conv  # injected conv constructor (flax examples' pattern)
   bn_axis_name: str | None = None  # BatchNorm statistics over this mapped axis (training mode only)
-  bn_unbiased_running_var: bool = False  # torch's running variance (see tgq_jax.layers.BatchNorm)
+  bn_unbiased_running_var: bool = False  # torch's running variance (see tgq_jax.frontends.linen_layers.BatchNorm)
 
   @nn.compact
   def __call__(self, x, train: bool = False):

@@ -12,7 +12,7 @@ checkpoints. The flow here:
 
 2. ``fp = load_torchvision_weights("resnet18.npz", "resnet18")``: the
    variables of ``create_model("resnet18", 1000, quant=QuantPolicy("fp"))``.
-3. ``variables = tgq_jax.layers.init_ternary_from_fp(create_model("resnet18", 1000),
+3. ``variables = tgq_jax.frontends.linen_layers.init_ternary_from_fp(create_model("resnet18", 1000),
    fp, (224, 224, 3))``: every weight copied, quantizer leaves (TGA ``delta``,
    TTQ scales) initialized from the loaded kernels (``delta = 0.05 max|w|``).
 
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from tgq_jax.layers import _mismatch_problems, as_leaf
+from tgq_jax.frontends.linen_layers import _mismatch_problems, as_leaf
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
@@ -98,7 +98,7 @@ def _fp_structure(arch: str, num_classes: int, in_channels: int) -> dict[tuple[s
   """Flattened abstract variables of the FP ``arch`` (traced only; cached, as tracing ResNet-50 costs seconds)."""
   # Imported here: tgq_jax.models imports this module, so a top-level import would be a cycle.
   from tgq_jax.models import create_model
-  from tgq_jax.policy import QuantPolicy
+  from tgq_jax.core.policy import QuantPolicy
 
   model = create_model(arch, num_classes, quant=QuantPolicy("fp"))
   # Parameter shapes do not depend on the spatial size; 32x32 keeps the trace cheap.

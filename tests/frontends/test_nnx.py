@@ -1,0 +1,251 @@
+"""tgq_jax.frontends.nnx: ternarize_model on an NNX model (Conv, LinearGeneral, Einsum, Linear) against the same
+plain network run with kernels ternarized by hand (tgq_jax.core.ternarize), thresholds as their own
+Variable type, gradients, and the sequential / joint steps against hand-computed SGD updates."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import tgq_jax.frontends.nnx as tnnx
+from tgq_jax import ternarize
+from tgq_jax.core.policy import QuantPolicy
+
+HEADS, HEAD_DIM, MIX = 2, 4, 3
+LAYERS = ("conv", "proj", "mix", "head")  # call order; attribute (and iteration) order differs
+# The kept (output-feature) axes of each kernel, written out: conv (3, 3, 3, 8) and head (6, 5): the last;
+# proj (8, heads, head_dim): both features axes; mix "bhd,hdf->bhf" (heads, head_dim, 3): h and f.
+PER_CHANNEL = {"conv": (3,), "proj": (1, 2), "mix": (0, 2), "head": (1,)}
+
+
+class Net(nnx.Module):
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.head = nnx.Linear(HEADS * MIX, 5, rngs=rngs)
+    self.proj = nnx.LinearGeneral(8, (HEADS, HEAD_DIM), rngs=rngs)
+    self.mix = nnx.Einsum("bhd,hdf->bhf", (HEADS, HEAD_DIM, MIX), (HEADS, MIX), rngs=rngs)
+    self.conv = nnx.Conv(3, 8, (3, 3), strides=2, padding="VALID", rngs=rngs)
+
+  def __call__(self, x):
+    y = jnp.tanh(self.conv(x)).mean(axis=(1, 2))
+    y = jnp.tanh(self.proj(y))
+    y = jnp.tanh(self.mix(y))
+    return self.head(y.reshape(y.shape[0], -1))
+
+
+X = jax.random.normal(jax.random.key(1), (4, 7, 7, 3))
+COTANGENT = jax.random.normal(jax.random.key(2), (4, 5))
+
+
+def loss_fn(model, x):
+  return jnp.sum(model(x) * COTANGENT)
+
+
+def plain_loss(graphdef, state, params, deltas, per_channel):
+  """The plain network's loss with each kernel in ``deltas`` replaced by ``ternarize(kernel, delta)``."""
+  pure = {name: dict(layer) for name, layer in params.items()}
+  for name, delta in deltas.items():
+    pc = PER_CHANNEL[name] if per_channel else False
+    pure[name]["kernel"] = ternarize(params[name]["kernel"], {"delta": delta}, per_channel=pc)
+  state = jax.tree.map(lambda v: v, state)  # fresh Variables; the values are replaced below
+  nnx.replace_by_pure_dict(state, pure)
+  return loss_fn(nnx.merge(graphdef, state), X)
+
+
+def twins(policy=QuantPolicy(), *example):
+  """(plain Net, ternarized Net) with the same initial weights."""
+  plain = Net(nnx.Rngs(0))
+  return plain, tnnx.ternarize_model(Net(nnx.Rngs(0)), policy, *example)
+
+
+def thresholds(model):
+  return {name: layer["delta"] for name, layer in nnx.to_pure_dict(nnx.state(model, tnnx.Threshold)).items()}
+
+
+def params(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def assert_close(a, b, **kw):
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, **{"rtol": 1e-5, "atol": 1e-6, **kw}), a, b)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_forward_is_the_plain_network_with_hand_ternarized_kernels(per_channel):
+  plain, model = twins(QuantPolicy(per_channel=per_channel))
+  assert all(isinstance(getattr(model, n), tnnx.TernaryLayer) for n in LAYERS)
+  deltas = thresholds(model)
+  for name in LAYERS:
+    layer = getattr(model, name)
+    w = np.asarray(getattr(plain, name).kernel[...])
+    kept = PER_CHANNEL[name] if per_channel else ()
+    expected = 0.05 * np.max(np.abs(w), axis=tuple(a for a in range(w.ndim) if a not in kept))
+    np.testing.assert_allclose(deltas[name], expected, rtol=1e-6)
+    assert type(layer.delta) is tnnx.Threshold and not isinstance(layer.delta, nnx.Param)
+    assert type(layer.kernel) is nnx.Param
+  if per_channel:
+    assert deltas["proj"].shape == (HEADS, HEAD_DIM) and deltas["mix"].shape == (HEADS, MIX)
+  # Thresholds away from their init, different per layer and channel.
+  moved = {n: d * (1.5 + 0.5 * jnp.cos(jnp.arange(d.size).reshape(d.shape) + i))
+           for i, (n, d) in enumerate(deltas.items())}
+  for name, delta in moved.items():
+    getattr(model, name).delta[...] = delta
+  graphdef, state = nnx.split(plain)
+  out = model(X)
+  pure = {name: dict(layer) for name, layer in params(plain).items()}
+  for name, delta in moved.items():
+    pc = PER_CHANNEL[name] if per_channel else False
+    pure[name]["kernel"] = ternarize(pure[name]["kernel"], {"delta": delta}, per_channel=pc)
+  hand = jax.tree.map(lambda v: v, state)
+  nnx.replace_by_pure_dict(hand, pure)
+  np.testing.assert_allclose(out, nnx.merge(graphdef, hand)(X), rtol=1e-6, atol=1e-6)
+  assert not np.allclose(out, plain(X), atol=1e-3)  # the quantization did change the output
+  assert_close(params(model), params(plain), rtol=0, atol=0)  # the stored kernels are the full-precision ones
+
+
+def test_gradients_reach_thresholds_and_kernels_as_through_hand_ternarized_kernels():
+  plain, model = twins(QuantPolicy(per_channel=True))
+  graphdef, state = nnx.split(plain)
+  deltas = thresholds(model)
+  hand_dp, hand_dd = jax.grad(plain_loss, argnums=(2, 3))(graphdef, state, params(plain), deltas, True)
+  got_d = nnx.grad(loss_fn, argnums=nnx.DiffState(0, tnnx.Threshold))(model, X)
+  got_p = nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param))(model, X)
+  assert_close(thresholds(got_d), hand_dd)
+  assert_close(nnx.to_pure_dict(got_p), hand_dp)
+  assert all(float(jnp.abs(g).max()) > 0 for g in hand_dd.values())
+  assert type(vars(model.conv)["kernel"]) is nnx.Param  # the quantized kernel does not outlive the call
+
+
+def test_selection_by_exclude_and_by_call_order():
+  _, model = twins(QuantPolicy(exclude=("mix",)))
+  assert set(thresholds(model)) == {"conv", "proj", "head"}
+  assert not isinstance(model.mix, tnnx.TernaryLayer) and not hasattr(model.mix, "delta")
+  # "head" is last in call order (not in attribute order: "proj" is); "conv" is first.
+  _, model = twins(QuantPolicy(ternary_last=False), X)
+  assert set(thresholds(model)) == {"conv", "proj", "mix"} and type(model.head) is nnx.Linear
+  _, model = twins(QuantPolicy(ternary_first=False, exclude=("head",)), jax.ShapeDtypeStruct(X.shape, X.dtype))
+  assert set(thresholds(model)) == {"proj", "mix"}
+  # First and last among the *matched* layers: with head excluded, mix is the last.
+  _, model = twins(QuantPolicy(ternary_last=False, exclude=("head",)), X)
+  assert set(thresholds(model)) == {"conv", "proj"}
+
+
+def test_ternarize_model_errors():
+  with pytest.raises(ValueError, match="example call"):
+    tnnx.ternarize_model(Net(nnx.Rngs(0)), QuantPolicy(ternary_last=False))
+  with pytest.raises(NotImplementedError, match="packed"):
+    tnnx.ternarize_model(Net(nnx.Rngs(0)), QuantPolicy("packed:tga"))
+  with pytest.raises(TypeError, match="after the policy"):
+    tnnx.ternarize_model(Net(nnx.Rngs(0)), X)
+  model = tnnx.ternarize_model(Net(nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="ternary already"):
+    tnnx.ternarize_model(model)
+
+
+def test_ttq_scales_are_params_and_no_thresholds():
+  _, model = twins(QuantPolicy("ttq"))
+  assert not jax.tree.leaves(nnx.state(model, tnnx.Threshold))
+  for name in LAYERS:
+    layer = getattr(model, name)
+    assert type(layer.pos_scale) is nnx.Param and type(layer.neg_scale) is nnx.Param
+  weight_opt, threshold_opt = tnnx.optimizers(model, optax.sgd(0.1), optax.sgd(0.1))
+  assert set(nnx.to_pure_dict(nnx.state(model, weight_opt.wrt))["head"]) == {"kernel", "bias", "pos_scale", "neg_scale"}
+
+
+def test_sequential_step_moves_thresholds_then_weights_at_the_updated_thresholds():
+  lr_w, lr_t = 0.05, 0.5
+  plain, model = twins(QuantPolicy(per_channel=True))
+  graphdef, state = nnx.split(plain)
+  p0, d0 = params(plain), thresholds(model)
+  grad_fn = jax.value_and_grad(plain_loss, argnums=(2, 3))
+  loss0, (_, gd) = grad_fn(graphdef, state, p0, d0, True)
+  d1 = jax.tree.map(lambda d, g: d - lr_t * g, d0, gd)
+  loss1, (gp, _) = grad_fn(graphdef, state, p0, d1, True)
+  _, (gp_at_d0, _) = grad_fn(graphdef, state, p0, d0, True)
+  # The threshold step matters: the weight gradient at the old thresholds is measurably another.
+  assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gp_at_d0))) > 1e-3
+
+  weight_opt, threshold_opt = tnnx.optimizers(model, optax.sgd(lr_w), optax.sgd(lr_t))
+  step = nnx.jit(tnnx.sequential_step, static_argnums=3)
+  metrics = step(model, weight_opt, threshold_opt, loss_fn, X)
+  assert_close(thresholds(model), d1)
+  assert_close(params(model), jax.tree.map(lambda p, g: p - lr_w * g, p0, gp))
+  np.testing.assert_allclose(metrics["threshold_pass_loss"], loss0, rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], loss1, rtol=1e-5)
+  assert type(vars(model.mix)["kernel"]) is nnx.Param and type(model.mix.delta) is tnnx.Threshold
+
+
+def test_joint_step_uses_one_gradient_and_rejects_overlapping_optimizers():
+  lr = 0.05
+  plain, model = twins()
+  graphdef, state = nnx.split(plain)
+  p0, d0 = params(plain), thresholds(model)
+  gp, gd = jax.grad(plain_loss, argnums=(2, 3))(graphdef, state, p0, d0, False)
+  weight_opt, threshold_opt = tnnx.optimizers(model, optax.sgd(lr), optax.sgd(lr))
+  tnnx.joint_step(model, (weight_opt, threshold_opt), loss_fn, X)
+  assert_close(thresholds(model), jax.tree.map(lambda d, g: d - lr * g, d0, gd))
+  assert_close(params(model), jax.tree.map(lambda p, g: p - lr * g, p0, gp))
+  everything = nnx.Optimizer(model, optax.sgd(lr), wrt=nnx.Any(nnx.Param, tnnx.Threshold))
+  with pytest.raises(ValueError, match="common"):
+    tnnx.sequential_step(model, everything, threshold_opt, loss_fn, X)
+
+
+class DropNet(nnx.Module):
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(6, 16, rngs=rngs)
+    self.bn = nnx.BatchNorm(16, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.fc2 = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x, *, train: bool):
+    y = self.bn(self.fc1(x), use_running_average=not train)
+    return self.fc2(self.drop(jnp.tanh(y), deterministic=not train))
+
+
+def as_numpy(a):
+  return np.asarray(jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a)
+
+
+def test_batchnorm_dropout_model_call_order_and_replayed_rngs():
+  x = jax.random.normal(jax.random.key(3), (8, 6))
+  model = DropNet(nnx.Rngs(0))
+  before = jax.tree.map(as_numpy, nnx.to_pure_dict(nnx.state(model)))
+  tnnx.ternarize_model(model, QuantPolicy(ternary_first=False), x, train=True)  # train: a Python bool
+  assert type(model.fc1) is nnx.Linear and isinstance(model.fc2, tnnx.TernaryLayer)
+  after = nnx.to_pure_dict(nnx.state(model, nnx.Not(tnnx.Threshold)))
+  # The abstract run changed no state (BatchNorm statistics, RNG counts).
+  assert_close(jax.tree.map(as_numpy, after), before, rtol=0, atol=0)
+
+  count = lambda: int(model.drop.rngs.count[...])
+  loss = lambda m, x: jnp.mean(m(x, train=True) ** 2)
+  weight_opt, threshold_opt = tnnx.optimizers(model, optax.sgd(0.1), optax.sgd(0.1))
+  start = count()
+  tnnx.sequential_step(model, weight_opt, threshold_opt, loss, x)  # one dropout draw per pass
+  assert count() == start + 1  # the second pass replayed the first one's stream
+  tnnx.sequential_step(model, weight_opt, threshold_opt, loss, x, same_rngs=False)
+  assert count() == start + 3
+
+
+def test_policy_dtype_and_subclasses():
+  class MyLinear(nnx.Linear):
+    def __call__(self, x):
+      return 2 * super().__call__(x)
+
+  class Tiny(nnx.Module):
+    def __init__(self, rngs):
+      self.a = MyLinear(4, 4, rngs=rngs)
+      self.b = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.b(self.a(x))
+
+  model = tnnx.ternarize_model(Tiny(nnx.Rngs(0)), QuantPolicy(dtype=jnp.bfloat16))
+  assert isinstance(model.a, MyLinear) and isinstance(model.a, tnnx.TernaryLayer)
+  assert model.a.dtype == jnp.bfloat16 and model.a.kernel[...].dtype == jnp.float32
+  x = jnp.ones((2, 4))
+  assert model(x).dtype == jnp.bfloat16
+  w = ternarize(model.a.kernel[...], {"delta": model.a.delta[...]})
+  expected = 2 * (x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16) + model.a.bias[...].astype(jnp.bfloat16))
+  np.testing.assert_allclose(model.a(x).astype(np.float32), expected.astype(np.float32), rtol=1e-2)
