@@ -65,6 +65,7 @@ def run_record(workdir: str, model: ModelArg = None) -> tuple[ModelSpec, tuple[i
     if not isinstance(dataset, str) or len(dataset) > 200:
       raise ValueError(f"dataset_info.name {dataset!r:.60} is not a name")
     spec = spec.bind(model)
+    spec.check()
   except (KeyError, TypeError, ValueError) as e:
     text = str(e).splitlines()[0] if str(e) else repr(e)
     raise ValueError(f"{path} is not a usable run record: {text}") from None

@@ -67,6 +67,10 @@ def spec_of(metadata: Mapping[str, str], model: ModelArg, path) -> tuple[ModelSp
     spec = spec.bind(model)
   except ValueError as e:
     raise PackedFormatError(f"{path}: {_one_line(e)}") from None
+  try:
+    spec.check()
+  except ValueError as e:
+    raise PackedFormatError(f"{path}: cannot build the model the file names: {_one_line(e)}") from None
   return spec, image_shape, extra
 
 

@@ -163,6 +163,25 @@ class ModelSpec:
                        + "; a model of your own is built only from the constructor you pass (model=YourModule).")
     return dataclasses.replace(self, constructor=chosen) if chosen is not None else self
 
+  def check(self) -> tuple[Callable[..., nn.Module], tuple | None]:
+    """Checks, without building anything, that this spec can be built: ``arch`` is registered or a
+    ``constructor`` is given, and ``kwargs`` sets only the constructor's data options
+    (:func:`tgq_jax.models.data_options`). Returns the constructor and the registry entry (None: ``constructor``).
+
+    Raises:
+      ValueError: one line naming the problem.
+    """
+    entry = None if self.constructor is not None else registered(self.arch)
+    if self.constructor is None and entry is None:
+      self.bind(None)  # raises: unknown arch
+    constructor, fixed = (self.constructor, {}) if entry is None else entry
+    options = data_options(constructor, fixed)
+    unknown = sorted(set(self.kwargs) - options)
+    if unknown:
+      raise ValueError(f"arch {self.arch!r:.80} has no option {', '.join(map(repr, unknown))} "
+                       f"(its options: {', '.join(sorted(options)) or 'none'}).")
+    return constructor, entry
+
   def build(self, *, packed: bool = False, **runtime: Any) -> nn.Module:
     """The module (``packed``: its inference form). ``runtime``: options that are not part of
     the model's identity (``bn_axis_name``, ``bn_unbiased_running_var``).
@@ -172,16 +191,8 @@ class ModelSpec:
         an option the constructor does not take (or one the registry fixes).
     """
     dtype = jnp.dtype(self.dtype)
-    entry = None if self.constructor is not None else registered(self.arch)
-    if self.constructor is None and entry is None:
-      self.bind(None)  # raises: unknown arch
-    constructor, fixed = (self.constructor, {}) if entry is None else entry
+    constructor, entry = self.check()
     fields = constructor_arguments(constructor)
-    options = data_options(constructor, fixed)
-    unknown = sorted(set(self.kwargs) - options)
-    if unknown:
-      raise ValueError(f"arch {self.arch!r:.80} has no option {', '.join(map(repr, unknown))} "
-                       f"(its options: {', '.join(sorted(options)) or 'none'}).")
     if entry is not None:
       return create_model(self.arch, self.num_classes, quant=self.policy, dtype=dtype, packed=packed,
                           **runtime, **self.kwargs)
