@@ -129,6 +129,8 @@ def test_constructor_options_are_data_checked_against_the_constructor(blob, scen
   (lambda s: s["policy"].update(per_channel="yes"), "policy.per_channel"),
   (lambda s: s["policy"].update(__class__="x"), "unknown field '__class__'"),
   (lambda s: s["policy"].update(include=["a" * 10_000]), "policy.include"),
+  (lambda s: s["policy"].update(exclude=["(.*)*x"]), "bounded time"),  # catastrophic backtracking: a stalled load
+  (lambda s: s["policy"].update(include=[".*" * 8 + "x"]), "bounded time"),
   (lambda s: s.update(__reduce__="os:system"), "unknown keys '__reduce__'"),
   (lambda s: s.update(kwargs=[["widths", [4]]]), "kwargs must be an object"),
   (lambda s: s.update(arch="x" * 1000), "arch must be a name"),

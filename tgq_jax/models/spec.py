@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ _SPEC_KEYS = frozenset({"arch", "num_classes", "policy", "dtype", "kwargs"})
 _POLICY_TYPES = {"quantizer": (str,), "per_channel": (bool,), "include": (list, tuple), "exclude": (list, tuple),
                  "ternary_first": (bool,), "ternary_last": (bool,), "dtype": (str, type(None))}
 MAX_PATTERNS, MAX_PATTERN = 64, 200  # a policy's include/exclude regular expressions: count, characters each
+MAX_REPEATS = 3  # unbounded repetitions (*, +, {) in one pattern read from a file
 
 ModelArg = Callable[..., nn.Module] | Mapping[str, Callable[..., nn.Module]] | None
 
@@ -63,8 +65,24 @@ def check_plain_json(value: Any, what: str, depth: int = 0) -> None:
                    "object).")
 
 
+def check_file_pattern(pattern: str, what: str) -> None:
+  """ValueError unless a regular expression read from a file matches layer names in bounded time.
+
+  Python's ``re`` backtracks: ``(.*)*x`` or ``.*.*.*.*.*.*x`` takes exponential or
+  high-polynomial time on a name it does not match, so a file could stall the
+  loader. A pattern from a file may repeat nothing that is itself a group
+  (no ``)*``, ``)+``, ``){``) and hold at most :data:`MAX_REPEATS` ``*``, ``+`` or
+  ``{`` (a policy written in code is not limited).
+  """
+  unescaped = re.sub(r"\\.", "", pattern)  # escaped characters are literals
+  if re.search(r"\)[*+{]", unescaped) or sum(unescaped.count(c) for c in "*+{") > MAX_REPEATS:
+    raise ValueError(f"{what}: {pattern!r:.60} repeats a group or repeats more than {MAX_REPEATS} times "
+                     "(a pattern read from a file must match in bounded time).")
+
+
 def policy_from_dict(d: Any) -> QuantPolicy:
-  """The :class:`~tgq_jax.QuantPolicy` of its ``to_dict()`` form, every field's type checked first."""
+  """The :class:`~tgq_jax.QuantPolicy` of its ``to_dict()`` form (read from a file), every field's type
+  checked first, its patterns by :func:`check_file_pattern`."""
   if not isinstance(d, Mapping):
     raise ValueError(f"policy: expected an object, got {type(d).__name__}.")
   for key, value in d.items():
@@ -76,6 +94,8 @@ def policy_from_dict(d: Any) -> QuantPolicy:
     patterns = d.get(key, ())
     if len(patterns) > MAX_PATTERNS or not all(isinstance(p, str) and len(p) <= MAX_PATTERN for p in patterns):
       raise ValueError(f"policy.{key}: at most {MAX_PATTERNS} strings of at most {MAX_PATTERN} characters.")
+    for pattern in patterns:
+      check_file_pattern(pattern, f"policy.{key}")
   if d.get("dtype") is not None and d["dtype"] not in DTYPES:
     raise ValueError(f"policy.dtype: {d['dtype']!r:.60} is not one of {', '.join(DTYPES)}.")
   return QuantPolicy.from_dict(dict(d))
