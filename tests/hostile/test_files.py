@@ -159,7 +159,8 @@ def test_hostile_json(blob, scene, tmp_path):
   model = json.loads(header["__metadata__"]["model"])
   model["spec"]["kwargs"] = {"widths": "NAN_HERE"}
   nan_model = json.dumps(model).replace('"NAN_HERE"', "NaN")
-  _refused(_write(tmp_path, rewrite(blob, lambda h: h["__metadata__"].update(model=nan_model))), scene, "not valid JSON")
+  _refused(_write(tmp_path, rewrite(blob, lambda h: h["__metadata__"].update(model=nan_model))), scene,
+           "not valid JSON")
   # Duplicate keys (a reader that takes the first and one that takes the last would build different models).
   dup = json.dumps(model).replace('"spec":', '"spec": {}, "spec":', 1)
   _refused(_write(tmp_path, rewrite(blob, lambda h: h["__metadata__"].update(model=dup))), scene, "duplicate key")

@@ -161,6 +161,7 @@ def load_packed(path: str | os.PathLike, *, model: ModelArg = None, packed: bool
     PackedFormatError: one line: the file is truncated or corrupt (any changed byte),
       of another format version, names a model this call may not build, or holds
       other tensors (names, dtypes, shapes) than its model has.
+    OSError: the file cannot be read (it does not exist, permissions).
   """
   blob = _read_bytes(path)
   metadata, entries = container.read_header(blob, path)
