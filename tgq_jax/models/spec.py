@@ -177,7 +177,7 @@ class ModelSpec:
     else:
       raise TypeError(f"model= must be a Linen module constructor or a mapping of them, got {type(model).__name__}.")
     if chosen is None and registered(self.arch) is None:
-      given = sorted(model) if isinstance(model, Mapping) else []
+      given = sorted(map(str, model)) if isinstance(model, Mapping) else []
       raise ValueError(f"unknown arch {self.arch!r:.80}: not a registered architecture ({', '.join(sorted(archs()))})"
                        + (f" nor one of model= ({', '.join(map(repr, given))})" if given else "")
                        + "; a model of your own is built only from the constructor you pass (model=YourModule).")
