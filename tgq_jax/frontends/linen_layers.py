@@ -209,10 +209,11 @@ class KernelHook:
 
 
 def pallas_applies(module: nn.Module) -> bool:
-  """Whether a packed ``nn.Dense`` runs on the Pallas ternary kernel (GPU/TPU, small batches; see
-  :mod:`tgq_jax.kernels.ternary_matmul`) rather than on its dequantized kernel."""
+  """Whether a packed ``nn.Dense`` goes through :func:`tgq_jax.kernels.ternary_matmul.ternary_dense`
+  (which picks the Pallas kernel for the platform it is lowered for: TPU/GPU, small batches) rather
+  than through its dequantized kernel: unless the Pallas mode is "off" or the layer has its own dot."""
   custom_dot = module.dot_general is not None or module.dot_general_cls is not None
-  return not custom_dot and _tm._pallas_choice() is not None
+  return not custom_dot and _tm.pallas_mode() != "off"
 
 
 def packed_dense_pallas(module: nn.Dense, param_fn: Callable, quantizer: Quantizer, inputs) -> jax.Array:
