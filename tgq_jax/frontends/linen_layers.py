@@ -216,12 +216,16 @@ def pallas_applies(module: nn.Module) -> bool:
   return not custom_dot and _tm.pallas_mode() != "off"
 
 
-def packed_dense_pallas(module: nn.Dense, param_fn: Callable, quantizer: Quantizer, inputs) -> jax.Array:
-  """A packed ``nn.Dense``'s output computed by the Pallas kernel on its 2-bit codes directly."""
+def packed_dense_pallas(module: nn.Dense, param_fn: Callable, quantizer: Quantizer, inputs,
+                        dtype: Any = None) -> jax.Array:
+  """A packed ``nn.Dense``'s output computed by the Pallas kernel on its 2-bit codes directly.
+
+  ``dtype``: the compute dtype (a policy's, which overrides the module's); None: the module's own.
+  """
   with _layer_input(inputs):
     codes, scale, neg = packed_params(param_fn, quantizer, (jnp.shape(inputs)[-1], module.features))
   bias = param_fn("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
-  dtype = module.dtype or jnp.result_type(inputs, module.param_dtype)
+  dtype = dtype or module.dtype or jnp.result_type(inputs, module.param_dtype)
   y = _tm.ternary_dense(jnp.asarray(inputs, dtype), codes, scale, neg)
   if bias is not None:
     y += jnp.reshape(jnp.asarray(bias, dtype), (1,) * (y.ndim - 1) + (-1,))
