@@ -133,3 +133,23 @@ def test_the_mode_is_part_of_the_jit_cache_key():
   assert traced == ["auto", "off", "interpret"]
   np.testing.assert_array_equal(np.asarray(auto), np.asarray(off))  # on CPU "auto" takes the plain-JAX path
   np.testing.assert_allclose(np.asarray(interpreted), np.asarray(off), atol=1e-5 * float(jnp.max(jnp.abs(off))))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_kernel_path_differentiates_as_the_plain_jax_product(symmetric):
+  """Gradients through ternary_dense's kernel path (here its CPU branch, under "auto") for x and the scales."""
+  x, packed, scale, neg = _case(3, 40, 7, True, symmetric, seed=2)
+  neg = None if symmetric else jnp.full((7,), 0.37, jnp.float32)
+  cotangent = jnp.asarray(np.random.default_rng(3).normal(size=(3, 7)), jnp.float32)
+
+  def loss(fn):
+    return lambda x, s, n: jnp.sum(cotangent * fn(x, packed, s, n))
+
+  argnums = (0, 1) if symmetric else (0, 1, 2)
+  got = jax.jit(jax.grad(loss(tm.ternary_dense), argnums))(x, scale, neg)
+  want = jax.grad(loss(tm.ternary_matmul_reference), argnums)(x, scale, neg)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+  # and the closed form for x: cotangent @ W^T
+  w_dense = tm.dequantize_planar(packed, scale, neg, (40, 7))
+  np.testing.assert_allclose(np.asarray(got[0]), np.asarray(cotangent @ w_dense.T), rtol=1e-5, atol=1e-5)

@@ -98,8 +98,25 @@ def ternary_matmul_per_platform(x: jax.Array, packed: jax.Array, scale: jax.Arra
   Inputs are validated by :func:`tgq_jax.kernels.ternary_matmul.ternary_matmul`.
   """
   n = packed.shape[1]
+  symmetric = neg_scale is None
+  params = dict(symmetric=symmetric, block_m=block_m, block_n=block_n, block_k=block_k, precision=precision,
+                num_warps=num_warps, num_stages=num_stages, fallback=fallback)
+
+  @jax.custom_vjp
+  def product(x, packed, pos, neg):
+    return ternary_matmul_p.bind(x, packed, pos, neg, **params)
+
+  def forward(x, packed, pos, neg):
+    return product(x, packed, pos, neg), (x, packed, pos, neg)
+
+  def backward(operands, cotangent):
+    # The kernel's maths is the plain-JAX product's: differentiate that (no kernel for the transposed product).
+    from tgq_jax.kernels.ternary_matmul import ternary_matmul_reference
+
+    _, vjp = jax.vjp(lambda x, p, s, t: ternary_matmul_reference(x, p, s, None if symmetric else t), *operands)
+    return vjp(cotangent)
+
+  product.defvjp(forward, backward)
   pos = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (n,))
-  neg = pos if neg_scale is None else jnp.broadcast_to(jnp.asarray(neg_scale, jnp.float32), (n,))
-  return ternary_matmul_p.bind(x, packed, pos, neg, symmetric=neg_scale is None, block_m=block_m, block_n=block_n,
-                               block_k=block_k, precision=precision, num_warps=num_warps, num_stages=num_stages,
-                               fallback=fallback)
+  neg = pos if symmetric else jnp.broadcast_to(jnp.asarray(neg_scale, jnp.float32), (n,))
+  return product(x, packed, pos, neg)
