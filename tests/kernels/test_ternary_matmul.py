@@ -153,3 +153,15 @@ def test_the_kernel_path_differentiates_as_the_plain_jax_product(symmetric):
   # and the closed form for x: cotangent @ W^T
   w_dense = tm.dequantize_planar(packed, scale, neg, (40, 7))
   np.testing.assert_allclose(np.asarray(got[0]), np.asarray(cotangent @ w_dense.T), rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_path_runs_eagerly_and_under_vmap():
+  """Outside jit and under vmap (the activations batched) the kernel path gives the plain-JAX values."""
+  x, packed, scale, neg = _case(6, 40, 7, True, False, seed=4)
+  with tm.use_pallas("off"):
+    want = np.asarray(tm.ternary_dense(x, packed, scale, neg))
+  np.testing.assert_allclose(np.asarray(tm.ternary_dense(x, packed, scale, neg)), want, rtol=1e-6, atol=1e-6)
+  batched = jax.vmap(lambda row: tm.ternary_dense(row[None], packed, scale, neg)[0])(x)
+  np.testing.assert_allclose(np.asarray(batched), want, rtol=1e-6, atol=1e-6)
+  with pytest.raises(NotImplementedError, match="only the activations may be batched"):
+    jax.vmap(lambda s: tm.ternary_dense(x[:1], packed, s, neg))(jnp.stack([scale, scale]))

@@ -71,7 +71,7 @@ def _batch_rule(args, dims, **params):
   """vmap over ``x`` only: the batch axis folded into the rows."""
   x, packed, pos, neg = args
   xd, *rest = dims
-  if any(d is not batching.not_mapped for d in rest):
+  if any(d is not None for d in rest):  # None: not batched
     raise NotImplementedError("ternary_matmul under vmap: only the activations may be batched, not codes or scales.")
   x = jnp.moveaxis(x, xd, 0)
   b, m, k = x.shape
