@@ -6,7 +6,8 @@
 Method: timing one call from Python measures its dispatch (~100 µs), not the
 kernel (8 MiB of codes read in ~2 µs at an H200's 4.8 TB/s). So each product
 is timed as a chain of R calls compiled into ONE program (``lax.fori_loop``,
-unrolled: straight-line code, no per-iteration loop control on the host), each
+unrolled: straight-line code, no per-iteration loop control; ``--unroll U``
+keeps a loop of U-call bodies instead, should compiling long chains be slow), each
 call's output the next call's input (``x_{i+1} = y_i``, so K = N; the ternary
 weights are scaled by ``1/sqrt(nonzeros per column)`` so the chain neither
 vanishes nor overflows). The data dependence keeps XLA from overlapping,
@@ -50,12 +51,12 @@ CONFIGS = {
 }
 
 
-def chain(product, reps: int, unroll: bool):
-  """``x -> product(product(...product(x)))`` (``reps`` calls) as one jitted program."""
+def chain(product, reps: int, unroll: bool | int):
+  """``x -> product(product(...product(x)))`` (``reps`` calls) as one jitted program (``unroll``: fori_loop's)."""
   return jax.jit(lambda x, *w: lax.fori_loop(0, reps, lambda i, x: product(x, *w), x, unroll=unroll))
 
 
-def per_call_seconds(product, x, weights, *, short: int, long: int, iters: int, unroll: bool = True) -> float:
+def per_call_seconds(product, x, weights, *, short: int, long: int, iters: int, unroll: bool | int = True) -> float:
   """Seconds per call of ``product(x, *weights)`` inside one compiled chain (see the module docstring)."""
   medians = []
   for reps in (short, long):
@@ -85,6 +86,8 @@ def parse_args(argv):
   parser.add_argument("--reps", type=int, nargs=2, default=[20, 120], metavar=("R1", "R2"),
                       help="the two chain lengths")
   parser.add_argument("--iters", type=int, default=10, help="timed runs of each chain (median)")
+  parser.add_argument("--unroll", type=int, default=None,
+                      help="calls per loop iteration (default: the whole chain, straight-line code)")
   parser.add_argument("--json", default=None, help="also write the results here")
   return parser.parse_args(argv)
 
@@ -104,6 +107,8 @@ def main(argv=None) -> int:
     k, sizes, (short, long), iters, configs = args.k, args.m, args.reps, args.iters, CONFIGS[kernel]
   if not 0 < short < long:
     raise SystemExit(f"--reps: need 0 < R1 < R2, got {short}, {long}.")
+  unroll = True if args.unroll is None else args.unroll
+  timing = dict(short=short, long=long, iters=iters, unroll=unroll)
 
   rng = np.random.default_rng(0)
   codes = rng.choice(np.array([-1, 0, 1], np.int8), size=(k, k), p=[0.3, 0.4, 0.3])
@@ -139,15 +144,14 @@ def main(argv=None) -> int:
       good = err < 1e-2  # bf16 output rounding (2^-8) on the largest entries
       ok &= good
       if good:
-        entry["pallas_us"] = 1e6 * per_call_seconds(pallas(cfg), x, (packed, scale_dev), short=short, long=long,
-                                                    iters=iters)
+        entry["pallas_us"] = 1e6 * per_call_seconds(pallas(cfg), x, (packed, scale_dev), **timing)
       print(f"  M={m} {cfg}: max |err| / max |ref| = {err:.1e} {'ok' if good else 'FAIL'}"
             + (f", {entry['pallas_us']:.2f} µs per call" if good else ""))
       row["configs"].append(entry)
     timed = [c for c in row["configs"] if "pallas_us" in c]
     if timed:
       best = min(timed, key=lambda c: c["pallas_us"])
-      row["dense_us"] = 1e6 * per_call_seconds(dense, x, (w_bf16,), short=short, long=long, iters=iters)
+      row["dense_us"] = 1e6 * per_call_seconds(dense, x, (w_bf16,), **timing)
       resolved = row["dense_us"] > 0 and best["pallas_us"] > 0  # else below the timing noise (a smoke run)
       row.update(pallas_us=best["pallas_us"], best_config=best["config"],
                  dense_over_pallas=row["dense_us"] / best["pallas_us"] if resolved else None,
@@ -176,7 +180,7 @@ def main(argv=None) -> int:
       print(f"{row['m']:>5}  no configuration ran correctly")
   if args.json:
     report = dict(jax=jax.__version__, backend=backend, device=jax.devices()[0].device_kind, kernel=kernel,
-                  interpret=args.interpret, k=k, n=k, dtype="bfloat16", chain_lengths=[short, long], iters=iters,
+                  interpret=args.interpret, k=k, n=k, dtype="bfloat16", chain_lengths=[short, long], iters=iters, unroll=unroll,
                   float32_relative_error=err32,
                   weight_bytes={"bf16": bytes_bf16, "packed": bytes_packed}, checks_passed=ok, rows=results)
     with open(args.json, "w") as f:
