@@ -587,7 +587,7 @@ def _check_against_model(model, tree: Mapping, image_shape, path) -> None:
   from flax import traverse_util
 
   import flax.linen as nn
-  from tgq_jax.frontends.linen_layers import _mismatch_problems
+  from tgq_jax.core.trees import mismatch_problems as _mismatch_problems
 
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
