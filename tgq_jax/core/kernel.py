@@ -133,7 +133,7 @@ def _output_scale_shape(layout: KernelLayout, quantizer: Quantizer, shape: tuple
 
 
 def layer_kernel(quantizer: Quantizer, mode: str, kernel: jax.Array, qparams: Mapping[str, jax.Array],
-                 layout: KernelLayout) -> LayerKernel:
+                 layout: KernelLayout | None) -> LayerKernel:
   """The kernel (and output scale) a quantized layer in ``mode`` computes with.
 
   Args:
@@ -141,7 +141,8 @@ def layer_kernel(quantizer: Quantizer, mode: str, kernel: jax.Array, qparams: Ma
     mode: :data:`TRAIN` or :data:`THRESHOLD_PASS` (see the module docstring).
     kernel: the layer's full-precision kernel.
     qparams: the quantizer's parameters (``{"delta": ...}`` for TGA).
-    layout: the layer's :class:`KernelLayout`.
+    layout: the layer's :class:`KernelLayout` (only the threshold pass reads it); None: the
+      layer's output takes no scale (the threshold pass then computes as TRAIN does).
 
   Returns:
     ``LayerKernel(quantizer(kernel, qparams), None)`` in :data:`TRAIN` (and where the
@@ -149,7 +150,7 @@ def layer_kernel(quantizer: Quantizer, mode: str, kernel: jax.Array, qparams: Ma
     kernel's dtype, no gradient) and ``alpha`` shaped for the output.
   """
   if check_mode(mode) == THRESHOLD_PASS:
-    scale_shape = _output_scale_shape(layout, quantizer, tuple(kernel.shape))
+    scale_shape = None if layout is None else _output_scale_shape(layout, quantizer, tuple(kernel.shape))
     split = None if scale_shape is None else quantizer.threshold_split(kernel, qparams)
     if split is not None:
       codes, scale = split
