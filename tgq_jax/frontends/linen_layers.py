@@ -162,7 +162,14 @@ def packed_dense_pallas(module: nn.Dense, param_fn: Callable, quantizer: Quantiz
 
 class QuantizedLayer:
   """Mixin of ``TernaryDense``/``TernaryConv``: the ``kernel`` param is returned quantized for the
-  layer's ``mode``; quantizer params live beside it."""
+  layer's ``mode``; quantizer params live beside it.
+
+  Attributes (fields of the layers):
+    quantizer: "tga" (default), "twn", "ttq" or "fp" (full precision); "packed:..." for inference.
+    per_channel: per-output-feature quantizer statistics (TGA, TWN): one per index of the last axis.
+    mode: :data:`~tgq_jax.core.kernel.TRAIN` (default) or :data:`~tgq_jax.core.kernel.THRESHOLD_PASS`
+      (:func:`tgq_jax.frontends.linen.with_mode` sets it for a whole model).
+  """
 
   quantizer: str
   per_channel: bool
@@ -193,13 +200,7 @@ class QuantizedLayer:
 
 
 class TernaryDense(QuantizedLayer, nn.Dense):
-  """``nn.Dense`` with a ternarized kernel.
-
-  Attributes (beyond ``nn.Dense``'s):
-    quantizer: "tga" (default), "twn", "ttq" or "fp" (full precision); "packed:..." for inference.
-    per_channel: per-output-feature quantizer statistics (TGA, TWN).
-    mode: :data:`~tgq_jax.core.kernel.TRAIN` (default) or :data:`~tgq_jax.core.kernel.THRESHOLD_PASS`.
-  """
+  """``nn.Dense`` with a ternarized kernel; attributes beyond ``nn.Dense``'s: :class:`QuantizedLayer`'s."""
 
   quantizer: str = "tga"
   per_channel: bool = False
@@ -213,13 +214,7 @@ class TernaryDense(QuantizedLayer, nn.Dense):
 
 
 class TernaryConv(QuantizedLayer, nn.Conv):
-  """``nn.Conv`` with a ternarized kernel (HWIO; statistics per tensor or per output channel).
-
-  Attributes (beyond ``nn.Conv``'s):
-    quantizer: "tga" (default), "twn", "ttq" or "fp" (full precision); "packed:..." for inference.
-    per_channel: per-output-channel quantizer statistics (TGA, TWN).
-    mode: :data:`~tgq_jax.core.kernel.TRAIN` (default) or :data:`~tgq_jax.core.kernel.THRESHOLD_PASS`.
-  """
+  """``nn.Conv`` with a ternarized kernel (HWIO); attributes beyond ``nn.Conv``'s: :class:`QuantizedLayer`'s."""
 
   quantizer: str = "tga"
   per_channel: bool = False
