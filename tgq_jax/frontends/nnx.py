@@ -327,7 +327,8 @@ def set_mode(model: nnx.Module, mode: str) -> nnx.Module:
   The mode is a static attribute of each layer (part of ``nnx.split``'s graph
   definition), so a function compiled by ``nnx.jit`` (or ``jax.jit`` over
   ``nnx.split``'s parts) traces each mode separately: it cannot reuse one mode's
-  trace for the other.
+  trace for the other. It may be called inside ``nnx.jit`` (or a ``jax`` transform
+  closing over the model), e.g. around the threshold pass of a training step.
 
   Args:
     model: an NNX model with ternary layers (:func:`ternarize_model`).
@@ -336,7 +337,9 @@ def set_mode(model: nnx.Module, mode: str) -> nnx.Module:
   check_mode(mode)
   for _, node in nnx.iter_graph(model, graph=True):
     if isinstance(node, TernaryLayer):
-      node.mode = mode
+      # object.__setattr__: a static string (never a tracer), so it may also be set from inside a
+      # jax.jit / jax.grad closing over the model, where Module.__setattr__ refuses any write.
+      object.__setattr__(node, "mode", mode)
   return model
 
 
