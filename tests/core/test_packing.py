@@ -18,7 +18,8 @@ def test_planar_round_trip_and_kernel_rebuild(shape):
   np.testing.assert_array_equal(packing.unpack_planar(packed, shape), codes)
   scale = rng.uniform(0.1, 1, size=(shape[-1],)).astype(np.float32)
   kernel = packing.dequantize_planar(jnp.asarray(packed), scale, jnp.float32(0.3), shape)
-  np.testing.assert_array_equal(np.asarray(kernel), np.where(codes > 0, scale, np.where(codes < 0, -np.float32(0.3), 0)).astype(np.float32))
+  want = np.where(codes > 0, scale, np.where(codes < 0, -np.float32(0.3), 0)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(kernel), want)
 
 
 def test_planar_bit_layout_is_the_documented_one():

@@ -1,4 +1,7 @@
-"""tgq_jax.kernels.ternary_matmul: the Pallas kernel (interpreter) vs the dense path (the planar layout: tests/core/test_packing.py)."""
+"""tgq_jax.kernels.ternary_matmul: the Pallas kernel (interpreter) vs the dense path.
+
+The planar layout itself: tests/core/test_packing.py.
+"""
 import itertools
 
 import jax

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from tgq_jax.core.packing import dequantize_planar
-from tgq_jax.core.packing import pack_planar, planar_shape, unpack_planar  # noqa: F401  (the exporter imports them here)
+# The exporter imports these three from here.
+from tgq_jax.core.packing import pack_planar, planar_shape, unpack_planar  # noqa: F401
 
 __all__ = ["ternary_matmul", "ternary_matmul_reference", "ternary_dense", "pallas_mode", "set_pallas_mode",
            "use_pallas", "pallas_choice"]
