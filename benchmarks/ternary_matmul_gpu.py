@@ -38,6 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
+from tgq_jax.core import packing  # noqa: E402
 from tgq_jax.kernels import ternary_matmul as tm  # noqa: E402
 
 # Block configurations tried per kernel: Triton (block_m, block_n, block_k, num_warps, num_stages),
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
   codes = rng.choice(np.array([-1, 0, 1], np.int8), size=(k, k), p=[0.3, 0.4, 0.3])
   # Per output column, 1/sqrt(its nonzeros) (times a spread): the chain keeps x's magnitude.
   scale = (rng.uniform(0.8, 1.2, size=k) / np.sqrt(np.maximum(np.count_nonzero(codes, axis=0), 1))).astype(np.float32)
-  packed, scale_dev = jnp.asarray(tm.pack_planar(codes)), jnp.asarray(scale)
+  packed, scale_dev = jnp.asarray(packing.pack_planar(codes)), jnp.asarray(scale)
   w_bf16 = jnp.asarray(codes * scale[None, :], jnp.bfloat16)
   bytes_bf16, bytes_packed = 2 * k * k, int(packed.nbytes)
   print(f"K = N = {k}; weights: bf16 {bytes_bf16 / 2**20:.1f} MiB, packed {bytes_packed / 2**20:.1f} MiB; "

@@ -21,6 +21,7 @@ import pytest
 
 from tgq_jax.core.policy import QuantPolicy
 from tgq_jax.frontends.linen import ternarize_model
+from tgq_jax.core import packing
 from tgq_jax.kernels import ternary_matmul as tm
 from tgq_jax.models import create_model
 from tgq_jax.training import parallel
@@ -40,7 +41,7 @@ def _pallas_calls(text: str) -> dict:
 
 def _codes(k, n, seed=0):
   codes = np.random.default_rng(seed).integers(-1, 2, size=(k, n)).astype(np.int8)
-  return jnp.asarray(tm.pack_planar(codes))
+  return jnp.asarray(packing.pack_planar(codes))
 
 
 @pytest.mark.parametrize("platform", ACCELERATORS)

@@ -1,4 +1,7 @@
-"""tgq_jax.kernels.ternary_matmul: the planar 2-bit layout, and the Pallas kernel (interpreter) vs the dense path."""
+"""tgq_jax.kernels.ternary_matmul: the Pallas kernel (interpreter) vs the dense path.
+
+The planar layout itself: tests/core/test_packing.py.
+"""
 import itertools
 
 import jax
@@ -6,27 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tgq_jax.core.packing import pack_planar
+from tgq_jax.core import packing
 from tgq_jax.kernels import ternary_matmul as tm
-
-
-@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (4, 2), (7, 3), (3, 3, 5, 6), (130, 17)])
-def test_planar_round_trip_and_kernel_rebuild(shape):
-  rng = np.random.default_rng(sum(shape))
-  codes = rng.integers(-1, 2, size=shape).astype(np.int8)
-  packed = tm.pack_planar(codes)
-  assert packed.dtype == np.uint8 and packed.shape == tm.planar_shape(shape)
-  np.testing.assert_array_equal(tm.unpack_planar(packed, shape), codes)
-  scale = rng.uniform(0.1, 1, size=(shape[-1],)).astype(np.float32)
-  kernel = tm.dequantize_planar(jnp.asarray(packed), scale, jnp.float32(0.3), shape)
-  np.testing.assert_array_equal(np.asarray(kernel), np.where(codes > 0, scale, np.where(codes < 0, -np.float32(0.3), 0)).astype(np.float32))
-
-
-def test_planar_bit_layout_is_the_documented_one():
-  # K = 5 rows -> K4 = 2; row k in plane k // 2 at packed row k % 2; 01 = +1, 10 = -1.
-  codes = np.array([[1], [-1], [0], [1], [-1]], np.int8)
-  assert tm.pack_planar(codes)[:, 0].tolist() == [0b00_10_00_01, 0b00_00_01_10]
-  with pytest.raises(ValueError, match="codes must be in"):
-    tm.pack_planar(np.array([[2]]))
 
 
 def _case(m, k, n, per_channel, symmetric, dtype=jnp.float32, seed=0):
@@ -35,7 +20,7 @@ def _case(m, k, n, per_channel, symmetric, dtype=jnp.float32, seed=0):
   scale = jnp.asarray(rng.uniform(0.1, 1, size=(n,) if per_channel else ()), jnp.float32)
   neg = None if symmetric else jnp.float32(0.37)
   x = jnp.asarray(rng.normal(size=(m, k)), dtype)
-  return x, jnp.asarray(tm.pack_planar(codes)), scale, neg
+  return x, jnp.asarray(pack_planar(codes)), scale, neg
 
 
 @pytest.mark.parametrize("m,k,n,per_channel,symmetric", [
@@ -151,7 +136,7 @@ def test_the_kernel_path_differentiates_as_the_plain_jax_product(symmetric):
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
   # and the closed form for x: cotangent @ W^T
-  w_dense = tm.dequantize_planar(packed, scale, neg, (40, 7))
+  w_dense = packing.dequantize_planar(packed, scale, neg, (40, 7))
   np.testing.assert_allclose(np.asarray(got[0]), np.asarray(cotangent @ w_dense.T), rtol=1e-5, atol=1e-5)
 
 

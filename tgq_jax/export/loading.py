@@ -25,7 +25,7 @@ from tgq_jax.export.container import PackedFormatError
 from tgq_jax.export.packing import check_image_shape, set_path
 from tgq_jax.export.sizes import leaves
 from tgq_jax.frontends.linen_layers import quantized_layers
-from tgq_jax.kernels.ternary_matmul import unpack_planar
+from tgq_jax.core.packing import unpack_planar
 from tgq_jax.models import ModelSpec
 from tgq_jax.models.spec import ModelArg
 

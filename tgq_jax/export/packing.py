@@ -16,7 +16,7 @@ from tgq_jax.core.ternarize import stat_shape
 from tgq_jax.export import container, files
 from tgq_jax.export.sizes import SizeReport, leaves, size_report
 from tgq_jax.frontends.linen_layers import quantized_layers
-from tgq_jax.kernels.ternary_matmul import pack_planar
+from tgq_jax.core.packing import pack_planar
 from tgq_jax.models import ModelSpec
 
 # Metadata keys of the format itself: export's ``extra`` facts may not use them.

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from tgq_jax.kernels.ternary_matmul import planar_shape
+from tgq_jax.core.packing import planar_shape
 from tgq_jax.core.ternarize import stat_shape
 
 SCALE_BYTES = 4  # scales are stored as float32

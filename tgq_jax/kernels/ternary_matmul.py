@@ -5,19 +5,11 @@ block of them at a time on chip, accumulates ``x @ T`` in float32 and applies
 the scale once, after accumulation (``scale * (x @ T)``; for TTQ's asymmetric
 scales ``pos * (x @ [T = 1]) - neg * (x @ [T = -1])``).
 
-Planar layout (the one :class:`tgq_jax.frontends.linen_layers.TernaryDense` /
-``TernaryConv`` hold in packed mode and the ``.safetensors`` export stores).
-A kernel of shape ``(..., N)`` is seen as the matrix ``(K, N)``, ``K`` the
-product of the leading axes (C order: a conv's HWIO kernel is the ``(H*W*I, O)``
-matrix of its im2col product). With ``K4 = ceil(K / 4)``, ``packed`` is
-``uint8 (K4, N)`` and the code of row ``k`` sits in the plane ``s = k // K4``::
-
-    packed[r, n] bits 2s, 2s+1  =  code of W[s * K4 + r, n]      (s = 0, 1, 2, 3)
-
-encoded ``00 = 0``, ``01 = +1``, ``10 = -1`` (``11`` is invalid); rows
-``k >= K`` of the last plane are ``00``. Each plane is a contiguous quarter of
-the rows, so the kernel multiplies plane ``s`` by the contiguous column range
-``x[:, s*K4 : (s+1)*K4]`` with no shuffling of bits across lanes.
+The codes are in the planar layout of :mod:`tgq_jax.core.packing` (where
+the pure-jnp packing, unpacking and rebuilt kernel live): a kernel ``(K, N)``
+is ``uint8 (ceil(K / 4), N)``, the code of row ``k`` in the 2-bit plane
+``k // ceil(K / 4)``, so the kernel multiplies plane ``s`` by the contiguous
+column range ``x[:, s*K4 : (s+1)*K4]`` with no shuffling of bits across lanes.
 
 Dispatch (:func:`ternary_dense`): the kernel is chosen for the platform the
 computation is LOWERED for, not the host's backend (:mod:`tgq_jax.kernels.per_platform`):
@@ -29,7 +21,7 @@ carries the kernel. The mode (:func:`set_pallas_mode`, :func:`use_pallas`,
 kernels at any size ("on") or the Pallas interpreter ("interpret", any backend:
 how the tests check the kernels on CPU).
 
-This module depends on jax and numpy only.
+This module depends on jax and :mod:`tgq_jax.core.packing` only.
 """
 from __future__ import annotations
 
@@ -38,12 +30,12 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-__all__ = ["pack_planar", "unpack_planar", "planar_shape", "dequantize_planar", "ternary_matmul",
-           "ternary_matmul_reference", "ternary_dense", "pallas_mode", "set_pallas_mode", "use_pallas",
-           "export_disabled_checks", "KERNELS", "CUSTOM_CALL_TARGETS"]
+from tgq_jax.core.packing import dequantize_planar, planar_shape, unpack_planar
+
+__all__ = ["ternary_matmul", "ternary_matmul_reference", "ternary_dense", "pallas_mode", "set_pallas_mode",
+           "use_pallas", "export_disabled_checks", "KERNELS", "CUSTOM_CALL_TARGETS"]
 
 _MODES = ("auto", "on", "off", "interpret")
 #: "auto" uses a kernel up to this many activation rows: there the product is bound by reading
@@ -53,61 +45,7 @@ _MODES = ("auto", "on", "off", "interpret")
 AUTO_MAX_ROWS = 16
 
 
-# --- layout (host side, numpy) ---------------------------------------------
-
-
-def planar_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-  """``(K4, N)``: the packed shape of a kernel of ``shape`` (``N = shape[-1]``, ``K4 = ceil(K / 4)``)."""
-  if len(shape) < 1:
-    raise ValueError("a kernel has at least one axis.")
-  n = int(shape[-1])
-  k = int(np.prod(shape[:-1], dtype=np.int64))
-  return -(-k // 4), n
-
-
-def pack_planar(codes: np.ndarray) -> np.ndarray:
-  """Packs ternary codes (-1, 0, 1) of a kernel ``(..., N)`` into ``uint8 (K4, N)``; see the module docstring."""
-  codes = np.asarray(codes)
-  if codes.size and not np.isin(codes, (-1, 0, 1)).all():
-    raise ValueError("pack_planar: codes must be in {-1, 0, 1}.")
-  k4, n = planar_shape(codes.shape)
-  mat = codes.reshape(-1, n)
-  two_bits = np.where(mat > 0, 1, np.where(mat < 0, 2, 0)).astype(np.uint8)
-  two_bits = np.pad(two_bits, ((0, 4 * k4 - mat.shape[0]), (0, 0))).reshape(4, k4, n)
-  return (two_bits[0] | two_bits[1] << 2 | two_bits[2] << 4 | two_bits[3] << 6).astype(np.uint8)
-
-
-def unpack_planar(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-  """Inverse of :func:`pack_planar`: int8 codes of ``shape`` (the pattern ``11`` reads as 0)."""
-  packed = np.asarray(packed, np.uint8)
-  k4, n = planar_shape(shape)
-  if packed.shape != (k4, n):
-    raise ValueError(f"packed codes of shape {packed.shape}, expected {(k4, n)} for a kernel {tuple(shape)}.")
-  two_bits = np.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)]).reshape(4 * k4, n)
-  k = int(np.prod(shape[:-1], dtype=np.int64))
-  codes = np.where(two_bits == 1, 1, np.where(two_bits == 2, -1, 0)).astype(np.int8)
-  return codes[:k].reshape(shape)
-
-
 # --- the plain-JAX path ------------------------------------------------------
-
-
-def dequantize_planar(packed: jax.Array, scale: jax.Array, neg_scale: jax.Array | None,
-                      shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-  """The kernel ``scale * T`` of ``shape`` rebuilt from its packed codes, inside the traced graph.
-
-  The same values as :func:`tgq_jax.core.ternarize.dequantize`: ``scale`` where the
-  code is +1, ``-neg_scale`` where it is -1, 0 elsewhere (``scale`` a scalar or
-  one per output channel, the last axis); ``neg_scale=None`` is ``scale``.
-  """
-  k4, n = planar_shape(shape)
-  k = int(np.prod(shape[:-1], dtype=np.int64))
-  shifts = jnp.array([0, 2, 4, 6], jnp.uint8).reshape(4, 1, 1)
-  two_bits = ((packed[None] >> shifts) & 3).reshape(4 * k4, n)[:k]
-  pos = jnp.asarray(scale, dtype)
-  neg = pos if neg_scale is None else jnp.asarray(neg_scale, dtype)
-  kernel = jnp.where(two_bits == 1, pos, jnp.where(two_bits == 2, -neg, jnp.zeros((), dtype)))
-  return kernel.reshape(shape)
 
 
 def ternary_matmul_reference(x: jax.Array, packed: jax.Array, scale: jax.Array,

@@ -42,7 +42,8 @@ from tgq_jax.training.algorithm import (THRESHOLD, WEIGHT, TrainState, eval_step
                                step_rngs, threshold_names, train_step)
 from tgq_jax import data as data_lib
 from tgq_jax.training.configs import Config
-from tgq_jax.frontends.linen_layers import init_ternary_from_fp, layer_stats, quantized_layers, threshold_pass
+from tgq_jax.core.trees import layer_stats
+from tgq_jax.frontends.linen_layers import init_ternary_from_fp, quantized_layers
 from tgq_jax.models import create_model, load_torchvision_weights
 from tgq_jax.training.parallel import AXIS
 from tgq_jax.training.workdir import check_run_config, prepare_workdir, write_run_config
