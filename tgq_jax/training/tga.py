@@ -121,6 +121,21 @@ def step_rngs(rng: jax.Array, streams: Sequence[str] = ("dropout",)) -> tuple[ja
   return keys[0], dict(zip(streams, keys[1:]))
 
 
+def check_labels(labels: Any, params: Any) -> None:
+  """Raises a one-line ValueError unless ``labels`` gives every leaf of ``params``, and nothing else,
+  :data:`THRESHOLD` or :data:`WEIGHT` (each leaf then belongs to exactly one optimizer)."""
+  got = {jax.tree_util.keystr(path): label for path, label in jax.tree_util.tree_flatten_with_path(labels)[0]}
+  want = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  for path, label in got.items():
+    if label not in (THRESHOLD, WEIGHT):
+      raise ValueError(f"TGA labels: {path} is labelled {label!r}; valid: {THRESHOLD!r}, {WEIGHT!r}.")
+  missing, extra = [p for p in want if p not in got], sorted(set(got) - set(want))
+  if missing or extra:
+    what = f"parameter {missing[0]} has no label" if missing else f"label {extra[0]} names no parameter"
+    raise ValueError(f"TGA labels do not match the parameters: {what} ({len(missing)} unlabelled, "
+                     f"{len(extra)} unknown); make them from the same parameters.")
+
+
 def _select(tree: Any, labels: Any, group: str, fn: Callable) -> Any:
   """fn(leaf) on ``group``'s leaves, zeros elsewhere (XLA then drops the unused gradients)."""
   return jax.tree.map(lambda g, lab: fn(g) if lab == group else jnp.zeros_like(g), tree, labels)
@@ -147,8 +162,10 @@ class TGA:
   sequential: bool = True
 
   def labels_of(self, params: Any) -> Any:
-    """The labels tree of ``params``."""
-    return self.labels(params) if callable(self.labels) else self.labels
+    """The labels tree of ``params`` (checked: :func:`check_labels`)."""
+    labels = self.labels(params) if callable(self.labels) else self.labels
+    check_labels(labels, params)
+    return labels
 
   def optimizers(self, params: Any) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
     """(threshold optimizer, weight optimizer) over the whole tree of ``params`` (:func:`split_optimizers`)."""
