@@ -451,6 +451,7 @@ def _model_for_pass(model: nnx.Module, threshold_pass: bool) -> nnx.Module:
   """The model as one pass of the update runs it. The threshold pass is a plain training pass for now
   (the same threshold gradients, with the kernel gradients computed and discarded): the one place
   to switch the TGA layers to their cheaper threshold-pass mode."""
+  # When the layers have a mode field: set_mode(model, THRESHOLD_PASS if threshold_pass else TRAIN).
   del threshold_pass
   return model
 
@@ -495,8 +496,11 @@ def train_step(tga: TGA, model: nnx.Module, opt_state: TGAOptState, loss_fn: Cal
   the model (same ``wrt``); ``opt_state`` is ``tga.init(trainable_params(model))``.
   Compile it with ``nnx.jit(train_step, static_argnums=(0, 3))``.
 
+  ``axis_name``: the mapped data axis to average the gradients over (inside
+  ``jax.shard_map``); the model state is written back as this device computed it.
+
   Returns ``(new opt_state, UpdateInfo)`` (``info.loss``, ``info.threshold_pass_loss``,
-  ``info.grad_norm``; ``info.aux`` is ``(aux, model_state)``).
+  ``info.grad_norm``, ``info.aux``: ``loss_fn``'s aux with ``has_aux``, else None).
   """
   loss, params, model_state = loss_of_params(model, loss_fn, *batch, wrt=wrt, has_aux=has_aux)
   params, model_state, opt_state, info = tga.update_with_state(

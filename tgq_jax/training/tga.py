@@ -121,9 +121,12 @@ def step_rngs(rng: jax.Array, streams: Sequence[str] = ("dropout",)) -> tuple[ja
   return keys[0], dict(zip(streams, keys[1:]))
 
 
-def check_labels(labels: Any, params: Any) -> None:
-  """Raises a one-line ValueError unless ``labels`` gives every leaf of ``params``, and nothing else,
-  :data:`THRESHOLD` or :data:`WEIGHT` (each leaf then belongs to exactly one optimizer)."""
+def labels_like(labels: Any, params: Any) -> Any:
+  """``labels`` as a tree of the structure of ``params`` (dicts and frozen dicts alike).
+
+  Raises a one-line ValueError unless ``labels`` gives every leaf of ``params``, and nothing else,
+  :data:`THRESHOLD` or :data:`WEIGHT` (each leaf then belongs to exactly one optimizer).
+  """
   got = {jax.tree_util.keystr(path): label for path, label in jax.tree_util.tree_flatten_with_path(labels)[0]}
   want = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   for path, label in got.items():
@@ -134,6 +137,7 @@ def check_labels(labels: Any, params: Any) -> None:
     what = f"parameter {missing[0]} has no label" if missing else f"label {extra[0]} names no parameter"
     raise ValueError(f"TGA labels do not match the parameters: {what} ({len(missing)} unlabelled, "
                      f"{len(extra)} unknown); make them from the same parameters.")
+  return jax.tree.unflatten(jax.tree.structure(params), [got[path] for path in want])
 
 
 def _select(tree: Any, labels: Any, group: str, fn: Callable) -> Any:
@@ -162,10 +166,8 @@ class TGA:
   sequential: bool = True
 
   def labels_of(self, params: Any) -> Any:
-    """The labels tree of ``params`` (checked: :func:`check_labels`)."""
-    labels = self.labels(params) if callable(self.labels) else self.labels
-    check_labels(labels, params)
-    return labels
+    """The labels of ``params``, checked and in their tree structure (:func:`labels_like`)."""
+    return labels_like(self.labels(params) if callable(self.labels) else self.labels, params)
 
   def optimizers(self, params: Any) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
     """(threshold optimizer, weight optimizer) over the whole tree of ``params`` (:func:`split_optimizers`)."""
