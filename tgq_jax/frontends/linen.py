@@ -171,10 +171,10 @@ class TernarizedModel(nn.Module):
         record_layer(tuple(m.path), get_quantizer("fp"))
         return next_fun(*a, **k)
       if policy.packed and type(m) is nn.Dense and pallas_applies(m):
-        # GPU/TPU serving: the Pallas kernel multiplies by the 2-bit codes (no float kernel at all).
+        # Serving: lowered for GPU/TPU the Pallas kernel multiplies by the 2-bit codes (no float kernel at all).
         quantizer = policy.layer_quantizer(output_axes(m, 2))
         record_layer(tuple(m.path), quantizer)
-        return packed_dense_pallas(m, functools.partial(nn.Module.param, m), quantizer, a[0])
+        return packed_dense_pallas(m, functools.partial(nn.Module.param, m), quantizer, a[0], dtype=policy.dtype)
       hook = KernelHook(
         m, lambda ndim: policy.layer_quantizer(output_axes(m, ndim, a, k)),
         lambda axes, ndim: _output_scale_broadcasts(m, axes, ndim))

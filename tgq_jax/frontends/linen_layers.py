@@ -209,18 +209,23 @@ class KernelHook:
 
 
 def pallas_applies(module: nn.Module) -> bool:
-  """Whether a packed ``nn.Dense`` runs on the Pallas ternary kernel (GPU/TPU, small batches; see
-  :mod:`tgq_jax.kernels.ternary_matmul`) rather than on its dequantized kernel."""
+  """Whether a packed ``nn.Dense`` goes through :func:`tgq_jax.kernels.ternary_matmul.ternary_dense`
+  (which picks the Pallas kernel for the platform it is lowered for: TPU/GPU, small batches) rather
+  than through its dequantized kernel: unless the Pallas mode is "off" or the layer has its own dot."""
   custom_dot = module.dot_general is not None or module.dot_general_cls is not None
-  return not custom_dot and _tm._pallas_choice() is not None
+  return not custom_dot and _tm.pallas_mode() != "off"
 
 
-def packed_dense_pallas(module: nn.Dense, param_fn: Callable, quantizer: Quantizer, inputs) -> jax.Array:
-  """A packed ``nn.Dense``'s output computed by the Pallas kernel on its 2-bit codes directly."""
+def packed_dense_pallas(module: nn.Dense, param_fn: Callable, quantizer: Quantizer, inputs,
+                        dtype: Any = None) -> jax.Array:
+  """A packed ``nn.Dense``'s output computed by the Pallas kernel on its 2-bit codes directly.
+
+  ``dtype``: the compute dtype (a policy's, which overrides the module's); None: the module's own.
+  """
   with _layer_input(inputs):
     codes, scale, neg = packed_params(param_fn, quantizer, (jnp.shape(inputs)[-1], module.features))
   bias = param_fn("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
-  dtype = module.dtype or jnp.result_type(inputs, module.param_dtype)
+  dtype = dtype or module.dtype or jnp.result_type(inputs, module.param_dtype)
   y = _tm.ternary_dense(jnp.asarray(inputs, dtype), codes, scale, neg)
   if bias is not None:
     y += jnp.reshape(jnp.asarray(bias, dtype), (1,) * (y.ndim - 1) + (-1,))
