@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tgq_jax import QuantPolicy, models  # noqa: E402
-from tgq_jax.training import parallel, harness, xla_cpu
+from tgq_jax.training import algorithm, harness, parallel, xla_cpu  # noqa: E402
 from tgq_jax.training.configs import Config  # noqa: E402
 from tgq_jax.frontends.linen_layers import quantized_layers  # noqa: E402
 
@@ -45,11 +45,9 @@ def build_step(arch: str, quantizer: str, update: str, batch: int, image_shape, 
   layers = quantized_layers(model, jnp.zeros((1, *image_shape)), train=False)
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                           jnp.zeros((1, *image_shape)))["params"]
-  labels = harness.param_labels(shapes, layers)
-  tx_thr, tx_w, _ = harness.make_optimizers(cfg, labels, 100)
-  state = harness.create_state(model, image_shape, tx_thr, tx_w, 0)
-  fn, _ = harness.make_step_fns(model, tx_thr, tx_w, labels, cfg, num_classes,
-                                  bool(harness.threshold_names(layers)))
+  tga, _ = harness.make_tga(cfg, algorithm.param_labels(shapes, layers), 100)
+  state = harness.create_state(model, image_shape, tga, 0)
+  fn, _ = harness.make_step_fns(model, tga, cfg, num_classes)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (parallel.AXIS,))
   step = parallel.map_step(fn, mesh, "shard_map")
   rng = np.random.default_rng(0)

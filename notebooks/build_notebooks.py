@@ -234,13 +234,12 @@ A model written with plain Flax layers, here a small conv + attention network, b
 one call: `tgq_jax.ternarize_model` intercepts the kernels of its `Dense`, `Conv`, `DenseGeneral` and
 `Einsum` layers (so every projection of `MultiHeadDotProductAttention`), puts TGA's trainable
 threshold `delta` beside each kernel, and leaves the model's code alone. One `QuantPolicy` says which
-quantizer, which layers and per-channel statistics. The training steps come from
-`tgq_jax.training.algorithm` (Linen) and `tgq_jax.frontends.nnx` (NNX): the paper's sequential update in your own
-loop."""),
+quantizer, which layers and per-channel statistics. Both train with one update,
+`tgq_jax.training.tga.TGA` (the paper's sequential update in your own loop): Linen through the
+classification step of `tgq_jax.training.algorithm`, NNX through `tgq_jax.frontends.nnx.train_step`."""),
     new_code_cell(INSTALL),
     params,
-    new_code_cell('''import functools
-import flax.linen as nn
+    new_code_cell('''import flax.linen as nn
 import jax, jax.numpy as jnp, numpy as np, optax
 from flax import nnx
 
@@ -272,20 +271,19 @@ head_dim for the attention's query, key and value):"""),
     new_code_cell('''shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x0))["params"]
 print(jax.tree.map(lambda s: s.shape, shapes["MultiHeadDotProductAttention_0"]["query"]))'''),
     new_markdown_cell("""## Train it with the paper's sequential update, and its full-precision twin
-`algorithm.init` labels the thresholds and builds the two optimizers (here Adam for the weights;
-the thresholds on the authors' optimizer: gradient clipped to +-0.001, Nesterov SGD);
-`algorithm.train_step` is one sequential step (thresholds first, then the weights at the new
-thresholds). `QuantPolicy("fp")` is the same model in full precision, trained the same way."""),
+`algorithm.init` labels the thresholds and makes the update, a `TGA` with two optimizers (here Adam
+for the weights; the thresholds on the authors' optimizer: gradient clipped to +-0.001, Nesterov SGD);
+`ClassificationStep(model, tga).train` is one sequential step (thresholds first, then the weights at
+the new thresholds). `QuantPolicy("fp")` is the same model in full precision, trained the same way."""),
     new_code_cell('''def train_and_test(model, steps):
   layers = quantized_layers(model, x0)
-  state, tx_thr, tx_w, labels = algorithm.init(
+  state, tga = algorithm.init(
     model, x0, optax.adam(2e-3), layers, threshold_tx=algorithm.threshold_optimizer(2e-3), train=False)
-  step = jax.jit(functools.partial(algorithm.train_step, model=model, tx_thr=tx_thr, tx_w=tx_w, labels=labels,
-                                   has_thresholds=bool(algorithm.threshold_names(layers))))
+  steps_of = algorithm.ClassificationStep(model, tga)
+  step, evaluate = jax.jit(steps_of.train), jax.jit(steps_of.evaluate)
   it = iter(batches)
   for _ in range(steps):
     state, metrics = step(state, next(it))
-  evaluate = jax.jit(functools.partial(algorithm.eval_step, model=model))
   sums = [evaluate(state, b) for b in dataset.eval_batches(global_batch_size=1000, num_devices=1)]
   return state, sum(float(s["accuracy"]) for s in sums) / sum(float(s["count"]) for s in sums)
 
@@ -297,7 +295,8 @@ for s in layer_stats(state.params, quantized_layers(model, x0)):
   print(f"{s.name:<40} sparsity {s.sparsity:.3f}  threshold {s.threshold:.4f}  scale {s.scale:.4f}")'''),
     new_markdown_cell("""## The same with Flax NNX
 `tgq_jax.frontends.nnx.ternarize_model` swaps ternary layers in; thresholds are their own variable type,
-`Threshold`, so two `nnx.Optimizer`s with two filters run the sequential update."""),
+`Threshold`, so `param_labels` tells them from the weights, and the same `TGA` update trains the model
+through `nnx.split`/`nnx.merge` (`train_step` updates it in place)."""),
     new_code_cell('''import tgq_jax.frontends.nnx as tnnx
 
 class MyNnxNet(nnx.Module):
@@ -312,13 +311,14 @@ class MyNnxNet(nnx.Module):
     return self.head(jnp.mean(x, axis=(1, 2)))
 
 net = tnnx.ternarize_model(MyNnxNet(nnx.Rngs(0)), QuantPolicy("tga", ternary_last=False), x0)
-weight_opt, threshold_opt = tnnx.optimizers(net, optax.adam(2e-3), algorithm.threshold_optimizer(2e-3))
+tga = algorithm.TGA(algorithm.threshold_optimizer(2e-3), optax.adam(2e-3), labels=tnnx.param_labels(net))
+opt_state = tga.init(tnnx.trainable_params(net))
 loss_fn = lambda m, x, y: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-step = nnx.jit(tnnx.sequential_step, static_argnums=3)
+step = nnx.jit(tnnx.train_step, static_argnums=(0, 3))
 it = iter(batches)
 for _ in range(STEPS):
   b = next(it)
-  metrics = step(net, weight_opt, threshold_opt, loss_fn, b["image"], b["label"])
+  opt_state, info = step(tga, net, opt_state, loss_fn, b["image"], b["label"])
 correct = sum(float(jnp.sum((jnp.argmax(net(b["image"]), -1) == b["label"]) * b["mask"]))
               for b in dataset.eval_batches(global_batch_size=1000, num_devices=1))
 print(f"NNX, TGA (head kept full precision): test accuracy {100 * correct / dataset.info.num_test:.2f}%")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -11,8 +13,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tgq_jax import data, models
-from tgq_jax.training import parallel, harness
+from tgq_jax.training import algorithm, harness, parallel
 from tgq_jax.training.configs import Config
+from tgq_jax.training.tga import TGA
 from tgq_jax.frontends.linen_layers import quantized_layers
 from tgq_jax.models.resnet import CifarResNet
 from tgq_jax.models.small_cnn import SmallCNN
@@ -66,8 +69,20 @@ def mesh_of(n: int) -> Mesh:
   return Mesh(np.asarray(jax.devices()[:n]), (parallel.AXIS,))
 
 
-def build(cfg: Config, num_classes: int = 10, image_shape=(28, 28, 1), steps_per_epoch: int = 16, dtype=None):
-  """(model, layers, labels, tx_thr, tx_w, state, train_fn, eval_fn) with per-device step functions.
+class Built(NamedTuple):
+  """What :func:`build` makes: the trainer's pieces for ``cfg``, with per-device step functions."""
+
+  model: nn.Module
+  layers: dict
+  tga: TGA
+  state: algorithm.TrainState
+  train_fn: Callable
+  eval_fn: Callable
+
+
+def build(cfg: Config, num_classes: int = 10, image_shape=(28, 28, 1), steps_per_epoch: int = 16,
+          dtype=None) -> Built:
+  """The model, its quantized layers, the TGA update, the initial state and the per-device step functions.
 
   ``dtype=jnp.float64`` (inside ``jax.enable_x64(True)``): the model computes in float64 and every
   float leaf of the state is float64.
@@ -76,14 +91,12 @@ def build(cfg: Config, num_classes: int = 10, image_shape=(28, 28, 1), steps_per
   layers = quantized_layers(model, jnp.zeros((1, *image_shape)), train=False)
   params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                           jnp.zeros((1, *image_shape)))["params"]
-  labels = harness.param_labels(params, layers)
-  tx_thr, tx_w, _ = harness.make_optimizers(cfg, labels, steps_per_epoch)
-  state = harness.create_state(model, image_shape, tx_thr, tx_w, cfg.seed)
+  tga, _ = harness.make_tga(cfg, algorithm.param_labels(params, layers), steps_per_epoch)
+  state = harness.create_state(model, image_shape, tga, cfg.seed)
   if dtype is not None:
     state = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
-  train_fn, eval_fn = harness.make_step_fns(model, tx_thr, tx_w, labels, cfg, num_classes,
-                                              bool(harness.threshold_names(layers)))
-  return model, layers, labels, tx_thr, tx_w, state, train_fn, eval_fn
+  train_fn, eval_fn = harness.make_step_fns(model, tga, cfg, num_classes)
+  return Built(model, layers, tga, state, train_fn, eval_fn)
 
 
 def run_steps(train_fn, state, batches, mesh, kind):

@@ -163,10 +163,9 @@ def test_one_sequential_step_moves_thresholds_then_weights_as_by_hand():
   model = tgq_jax.ternarize_model(AttentionMLP(), QuantPolicy("tga", per_channel=True))
   layers = quantized_layers(model, x)
   lr, clip = 0.05, 1e-3
-  state, tx_thr, tx_w, labels = algorithm.init(
+  state, tga = algorithm.init(
     model, x, optax.sgd(lr), layers, threshold_tx=optax.chain(optax.clip(clip), optax.sgd(lr)), train=False)
-  new, metrics = jax.jit(functools.partial(algorithm.train_step, model=model, tx_thr=tx_thr, tx_w=tx_w,
-                                           labels=labels))(state, {"image": x, "label": y})
+  new, metrics = jax.jit(algorithm.ClassificationStep(model, tga).train)(state, {"image": x, "label": y})
   quantized = {p for p, q in layers.items() if q.ternary}
 
   def hand_loss(params):

@@ -1,7 +1,7 @@
 """tgq_jax.frontends.nnx: ternarize_model on an NNX model (Conv, LinearGeneral, Einsum, Linear) against the same
 plain network run with kernels ternarized by hand (tgq_jax.core.ternarize), thresholds as their own
 Variable type, gradients, the threshold pass and packed layers against TRAIN mode, what is left out,
-and the sequential / joint steps against hand-computed SGD updates."""
+and TGA's sequential / joint update through tnnx.train_step against hand-computed SGD updates."""
 import warnings
 
 import jax
@@ -17,6 +17,7 @@ from tgq_jax.core.kernel import THRESHOLD_PASS, TRAIN, UnquantizedLayerWarning
 from tgq_jax.core.packing import planar_shape, unpack_planar
 from tgq_jax.core.policy import QuantPolicy
 from tgq_jax.core.quantizers import get_quantizer
+from tgq_jax.training.tga import THRESHOLD, TGA, WEIGHT
 
 HEADS, HEAD_DIM, MIX = 2, 4, 3
 LAYERS = ("conv", "proj", "mix", "head")  # call order; attribute (and iteration) order differs
@@ -153,8 +154,9 @@ def test_ttq_scales_are_params_and_no_thresholds():
   for name in LAYERS:
     layer = getattr(model, name)
     assert type(layer.pos_scale) is nnx.Param and type(layer.neg_scale) is nnx.Param
-  weight_opt, threshold_opt = tnnx.optimizers(model, optax.sgd(0.1), optax.sgd(0.1))
-  assert set(nnx.to_pure_dict(nnx.state(model, weight_opt.wrt))["head"]) == {"kernel", "bias", "pos_scale", "neg_scale"}
+  labels = tnnx.param_labels(model)
+  assert labels["head"] == {"kernel": WEIGHT, "bias": WEIGHT, "pos_scale": WEIGHT, "neg_scale": WEIGHT}
+  assert THRESHOLD not in jax.tree.leaves(labels)
 
 
 def test_sequential_step_moves_thresholds_then_weights_at_the_updated_thresholds():
@@ -170,29 +172,33 @@ def test_sequential_step_moves_thresholds_then_weights_at_the_updated_thresholds
   # The threshold step matters: the weight gradient at the old thresholds is measurably another.
   assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gp_at_d0))) > 1e-3
 
-  weight_opt, threshold_opt = tnnx.optimizers(model, optax.sgd(lr_w), optax.sgd(lr_t))
-  step = nnx.jit(tnnx.sequential_step, static_argnums=3)
-  metrics = step(model, weight_opt, threshold_opt, loss_fn, X)
+  tga = TGA(optax.sgd(lr_t), optax.sgd(lr_w), labels=tnnx.param_labels(model))
+  assert tnnx.param_labels(model)["mix"] == {"kernel": WEIGHT, "bias": WEIGHT, "delta": THRESHOLD}
+  step = nnx.jit(tnnx.train_step, static_argnums=(0, 3))
+  _, info = step(tga, model, tga.init(tnnx.trainable_params(model)), loss_fn, X)
   assert_close(thresholds(model), d1)
   assert_close(params(model), jax.tree.map(lambda p, g: p - lr_w * g, p0, gp))
-  np.testing.assert_allclose(metrics["threshold_pass_loss"], loss0, rtol=1e-5)
-  np.testing.assert_allclose(metrics["loss"], loss1, rtol=1e-5)
+  np.testing.assert_allclose(info.threshold_pass_loss, loss0, rtol=1e-5)
+  np.testing.assert_allclose(info.loss, loss1, rtol=1e-5)
   assert type(vars(model.mix)["kernel"]) is nnx.Param and type(model.mix.delta) is tnnx.Threshold
 
 
-def test_joint_step_uses_one_gradient_and_rejects_overlapping_optimizers():
+def test_joint_step_uses_one_gradient_and_rejects_labels_of_other_variables():
   lr = 0.05
   plain, model = twins()
   graphdef, state = nnx.split(plain)
   p0, d0 = params(plain), thresholds(model)
   gp, gd = jax.grad(plain_loss, argnums=(2, 3))(graphdef, state, p0, d0, False)
-  weight_opt, threshold_opt = tnnx.optimizers(model, optax.sgd(lr), optax.sgd(lr))
-  tnnx.joint_step(model, (weight_opt, threshold_opt), loss_fn, X)
+  tga = TGA(optax.sgd(lr), optax.sgd(lr), labels=tnnx.param_labels(model), sequential=False)
+  opt_state = tga.init(tnnx.trainable_params(model))
+  _, info = tnnx.train_step(tga, model, opt_state, loss_fn, X)  # eagerly, too
+  assert info.threshold_pass_loss is None
   assert_close(thresholds(model), jax.tree.map(lambda d, g: d - lr * g, d0, gd))
   assert_close(params(model), jax.tree.map(lambda p, g: p - lr * g, p0, gp))
-  everything = nnx.Optimizer(model, optax.sgd(lr), wrt=nnx.Any(nnx.Param, tnnx.Threshold))
-  with pytest.raises(ValueError, match="common"):
-    tnnx.sequential_step(model, everything, threshold_opt, loss_fn, X)
+  # Labels of other variables than the step trains (here: the weights alone) leave the thresholds unlabelled.
+  weights_only = TGA(optax.sgd(lr), optax.sgd(lr), labels=tnnx.param_labels(model, wrt=nnx.Param))
+  with pytest.raises(ValueError, match=r"parameter \['conv'\]\['delta'\] has no label"):
+    tnnx.train_step(weights_only, model, opt_state, loss_fn, X)
 
 
 class DropNet(nnx.Module):
@@ -212,7 +218,7 @@ def as_numpy(a):
   return np.asarray(jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a)
 
 
-def test_batchnorm_dropout_model_call_order_and_replayed_rngs():
+def test_batchnorm_dropout_model_call_order_and_the_model_state_through_the_passes():
   x = jax.random.normal(jax.random.key(3), (8, 6))
   model = DropNet(nnx.Rngs(0))
   before = jax.tree.map(as_numpy, nnx.to_pure_dict(nnx.state(model)))
@@ -223,13 +229,24 @@ def test_batchnorm_dropout_model_call_order_and_replayed_rngs():
   assert_close(jax.tree.map(as_numpy, after), before, rtol=0, atol=0)
 
   count = lambda: int(model.drop.rngs.count[...])
+  mean = lambda: np.asarray(model.bn.mean[...])
   loss = lambda m, x: jnp.mean(m(x, train=True) ** 2)
-  weight_opt, threshold_opt = tnnx.optimizers(model, optax.sgd(0.1), optax.sgd(0.1))
-  start = count()
-  tnnx.sequential_step(model, weight_opt, threshold_opt, loss, x)  # one dropout draw per pass
-  assert count() == start + 1  # the second pass replayed the first one's stream
-  tnnx.sequential_step(model, weight_opt, threshold_opt, loss, x, same_rngs=False)
-  assert count() == start + 3
+  tga = TGA(optax.sgd(0.1), optax.sgd(0.1), labels=tnnx.param_labels(model))
+  opt_state = tga.init(tnnx.trainable_params(model))
+  start, mean0 = count(), mean()
+  # Running mean after one BatchNorm update with this step's batch (momentum 0.99); fc1 (full precision)
+  # does not change in pass 1, so both passes see the same fc1 output.
+  moved_once = 0.99 * mean0 + 0.01 * np.mean(np.asarray(model.fc1(x)), axis=0)
+  opt_state, info = tnnx.train_step(tga, model, opt_state, loss, x)  # one dropout draw per pass
+  assert count() == start + 1  # both passes started from the same stream: the same masks
+  np.testing.assert_allclose(mean(), moved_once, rtol=1e-5, atol=1e-7)  # the statistics moved once
+  assert float(info.threshold_pass_loss) > 0
+  start, mean1 = count(), mean()
+  moved_twice = 0.99 * (0.99 * mean1 + 0.01 * np.mean(np.asarray(model.fc1(x)), axis=0)) \
+    + 0.01 * np.mean(np.asarray(model.fc1(x)), axis=0)
+  tnnx.train_step(tga, model, opt_state, loss, x, state_through_both_passes=True)
+  assert count() == start + 2  # the second pass went on from the first one's state
+  np.testing.assert_allclose(mean(), moved_twice, rtol=1e-5, atol=1e-7)
 
 
 def test_policy_dtype_and_subclasses():

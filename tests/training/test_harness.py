@@ -56,12 +56,9 @@ def _hand_case(update, clip):
   layers = quantized_layers(model, x)
   params = model.init(jax.random.PRNGKey(1), x)["params"]
   params = {"d": {"kernel": params["d"]["kernel"], "delta": jnp.float32(0.3)}}
-  labels = harness.param_labels(params, layers)
-  tx_thr, tx_w, _ = harness.make_optimizers(cfg, labels, 10)
-  state0 = harness.TrainState(step=jnp.int32(0), params=params, batch_stats={},
-                                threshold_opt_state=tx_thr.init(params), weight_opt_state=tx_w.init(params),
-                                rng=jax.random.PRNGKey(0))
-  fn, _ = harness.make_step_fns(model, tx_thr, tx_w, labels, cfg, 3, True)
+  tga, _ = harness.make_tga(cfg, algorithm.param_labels(params, layers), 10)
+  state0 = algorithm.state_from_variables({"params": params}, tga, jax.random.PRNGKey(0))
+  fn, _ = harness.make_step_fns(model, tga, cfg, 3)
   new, _ = run_steps(fn, state0, [{"image": np.asarray(x), "label": np.asarray(y)}], mesh_of(1), "shard_map")
 
   def loss(w, delta):
@@ -95,11 +92,13 @@ def test_joint_uses_the_old_threshold_and_differs_from_sequential():
 
 def _decay_updates(cfg):
   """Both optimizers' first updates for zero gradients: what weight decay alone does."""
-  _, _, labels, tx_thr, tx_w, state, _, _ = build(cfg)
+  built = build(cfg)
+  state = built.state
+  tx_thr, tx_w = built.tga.optimizers(state.params)
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   u_thr, _ = tx_thr.update(zeros, state.threshold_opt_state, state.params)
   u_w, _ = tx_w.update(zeros, state.weight_opt_state, state.params)
-  return labels, state.params, u_thr, u_w
+  return built.tga.labels, state.params, u_thr, u_w
 
 
 def test_sgd_pairing_decays_thresholds_like_weights():
@@ -120,7 +119,8 @@ def test_adam_pairing_thresholds_take_nesterov_sgd_without_decay():
   assert not np.any(u_thr["conv0"]["delta"])
   assert np.any(u_w["conv0"]["kernel"])  # Adam's step of the decay term alone
   # Two steps of a constant gradient g: torch's nesterov SGD moves -lr*g*(1+m), then -lr*g*(1+m+m^2).
-  _, _, labels, tx_thr, _, state, _, _ = build(cfg)
+  built = build(cfg)
+  state, (tx_thr, _) = built.state, built.tga.optimizers(built.state.params)
   g = jax.tree.map(lambda x: jnp.full_like(x, 1e-4), state.params)
   u1, s1 = tx_thr.update(g, state.threshold_opt_state, state.params)
   u2, _ = tx_thr.update(g, s1, state.params)
@@ -207,8 +207,8 @@ def test_init_from_loads_fp_weights_and_reinitializes_thresholds(tmp_path):
   fp_dir = tmp_path / "fp"
   harness.train_and_evaluate(quick(fp_dir, quantizer="fp", max_steps=2), verbose=False)
   cfg = quick(tmp_path / "tern", init_from=str(fp_dir))
-  model, _, _, tx_thr, tx_w, state, _, _ = build(cfg)
-  new = harness.init_from_checkpoint(state, str(fp_dir), model, (28, 28, 1), tx_thr, tx_w)
+  model, _, tga, state, _, _ = build(cfg)
+  new = harness.init_from_checkpoint(state, str(fp_dir), model, (28, 28, 1), tga)
   src = checkpoints.load_variables(str(fp_dir))
   np.testing.assert_array_equal(new.params["conv1"]["kernel"], src["params"]["conv1"]["kernel"])
   np.testing.assert_array_equal(new.batch_stats["bn0"]["mean"], src["batch_stats"]["bn0"]["mean"])
@@ -312,8 +312,8 @@ def _resnet18_cfg(tmp_path, init_from, **kw):
 def test_init_from_a_torchvision_npz_loads_it_and_reinitializes_the_thresholds(tmp_path):
   path, sd = _torchvision_npz(tmp_path)
   cfg = _resnet18_cfg(tmp_path, path)
-  model, _, _, tx_thr, tx_w, state, _, _ = build(cfg, image_shape=(32, 32, 3))
-  new = harness.init_from_checkpoint(state, path, model, (32, 32, 3), tx_thr, tx_w, arch="resnet18")
+  model, _, tga, state, _, _ = build(cfg, image_shape=(32, 32, 3))
+  new = harness.init_from_checkpoint(state, path, model, (32, 32, 3), tga, arch="resnet18")
   p, s = new.params, new.batch_stats
   np.testing.assert_array_equal(p["layer2_0"]["downsample_conv"]["kernel"],
                                 sd["layer2.0.downsample.0.weight"].transpose(2, 3, 1, 0))
@@ -335,9 +335,9 @@ def test_init_from_torchvision_errors(tmp_path):
   with pytest.raises(checkpoints.CheckpointError, match="no such torchvision state dict file"):
     harness.check_init_from(str(tmp_path / "missing.npz"))
   path, _ = _torchvision_npz(tmp_path, num_classes=1000)
-  model, _, _, tx_thr, tx_w, state, _, _ = build(_resnet18_cfg(tmp_path, path), image_shape=(32, 32, 3))
+  model, _, tga, state, _, _ = build(_resnet18_cfg(tmp_path, path), image_shape=(32, 32, 3))
   with pytest.raises(checkpoints.CheckpointError, match=r"another architecture.*fc/kernel: got \(512, 1000\)"):
-    harness.init_from_checkpoint(state, path, model, (32, 32, 3), tx_thr, tx_w, arch="resnet18")
+    harness.init_from_checkpoint(state, path, model, (32, 32, 3), tga, arch="resnet18")
 
 
 def test_init_from_a_pth_needs_torch(tmp_path, monkeypatch):
@@ -461,7 +461,7 @@ def test_every_weight_of_a_layer_zero_is_divergence(tmp_path):
 
 def _guard_and_state():
   cfg = quick("unused")
-  _, layers, _, _, _, state, _, _ = build(cfg)
+  _, layers, _, state, _, _ = build(cfg)
   return harness.DivergenceGuard(10, layers, last_saved=7), jax.tree.map(np.asarray, state)
 
 

@@ -5,7 +5,7 @@ loop: the recipe in ``meta``, the rule that regenerates the initial torchvision-
 without torch, the batch, the losses of both passes of every step, every threshold after every
 step, and sums, sums of squares and probe values of every tensor at the end, plus the final
 logits. Here the same start goes through our code path (torchvision converter, FP -> ternary
-init, ``Config`` -> ``make_model`` / ``make_optimizers`` / ``make_step_fns``, the mapped step on
+init, ``Config`` -> ``make_model`` / ``make_tga`` / ``make_step_fns``, the mapped step on
 one device) under ``jax_enable_x64``, and everything is compared to 1e-9.
 
 The bundled public file always runs; set ``TGQ_TRAINER_REFERENCE`` to a directory to also run
@@ -26,7 +26,7 @@ import pytest
 
 from torchvision_helpers import torchvision_resnet_shapes
 from trainer_helpers import mesh_of
-from tgq_jax.training import parallel, harness
+from tgq_jax.training import algorithm, harness, parallel
 from tgq_jax.training.configs import Config
 from tgq_jax.frontends.linen_layers import init_ternary_from_fp, quantized_layers
 from tgq_jax.models.torchvision import convert_state_dict
@@ -146,11 +146,9 @@ def run_our_trainer(z, meta) -> dict:
   model = harness.make_model(cfg, cfg.num_classes, dtype=jnp.float64)
   variables = init_ternary_from_fp(model, convert_state_dict(initial_state_dict(z, meta), cfg.arch), image_shape)
   layers = quantized_layers(model, jnp.zeros((1, *image_shape)), train=False)
-  labels = harness.param_labels(variables["params"], layers)
-  tx_thr, tx_w, _ = harness.make_optimizers(cfg, labels, steps_per_epoch=meta["steps"])
-  state = harness.state_from_variables(variables, tx_thr, tx_w, jax.random.PRNGKey(cfg.seed))
-  train_fn, _ = harness.make_step_fns(model, tx_thr, tx_w, labels, cfg, cfg.num_classes,
-                                        has_thresholds=bool(harness.threshold_names(layers)))
+  tga, _ = harness.make_tga(cfg, algorithm.param_labels(variables["params"], layers), steps_per_epoch=meta["steps"])
+  state = algorithm.state_from_variables(variables, tga, jax.random.PRNGKey(cfg.seed))
+  train_fn, _ = harness.make_step_fns(model, tga, cfg, cfg.num_classes)
   mesh = mesh_of(1)
   step = parallel.map_step(train_fn, mesh, "shard_map")
   state = parallel.put_state(state, mesh, "shard_map")

@@ -25,27 +25,28 @@ replaces each ternary layer's float kernel and quantizer parameters by
 (and TTQ's ``neg_scale``), :class:`Packed` variables; the layer rebuilds its
 ternary kernel from them inside each call and computes what the trained layer does.
 
-TGA's thresholds are :class:`Threshold` variables, not ``nnx.Param``: an
-``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains the weights (TTQ's scales
-included) and ``wrt=Threshold`` the thresholds alone, the two optimizers of the
-paper's update. :func:`sequential_step` is that update (He & Fan 2019, Fig. 1):
-a gradient for the thresholds, a threshold step, then a gradient for the
-weights at the updated thresholds and a weight step. :func:`joint_step` takes
-one gradient for both.
+TGA's thresholds are :class:`Threshold` variables, not ``nnx.Param``, so
+:func:`param_labels` tells them from the weights. The model trains with TGA's
+one update, :class:`tgq_jax.training.tga.TGA` (He & Fan 2019, Fig. 1: a gradient
+for the thresholds, a threshold step, then a gradient for the weights at the
+updated thresholds and a weight step), through ``nnx.split``/``nnx.merge``:
+:func:`loss_of_params` makes the model a loss of its parameters, and
+:func:`train_step` is that update applied to the model in place.
 
 Example (``MyNet`` is any NNX model, ``x, y`` a batch)::
 
   import optax, tgq_jax.frontends.nnx as tnnx
   from flax import nnx
   from tgq_jax.core.policy import QuantPolicy
+  from tgq_jax.training.tga import TGA, threshold_optimizer
 
   model = tnnx.ternarize_model(MyNet(rngs=nnx.Rngs(0)), QuantPolicy("tga", ternary_last=False), x)
   # thresholds: gradient clipped to +-0.001 and Nesterov SGD, as the authors train them
-  weight_opt, threshold_opt = tnnx.optimizers(
-      model, optax.adam(1e-4), optax.chain(optax.clip(1e-3), optax.sgd(1e-4, momentum=0.9, nesterov=True)))
+  tga = TGA(threshold_optimizer(1e-4), optax.adam(1e-4), labels=tnnx.param_labels(model))
+  opt_state = tga.init(tnnx.trainable_params(model))
   loss_fn = lambda m, x, y: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-  step = nnx.jit(tnnx.sequential_step, static_argnums=3)
-  metrics = step(model, weight_opt, threshold_opt, loss_fn, x, y)  # {"loss", "threshold_pass_loss"}
+  step = nnx.jit(tnnx.train_step, static_argnums=(0, 3))
+  opt_state, info = step(tga, model, opt_state, loss_fn, x, y)  # info.loss, info.threshold_pass_loss
 
 ``ternarize_model`` changes the model in place (the layers' classes are
 swapped, no weight is copied). To fine-tune a pretrained model, load its
@@ -65,20 +66,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
+from flax import nnx, traverse_util
 
 from tgq_jax.core.kernel import (MODES, THRESHOLD_PASS, TRAIN, KernelLayout, LayerKernel, check_coverage, check_mode,
                                  dense_layout, einsum_layout, finish_output, general_layout, layer_kernel, order_skips)
 from tgq_jax.core.packing import after_input, pack_planar, packed_kernel
 from tgq_jax.core.policy import QuantPolicy
 from tgq_jax.core.quantizers import PACKED_PREFIX, Quantizer, get_quantizer, packed_name
+from tgq_jax.training.tga import THRESHOLD, TGA, WEIGHT, TGAOptState, UpdateInfo
 
 __all__ = [
   "CANDIDATES",
   "MODES",
   "THRESHOLD_PASS",
   "TRAIN",
+  "TRAINABLE",
   "UNQUANTIZABLE",
   "Packed",
   "TernaryConv",
@@ -87,14 +89,15 @@ __all__ = [
   "TernaryLinear",
   "TernaryLinearGeneral",
   "Threshold",
-  "joint_step",
   "kernel_layout",
-  "optimizers",
+  "loss_of_params",
   "output_axes",
   "pack",
-  "sequential_step",
+  "param_labels",
   "set_mode",
   "ternarize_model",
+  "train_step",
+  "trainable_params",
 ]
 
 #: The layer types whose kernels :func:`ternarize_model` can quantize (their subclasses too).
@@ -552,103 +555,82 @@ def pack(model: nnx.Module) -> nnx.Module:
   return model
 
 
-# --- training steps ------------------------------------------------------------
+# --- training with TGA's update (tgq_jax.training.tga) -------------------------------
+
+#: The variables TGA trains: the weights (``nnx.Param``: kernels, biases, BatchNorm scales, TTQ's
+#: scales...) and the thresholds (:class:`Threshold`). Everything else (BatchNorm statistics, RNG
+#: counters) is the model's state, which a pass may change but no optimizer steps.
+TRAINABLE = nnx.Any(nnx.Param, Threshold)
 
 
-def optimizers(model: nnx.Module, weight_tx: optax.GradientTransformation,
-               threshold_tx: optax.GradientTransformation, *, weight_wrt: Any = nnx.Param,
-               threshold_wrt: Any = Threshold) -> tuple[nnx.Optimizer, nnx.Optimizer]:
-  """``(weight_optimizer, threshold_optimizer)``: ``nnx.Optimizer``s over ``nnx.Param`` and :class:`Threshold`.
+def trainable_params(model: nnx.Module, wrt: Any = TRAINABLE) -> dict:
+  """The variables ``wrt`` selects as a pure dict of arrays: the ``params`` of :meth:`TGA.update`."""
+  return nnx.to_pure_dict(nnx.state(model, wrt))
 
-  The authors clamp every threshold gradient to [-0.001, 0.001] before its
-  optimizer step; put it in ``threshold_tx``:
-  ``optax.chain(optax.clip(1e-3), optax.sgd(lr, momentum=0.9, nesterov=True))``.
+
+def param_labels(model: nnx.Module, wrt: Any = TRAINABLE) -> dict:
+  """``THRESHOLD`` for each :class:`Threshold` of :func:`trainable_params`, ``WEIGHT`` for the rest:
+  the ``labels`` of :class:`~tgq_jax.training.tga.TGA`."""
+  thresholds = set(traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.All(wrt, Threshold)))))
+  flat = traverse_util.flatten_dict(trainable_params(model, wrt))
+  return traverse_util.unflatten_dict({k: THRESHOLD if k in thresholds else WEIGHT for k in flat})
+
+
+def _model_for_pass(model: nnx.Module, threshold_pass: bool) -> nnx.Module:
+  """The model as one pass of the update runs it: in the threshold pass its TGA layers in the THRESHOLD_PASS
+  mode (the output scaled instead of the kernel: the same threshold gradients, no kernel gradient computed).
+  ``model`` is the pass's own merged copy, so setting the mode (a static attribute) changes nothing else."""
+  return set_mode(model, THRESHOLD_PASS) if threshold_pass else model
+
+
+def loss_of_params(model: nnx.Module, loss_fn: Callable[..., Any], *batch, wrt: Any = TRAINABLE,
+                   has_aux: bool = False) -> tuple[Callable, dict, nnx.State]:
+  """``model`` split for :meth:`TGA.update_with_state <tgq_jax.training.tga.TGA.update_with_state>`:
+  ``(loss, params, model_state)``.
+
+  ``params`` is :func:`trainable_params` (a pure dict), ``model_state`` the model's other
+  variables (BatchNorm statistics, RNG counters; an ``nnx.State``), and
+  ``loss(params, model_state, threshold_pass) -> (value, (aux, new_model_state))`` runs
+  ``loss_fn(m, *batch)`` (a scalar; ``(scalar, aux)`` with ``has_aux``) on
+  ``m = nnx.merge(graphdef, params, model_state)`` and returns the state the run left in ``m``.
+  ``model`` itself is not changed: write the update back with
+  ``nnx.update(model, new_params, new_model_state)`` (as :func:`train_step` does).
   """
-  return (nnx.Optimizer(model, weight_tx, wrt=weight_wrt),
-          nnx.Optimizer(model, threshold_tx, wrt=threshold_wrt))
+  graphdef, params, model_state = nnx.split(model, wrt, ...)
+
+  def loss(params, model_state, threshold_pass):
+    # copy: fresh Variables of this trace level, which the run may write (BatchNorm statistics, RNG counts).
+    m = _model_for_pass(nnx.merge(graphdef, params, model_state, copy=True), threshold_pass)
+    out = loss_fn(m, *batch)
+    value, aux = out if has_aux else (out, None)
+    return value, (aux, nnx.state(m, nnx.Not(wrt)))
+
+  return loss, nnx.to_pure_dict(params), model_state
 
 
-def _has(model: nnx.Module, wrt: Any) -> bool:
-  return bool(jax.tree.leaves(nnx.state(model, wrt)))
+def train_step(tga: TGA, model: nnx.Module, opt_state: TGAOptState, loss_fn: Callable[..., Any], *batch,
+               wrt: Any = TRAINABLE, has_aux: bool = False, state_through_both_passes: bool = False,
+               axis_name: str | None = None) -> tuple[TGAOptState, UpdateInfo]:
+  """One :class:`~tgq_jax.training.tga.TGA` update of ``model`` (in place) for ``loss_fn(model, *batch)``.
 
+  The model goes through ``tga.update_with_state`` by :func:`loss_of_params`; the new
+  parameters and the model state of the pass the weight gradient came from are
+  written back. Both passes of a sequential update start from the model's state, so
+  they draw the same dropout masks and the BatchNorm running statistics move once
+  per step; with ``state_through_both_passes`` the second pass starts from the
+  first pass's state (the authors' code: the statistics move in both passes, and
+  the second pass draws new masks). ``tga``'s labels are :func:`param_labels` of
+  the model (same ``wrt``); ``opt_state`` is ``tga.init(trainable_params(model))``.
+  Compile it with ``nnx.jit(train_step, static_argnums=(0, 3))``.
 
-def _check_disjoint(model: nnx.Module, optimizers_: Sequence[nnx.Optimizer]) -> None:
-  # Overlapping filters would step a variable twice (or with the other group's optimizer).
-  for i, first in enumerate(optimizers_):
-    for second in optimizers_[i + 1:]:
-      if _has(model, nnx.All(first.wrt, second.wrt)):
-        raise ValueError(f"the optimizers' wrt filters {first.wrt!r} and {second.wrt!r} select common "
-                         "variables; each variable must belong to one optimizer (e.g. nnx.Param and Threshold).")
+  ``axis_name``: the mapped data axis to average the gradients over (inside
+  ``jax.shard_map``); the model state is written back as this device computed it.
 
-
-def _loss_and_grads(model: nnx.Module, wrt: Any, loss_fn: Callable, batch) -> tuple[jax.Array, Any]:
-  # Graph mode whatever nnx.set_graph_mode says: DiffState (a gradient for part of the model) and
-  # writing the loss's state updates (BatchNorm statistics, RNG counts) back to the model need it.
-  grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), graph=True, graph_updates=True)
-  return grad_fn(model, *batch)
-
-
-def sequential_step(model: nnx.Module, weight_optimizer: nnx.Optimizer, threshold_optimizer: nnx.Optimizer,
-                    loss_fn: Callable[..., jax.Array], *batch, same_rngs: bool = True) -> dict[str, jax.Array]:
-  """One step of TGA's sequential update (He & Fan 2019, Fig. 1); updates ``model`` in place.
-
-  1. ``loss_fn(model, *batch)`` and its gradient w.r.t. ``threshold_optimizer.wrt``
-     (the :class:`Threshold` variables); ``threshold_optimizer`` steps them.
-  2. ``loss_fn(model, *batch)`` again, now with the updated thresholds, and its
-     gradient w.r.t. ``weight_optimizer.wrt`` (``nnx.Param``: every kernel, bias,
-     BatchNorm scale, TTQ scale...); ``weight_optimizer`` steps them.
-
-  Both passes run the model as ``loss_fn`` does, so a BatchNorm in training mode
-  updates its running statistics in each pass (twice per step, as the authors'
-  code does). With ``same_rngs`` (default) the second pass replays the first
-  one's random streams (its ``nnx.RngState`` is restored), so both passes draw the
-  same dropout masks and differ only by the threshold update, as in
-  :func:`tgq_jax.training.harness.train_step`. A model without thresholds skips pass 1.
-
-  The authors clip each threshold gradient to +-0.001: make ``threshold_optimizer``
-  with ``optax.chain(optax.clip(1e-3), ...)`` (see :func:`optimizers`).
-  Compile it with ``nnx.jit(sequential_step, static_argnums=3)``.
-
-  Args:
-    model: a model made by :func:`ternarize_model` (any NNX model works).
-    weight_optimizer, threshold_optimizer: ``nnx.Optimizer``s with disjoint ``wrt`` filters.
-    loss_fn: ``loss_fn(model, *batch) -> scalar``.
-    *batch: passed to ``loss_fn``.
-
-  Returns:
-    ``{"loss": pass 2's loss (at the updated thresholds, before the weight step),
-    "threshold_pass_loss": pass 1's loss}`` (no ``"threshold_pass_loss"`` without thresholds).
+  Returns ``(new opt_state, UpdateInfo)`` (``info.loss``, ``info.threshold_pass_loss``,
+  ``info.grad_norm``, ``info.aux``: ``loss_fn``'s aux with ``has_aux``, else None).
   """
-  _check_disjoint(model, (weight_optimizer, threshold_optimizer))
-  metrics = {}
-  threshold_pass_loss = None
-  if _has(model, threshold_optimizer.wrt):
-    # A copy of the RNG keys and counters (tree.map makes new Variables), restored after pass 1.
-    rngs = jax.tree.map(lambda x: x, nnx.state(model, nnx.RngState)) if same_rngs else None
-    threshold_pass_loss, grads = _loss_and_grads(model, threshold_optimizer.wrt, loss_fn, batch)
-    threshold_optimizer.update(model, grads)
-    if rngs is not None:
-      nnx.update(model, rngs)
-  metrics["loss"], grads = _loss_and_grads(model, weight_optimizer.wrt, loss_fn, batch)
-  weight_optimizer.update(model, grads)
-  if threshold_pass_loss is not None:
-    metrics["threshold_pass_loss"] = threshold_pass_loss
-  return metrics
-
-
-def joint_step(model: nnx.Module, optimizer: nnx.Optimizer | Sequence[nnx.Optimizer],
-               loss_fn: Callable[..., jax.Array], *batch) -> dict[str, jax.Array]:
-  """One joint update: one gradient, w.r.t. every optimizer's ``wrt``, and each optimizer's step.
-
-  ``optimizer``: one ``nnx.Optimizer`` (e.g. ``wrt=nnx.Any(nnx.Param, Threshold)`` with an
-  ``optax.multi_transform`` inside), or several with disjoint filters, such as the pair
-  :func:`optimizers` returns. Compile it with ``nnx.jit(joint_step, static_argnums=2)``.
-  Returns ``{"loss": loss before the step}``.
-  """
-  opts = (optimizer,) if isinstance(optimizer, nnx.Optimizer) else tuple(optimizer)
-  _check_disjoint(model, opts)
-  wrt = opts[0].wrt if len(opts) == 1 else nnx.Any(*(o.wrt for o in opts))
-  loss, grads = _loss_and_grads(model, wrt, loss_fn, batch)
-  for opt in opts:
-    opt.update(model, grads)  # each takes its own part of grads (filtered by its wrt)
-  return {"loss": loss}
+  loss, params, model_state = loss_of_params(model, loss_fn, *batch, wrt=wrt, has_aux=has_aux)
+  params, model_state, opt_state, info = tga.update_with_state(
+    loss, params, model_state, opt_state, axis_name=axis_name, state_through_both_passes=state_through_both_passes)
+  nnx.update(model, params, model_state)
+  return opt_state, info

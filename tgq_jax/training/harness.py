@@ -37,9 +37,10 @@ import optax
 import tqdm
 from jax import lax
 
-from tgq_jax.training import algorithm, checkpoints, parallel, xla_cpu
-from tgq_jax.training.algorithm import (THRESHOLD, WEIGHT, TrainState, eval_step, param_labels, state_from_variables,
-                               step_rngs, threshold_names, train_step)
+from tgq_jax.training import checkpoints, parallel, xla_cpu
+from tgq_jax.training.algorithm import (THRESHOLD, WEIGHT, ClassificationStep, TrainState, param_labels,
+                                        state_from_variables, step_rngs, threshold_names)
+from tgq_jax.training.tga import TGA
 from tgq_jax import data as data_lib
 from tgq_jax.training.configs import Config
 from tgq_jax.core.trees import layer_stats
@@ -105,10 +106,10 @@ def _base_optimizer(kind: str, lr: optax.Schedule, weight_decay: float, cfg: Con
   return optax.chain(*decay, opt)
 
 
-def make_optimizers(cfg: Config, labels: Any, steps_per_epoch: int):
-  """(threshold optimizer, weight optimizer, weight lr schedule) of ``cfg``.
+def make_tga(cfg: Config, labels: Any, steps_per_epoch: int) -> tuple[TGA, optax.Schedule]:
+  """(the TGA update, weight lr schedule) of ``cfg``: its two optimizers, ``labels``, ``cfg.update``.
 
-  See :func:`tgq_jax.training.algorithm.split_optimizers`. The threshold gradient is
+  See :class:`tgq_jax.training.tga.TGA`. The threshold gradient is
   clipped to ``+-threshold_grad_clip`` before weight decay is added, as the
   reference's backward hook does; ``grad_clip`` clips the weights' gradient
   by its global norm (the transformer recipe).
@@ -120,8 +121,7 @@ def make_optimizers(cfg: Config, labels: Any, steps_per_epoch: int):
   weights = _base_optimizer(cfg.optimizer, w_lr, cfg.weight_decay, cfg)
   if cfg.grad_clip:
     weights = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), weights)
-  tx_thr, tx_w = algorithm.split_optimizers(labels, weights, thr)
-  return tx_thr, tx_w, w_lr
+  return TGA(threshold_tx=thr, weight_tx=weights, labels=labels, sequential=cfg.update == "sequential"), w_lr
 
 
 def make_model(cfg: Config, num_classes: int, dtype: Any = None) -> nn.Module:
@@ -140,25 +140,22 @@ def make_model(cfg: Config, num_classes: int, dtype: Any = None) -> nn.Module:
                     bn_unbiased_running_var=cfg.bn_running_stats == "authors")
 
 
-def create_state(model: nn.Module, image_shape: tuple[int, ...], tx_thr, tx_w, seed: int) -> TrainState:
+def create_state(model: nn.Module, image_shape: tuple[int, ...], tga: TGA, seed: int) -> TrainState:
   """Initializes the variables and both optimizer states (host-identical on every process)."""
   rng = jax.random.PRNGKey(seed)
   init_rng, rng = jax.random.split(rng)
   variables = jax.jit(functools.partial(model.init, train=False))(
     init_rng, jnp.zeros((1, *image_shape), jnp.float32))
-  return state_from_variables(variables, tx_thr, tx_w, rng)
+  return state_from_variables(variables, tga, rng)
 
 
-def make_step_fns(model: nn.Module, tx_thr, tx_w, labels: Any, cfg: Config, num_classes: int,
-                  has_thresholds: bool) -> tuple[Callable, Callable]:
-  """The per-device (train_step, eval_step) of ``cfg``, with everything static bound (mapped over AXIS)."""
+def make_step_fns(model: nn.Module, tga: TGA, cfg: Config, num_classes: int) -> tuple[Callable, Callable]:
+  """The per-device (train_step, eval_step) of ``cfg`` (mapped over AXIS)."""
   if cfg.bn_running_stats not in ("once", "authors"):
     raise ValueError(f"unknown bn running stats rule {cfg.bn_running_stats!r}; valid: once, authors.")
-  train = functools.partial(train_step, model=model, tx_thr=tx_thr, tx_w=tx_w, labels=labels,
-                            sequential=cfg.update == "sequential", has_thresholds=has_thresholds,
-                            num_classes=num_classes, bn_both_passes=cfg.bn_running_stats == "authors",
-                            label_smoothing=cfg.label_smoothing, axis_name=AXIS)
-  return train, functools.partial(eval_step, model=model, num_classes=num_classes, axis_name=AXIS)
+  step = ClassificationStep(model=model, tga=tga, num_classes=num_classes, label_smoothing=cfg.label_smoothing,
+                            bn_both_passes=cfg.bn_running_stats == "authors", axis_name=AXIS)
+  return step.train, step.evaluate
 
 
 # --- reports -----------------------------------------------------------------
@@ -427,12 +424,12 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
   mesh, kind = parallel.make_mesh(), cfg.parallel
   labels = param_labels(jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                                        jnp.zeros((1, *info.image_shape)))["params"], layers)
-  tx_thr, tx_w, lr_fn = make_optimizers(cfg, labels, spe)
+  tga, lr_fn = make_tga(cfg, labels, spe)
   has_thr = bool(threshold_names(layers))
-  train_fn, eval_fn = make_step_fns(model, tx_thr, tx_w, labels, cfg, info.num_classes, has_thr)
+  train_fn, eval_fn = make_step_fns(model, tga, cfg, info.num_classes)
   train_fn, eval_fn = parallel.map_step(train_fn, mesh, kind), parallel.map_step(eval_fn, mesh, kind)
 
-  state = create_state(model, info.image_shape, tx_thr, tx_w, cfg.seed)
+  state = create_state(model, info.image_shape, tga, cfg.seed)
   manager = checkpoints.make_manager(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
   cleanup.callback(manager.close)
   cleanup.callback(manager.wait_until_finished)  # (callbacks run last-in first-out)
@@ -446,7 +443,7 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
     if verbose and is_main:
       print(f"resuming from step {int(state.step)} in {workdir}")
   elif cfg.init_from:
-    state = init_from_checkpoint(state, cfg.init_from, model, info.image_shape, tx_thr, tx_w, arch=cfg.arch)
+    state = init_from_checkpoint(state, cfg.init_from, model, info.image_shape, tga, arch=cfg.arch)
   if is_main:  # only now: a workdir whose checkpoints do not fit this model keeps its record
     write_run_config(workdir, cfg, info)
   state = parallel.put_state(state, mesh, kind)
@@ -592,7 +589,7 @@ def _init_from_errors():
 
 
 def init_from_checkpoint(state: TrainState, path: str, model: nn.Module, image_shape: tuple[int, ...],
-                         tx_thr, tx_w, arch: str | None = None) -> TrainState:
+                         tga: TGA, arch: str | None = None) -> TrainState:
   """Loads full-precision weights, re-initializes the thresholds, fresh optimizer states (fine-tuning).
 
   ``path``: a checkpoint of this trainer (workdir, checkpoints dir or step dir) or a torchvision
@@ -608,4 +605,4 @@ def init_from_checkpoint(state: TrainState, path: str, model: nn.Module, image_s
   except ValueError as e:
     raise checkpoints.CheckpointError(f"--init-from: checkpoint is of another architecture ({e})") from None
   variables = jax.tree.map(np.asarray, variables)
-  return state_from_variables(variables, tx_thr, tx_w, state.rng).replace(step=state.step)
+  return state_from_variables(variables, tga, state.rng).replace(step=state.step)
