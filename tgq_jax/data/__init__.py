@@ -45,14 +45,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 
 import jax
 import numpy as np
 
-from tgq_jax.data.augment import (CROP_ATTEMPTS, _resized, center_crop_box, inception_crop_box, normalize,
-                             pad_crop_flip)
+from tgq_jax.data import imagenet_cache
+from tgq_jax.data.augment import (CROP_ATTEMPTS, center_crop_box, inception_crop_box,  # noqa: F401  (re-exported)
+                                  normalize, pad_crop_flip)
+from tgq_jax.data.imagenet import center_crop, random_resized_crop, to_model_input
 from tgq_jax.data.idx import (DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_FILES, find_idx_files, load_idx_dataset,
                          missing_idx_files)
 from tgq_jax.data.idx import IdxFormatError, parse_idx, read_idx  # noqa: F401  (re-exported: data.read_idx, ...)
@@ -126,7 +129,7 @@ class _ArraySplit:
 
 
 class _RecordSplit:
-  """A TFDS data source read per example; images keep their own sizes."""
+  """A TFDS data source read per example; images keep their own sizes (and stay JPEG bytes if undecoded)."""
 
   def __init__(self, source: Sequence[dict], count: int):
     self.source, self.count = source, count
@@ -136,7 +139,7 @@ class _RecordSplit:
 
   def take(self, idx: np.ndarray):
     records = [self.source[int(i)] for i in idx]
-    return ([np.asarray(r["image"], np.uint8) for r in records],
+    return ([r["image"] if isinstance(r["image"], bytes) else np.asarray(r["image"], np.uint8) for r in records],
             np.array([r["label"] for r in records], np.int32))
 
 
@@ -229,11 +232,23 @@ class _PrefetchMap:
     self._next, self._queue = int(state["next_index"]), []
 
 
-def _ordered_map(fn, start: int, stop: int, threads: int):
-  """An iterator of ``fn(k)`` for ``k`` in ``[start, stop)`` in order, with ``get_state``/``set_state``."""
+def _ordered_map(fn, start: int, stop: int, threads: int, processes: int = 0):
+  """An iterator of ``fn(k)`` for ``k`` in ``[start, stop)`` in order.
+
+  ``processes > 0``: ``fn`` runs in that many grain worker processes (spawned:
+  ``fn`` must pickle), each computing whole items, so per-example Python work
+  is not serialized by the GIL; else in ``threads`` threads.
+  """
   if grain is None:
     return _PrefetchMap(fn, start, stop, threads)
   ds = grain.MapDataset.range(start, stop).map(fn)
+  if processes:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a program not run by absl has their defaults
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=processes, per_worker_buffer_size=2))
+    return iter(ds)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)))
 
 
@@ -241,11 +256,33 @@ class Dataset:
   """A named dataset: facts, a train iterator and an evaluation pass."""
 
   def __init__(self, info: DatasetInfo, recipe: _Recipe, train, test, *,
-               num_threads: int = _IN_MEMORY_THREADS):
+               num_threads: int = _IN_MEMORY_THREADS, num_workers: int = 0, normalize_on_device: bool = False):
     self.info, self.recipe, self.train, self.test = info, recipe, train, test
     # Batches are computed in this many grain threads; in-memory numpy work
-    # needs few (GIL), per-example JPEG work more.
-    self.num_threads = num_threads
+    # needs few (GIL). Per-example work (ImageNet) runs in num_workers processes.
+    self.num_threads, self.num_workers = num_threads, num_workers
+    # True: batches hold uint8 images; model_input (in the jitted step) normalizes them.
+    self.normalize_on_device = normalize_on_device
+
+  def model_input(self, batch: dict) -> dict:
+    """``batch`` as the model takes it: uint8 images normalized (jittable; identity if the host normalized)."""
+    if not self.normalize_on_device:
+      return batch
+    return {**batch, "image": to_model_input(batch["image"], self.recipe.mean, self.recipe.std)}
+
+  def wrap_step(self, step):
+    """``step(state, batch, ...)`` taking this dataset's host batches: ``step(state, model_input(batch), ...)``."""
+    if not self.normalize_on_device:
+      return step
+
+    @functools.wraps(step)
+    def wrapped(state, batch, *args, **kwargs):
+      return step(state, self.model_input(batch), *args, **kwargs)
+    return wrapped
+
+  def _finish(self, images: np.ndarray) -> np.ndarray:
+    r = self.recipe
+    return images if self.normalize_on_device else normalize(images, r.mean, r.std)
 
   def _train_images(self, images, draws, augment: bool = True) -> np.ndarray:
     r = self.recipe
@@ -253,22 +290,20 @@ class Dataset:
       return self._eval_images(images)
     if r.augment == "inception":
       size = self.info.image_shape[:2]
-      out = np.stack([_resized(im, inception_crop_box(*im.shape[:2], d), size)
-                      for im, d in zip(images, draws)])
+      out = np.stack([random_resized_crop(im, d, size) for im, d in zip(images, draws)])
       flip = draws[:, 2] < 0.5
       out[flip] = out[flip, :, ::-1]
     else:
       out = pad_crop_flip(images, draws, r.pad, r.augment == "crop_flip")
-    return normalize(out, r.mean, r.std)
+    return self._finish(out)
 
   def _eval_images(self, images) -> np.ndarray:
     r = self.recipe
     if r.augment == "inception":
       size = self.info.image_shape[0]
       resize = int(round(size / 0.875))  # 224 -> 256
-      images = np.stack([_resized(im, center_crop_box(*im.shape[:2], size, resize), (size, size))
-                         for im in images])
-    return normalize(images, r.mean, r.std)
+      images = np.stack([center_crop(im, size, resize) for im in images])
+    return self._finish(np.asarray(images))
 
   def train_batch(self, step: int, *, global_batch_size: int, seed: int,
                   process_index: int, process_count: int, augment: bool = True) -> dict[str, np.ndarray]:
@@ -287,7 +322,8 @@ class Dataset:
     local = global_batch_size // process_count
     start = index * global_batch_size + process_index * local
     idx = np.arange(start, min(start + local, len(self.test)))
-    out = {"image": np.zeros((local, *self.info.image_shape), np.float32),
+    dtype = np.uint8 if self.normalize_on_device else np.float32
+    out = {"image": np.zeros((local, *self.info.image_shape), dtype),
            "label": np.zeros(local, np.int32), "mask": np.zeros(local, np.float32)}
     if idx.size:
       images, labels = self.test.take(idx)
@@ -328,7 +364,18 @@ class Dataset:
                  len(self.test), "test")
     fn = functools.partial(self.eval_batch, global_batch_size=global_batch_size,
                            process_index=p, process_count=count)
-    return _ordered_map(fn, 0, self.num_eval_batches(global_batch_size), self.num_threads)
+    n = self.num_eval_batches(global_batch_size)
+    # Starting worker processes (each imports jax) pays only for a long pass.
+    workers = self.num_workers if n >= 4 * self.num_workers else 0
+    return _closing(_ordered_map(fn, 0, n, self.num_threads, workers))
+
+
+def _closing(iterator):
+  """Yields from ``iterator``, then closes it (stops its worker processes, if any)."""
+  try:
+    yield from iterator
+  finally:
+    getattr(iterator, "close", lambda: None)()
 
 
 class TrainIterator:
@@ -341,19 +388,33 @@ class TrainIterator:
   def __init__(self, dataset: Dataset, batch_fn, global_batch_size: int, seed: int):
     self.steps_per_epoch = len(dataset.train) // global_batch_size
     self._key = {"seed": seed, "global_batch_size": global_batch_size, "dataset": dataset.info.name}
-    # An index range as long as any run: index k maps to batch_fn(k) in
-    # threads, in order, and the iterator's state is the next index.
-    self._it = _ordered_map(batch_fn, 0, 1 << 62, dataset.num_threads)
+    self._batch_fn, self._threads, self._workers = batch_fn, dataset.num_threads, dataset.num_workers
+    self._step = 0
+    self._it = self._start(0)
+
+  def _start(self, step: int):
+    # An index range as long as any run: index k maps to batch_fn(k) (a pure
+    # function of k), computed ahead in order; the state is the next index.
+    it = _ordered_map(self._batch_fn, step, 1 << 62, self._threads, self._workers)
+    if hasattr(it, "close"):  # worker processes: stopped when this iterator goes, or at exit
+      self._finalizer = weakref.finalize(self, it.close)
+    return it
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    return next(self._it)
+    batch = next(self._it)
+    self._step += 1
+    return batch
+
+  def close(self) -> None:
+    """Stops the worker processes (if any); garbage collection and interpreter exit do it too."""
+    getattr(self._it, "close", lambda: None)()
 
   @property
   def step(self) -> int:
-    return int(self._it.get_state()["next_index"])
+    return self._step
 
   @property
   def epoch(self) -> int:
@@ -366,7 +427,9 @@ class TrainIterator:
     mismatch = {k: (state.get(k), v) for k, v in self._key.items() if state.get(k) != v}
     if mismatch:
       raise ValueError(f"iterator state does not belong to this iterator: (saved, current) = {mismatch}")
-    self._it.set_state({"next_index": int(state["step"])})
+    self.close()
+    self._step = int(state["step"])
+    self._it = self._start(self._step)
 
 
 def make_global_batch(local_batch: dict, sharding: jax.sharding.Sharding) -> dict:
@@ -420,7 +483,8 @@ def _load_fashion_mnist(data_dir: str | None):
 
 
 def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num_classes=None,
-                num_train=None, num_test=None) -> Dataset:
+                num_train=None, num_test=None, normalize_on_device: bool = False,
+                num_workers: int | None = None) -> Dataset:
   """The dataset called ``name`` (one of :data:`DATASETS`).
 
   Args:
@@ -431,6 +495,12 @@ def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num
     num_classes: class count of ``synthetic``; must match for the others.
     num_train, num_test: split sizes of ``synthetic`` (default 50,000 and
       10,000); for real data, use only the first ``n`` examples.
+    normalize_on_device: batches hold uint8 images (a quarter of float32's
+      bytes to the device) and :meth:`Dataset.model_input` normalizes them
+      inside the step (:meth:`Dataset.wrap_step`); False: float32, normalized
+      on the host.
+    num_workers: processes computing ImageNet batches (default: one per core,
+      at most 16; 0: threads in this process). Other datasets use threads.
   """
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
@@ -457,9 +527,7 @@ def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num
   elif name == "fashion_mnist" and (splits := _load_fashion_mnist(data_dir)):
     train, test = splits
   elif name == "imagenet2012":
-    train_src = open_tfds_split(name, "train", data_dir)
-    test_src = open_tfds_split(name, recipe.test_split, data_dir)
-    train, test = _RecordSplit(train_src, len(train_src)), _RecordSplit(test_src, len(test_src))
+    train, test = _imagenet_splits(data_dir, recipe.test_split)
     threads = min(16, os.cpu_count() or 1)
   else:  # small TFDS datasets: decode once, keep in memory
     def load(split, n):
@@ -469,7 +537,23 @@ def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num
   train = _limit(train, num_train, "num_train", name)
   test = _limit(test, num_test, "num_test", name)
   info = DatasetInfo(name, recipe.num_classes, recipe.image_shape, len(train), len(test))
-  return Dataset(info, recipe, train, test, num_threads=threads)
+  if num_workers is None:
+    num_workers = min(16, os.cpu_count() or 1) if name == "imagenet2012" else 0
+  if num_workers < 0:
+    raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+  return Dataset(info, recipe, train, test, num_threads=threads, num_workers=num_workers,
+                 normalize_on_device=normalize_on_device)
+
+
+def _imagenet_splits(data_dir: str | None, test_split: str):
+  """(train, test) of ImageNet: the decode-once cache in ``data_dir`` if built, else TFDS's JPEG records."""
+  if data_dir is not None and imagenet_cache.read_meta(data_dir) is not None:
+    return imagenet_cache.open_split(data_dir, "train"), imagenet_cache.open_split(data_dir, test_split)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  undecoded = {"image": tfds.decode.SkipDecoding()}  # we decode: at reduced scale where the crop allows
+  train_src = open_tfds_split("imagenet2012", "train", data_dir, decoders=undecoded)
+  test_src = open_tfds_split("imagenet2012", test_split, data_dir, decoders=undecoded)
+  return _RecordSplit(train_src, len(train_src)), _RecordSplit(test_src, len(test_src))
 
 
 def from_arrays(recipe_name: str, train_images, train_labels, test_images, test_labels) -> Dataset:
