@@ -55,7 +55,8 @@ import numpy as np
 from tgq_jax.data import imagenet_cache
 from tgq_jax.data.augment import (CROP_ATTEMPTS, center_crop_box, inception_crop_box,  # noqa: F401  (re-exported)
                                   normalize, pad_crop_flip)
-from tgq_jax.data.imagenet import center_crop, random_resized_crop, to_model_input
+from tgq_jax.data.imagenet import (box_rows, canvas_batch, center_crop, crop_resize_on_device, random_resized_crop,
+                                   to_model_input)
 from tgq_jax.data.idx import (DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_FILES, find_idx_files, load_idx_dataset,
                          missing_idx_files)
 from tgq_jax.data.idx import IdxFormatError, parse_idx, read_idx  # noqa: F401  (re-exported: data.read_idx, ...)
@@ -256,19 +257,29 @@ class Dataset:
   """A named dataset: facts, a train iterator and an evaluation pass."""
 
   def __init__(self, info: DatasetInfo, recipe: _Recipe, train, test, *,
-               num_threads: int = _IN_MEMORY_THREADS, num_workers: int = 0, normalize_on_device: bool = False):
+               num_threads: int = _IN_MEMORY_THREADS, num_workers: int = 0, normalize_on_device: bool = False,
+               canvas: int | None = None):
     self.info, self.recipe, self.train, self.test = info, recipe, train, test
     # Batches are computed in this many grain threads; in-memory numpy work
     # needs few (GIL). Per-example work (ImageNet) runs in num_workers processes.
     self.num_threads, self.num_workers = num_threads, num_workers
     # True: batches hold uint8 images; model_input (in the jitted step) normalizes them.
     self.normalize_on_device = normalize_on_device
+    # ImageNet from the uint8 cache: batches hold whole images on a canvas x canvas
+    # uint8 canvas with their crop boxes and flips; model_input crops and resizes.
+    self.canvas = canvas
+    if canvas is not None and not (normalize_on_device and recipe.augment == "inception"):
+      raise ValueError("crops on the device (canvas) need normalize_on_device and the inception recipe")
 
   def model_input(self, batch: dict) -> dict:
     """``batch`` as the model takes it: uint8 images normalized (jittable; identity if the host normalized)."""
     if not self.normalize_on_device:
       return batch
-    return {**batch, "image": to_model_input(batch["image"], self.recipe.mean, self.recipe.std)}
+    image = batch["image"]
+    if "box" in batch:  # whole images on a canvas: crop, resize, flip here
+      image = crop_resize_on_device(image, batch["box"], batch["flip"], self.info.image_shape[:2])
+    rest = {k: v for k, v in batch.items() if k not in ("box", "flip")}
+    return {**rest, "image": to_model_input(image, self.recipe.mean, self.recipe.std)}
 
   def wrap_step(self, step):
     """``step(state, batch, ...)`` taking this dataset's host batches: ``step(state, model_input(batch), ...)``."""
@@ -284,26 +295,35 @@ class Dataset:
     r = self.recipe
     return images if self.normalize_on_device else normalize(images, r.mean, r.std)
 
-  def _train_images(self, images, draws, augment: bool = True) -> np.ndarray:
+  def _train_images(self, images, draws, augment: bool = True) -> dict[str, np.ndarray]:
+    """The image fields of a train batch: ``{"image"}``, or ``{"image", "box", "flip"}`` with a canvas."""
     r = self.recipe
     if not augment:  # the evaluation transform: deterministic, no randomness
       return self._eval_images(images)
+    flip = draws[:, 2] < 0.5
+    if r.augment == "inception" and self.canvas:
+      boxes = [inception_crop_box(*im.shape[:2], d) for im, d in zip(images, draws)]
+      return {"image": canvas_batch(images, self.canvas), "box": box_rows(boxes, [im.shape for im in images]),
+              "flip": flip}
     if r.augment == "inception":
       size = self.info.image_shape[:2]
       out = np.stack([random_resized_crop(im, d, size) for im, d in zip(images, draws)])
-      flip = draws[:, 2] < 0.5
       out[flip] = out[flip, :, ::-1]
     else:
       out = pad_crop_flip(images, draws, r.pad, r.augment == "crop_flip")
-    return self._finish(out)
+    return {"image": self._finish(out)}
 
-  def _eval_images(self, images) -> np.ndarray:
+  def _eval_images(self, images) -> dict[str, np.ndarray]:
     r = self.recipe
-    if r.augment == "inception":
-      size = self.info.image_shape[0]
-      resize = int(round(size / 0.875))  # 224 -> 256
-      images = np.stack([center_crop(im, size, resize) for im in images])
-    return self._finish(np.asarray(images))
+    if r.augment != "inception":
+      return {"image": self._finish(np.asarray(images))}
+    size = self.info.image_shape[0]
+    resize = int(round(size / 0.875))  # 224 -> 256
+    if self.canvas:
+      boxes = [center_crop_box(*im.shape[:2], size, resize) for im in images]
+      return {"image": canvas_batch(images, self.canvas), "box": box_rows(boxes, [im.shape for im in images]),
+              "flip": np.zeros(len(images), bool)}
+    return {"image": self._finish(np.stack([center_crop(im, size, resize) for im in images]))}
 
   def train_batch(self, step: int, *, global_batch_size: int, seed: int,
                   process_index: int, process_count: int, augment: bool = True) -> dict[str, np.ndarray]:
@@ -314,7 +334,7 @@ class Dataset:
                  s * global_batch_size + (process_index + 1) * local)
     images, labels = self.train.take(_permutation(seed, epoch, n)[rows])
     draws = _draws(seed, step, global_batch_size)[process_index * local:(process_index + 1) * local]
-    return {"image": self._train_images(images, draws, augment), "label": labels}
+    return {**self._train_images(images, draws, augment), "label": labels}
 
   def eval_batch(self, index: int, *, global_batch_size: int, process_index: int,
                  process_count: int) -> dict[str, np.ndarray]:
@@ -323,11 +343,16 @@ class Dataset:
     start = index * global_batch_size + process_index * local
     idx = np.arange(start, min(start + local, len(self.test)))
     dtype = np.uint8 if self.normalize_on_device else np.float32
-    out = {"image": np.zeros((local, *self.info.image_shape), dtype),
+    shape = (self.canvas, self.canvas, 3) if self.canvas else self.info.image_shape
+    out = {"image": np.zeros((local, *shape), dtype),
            "label": np.zeros(local, np.int32), "mask": np.zeros(local, np.float32)}
+    if self.canvas:  # padding rows crop the whole (zero) canvas: finite, and masked out
+      out["box"] = np.tile(np.float32([0, 0, self.canvas, self.canvas, self.canvas, self.canvas]), (local, 1))
+      out["flip"] = np.zeros(local, bool)
     if idx.size:
       images, labels = self.test.take(idx)
-      out["image"][:idx.size] = self._eval_images(images)
+      for k, v in self._eval_images(images).items():
+        out[k][:idx.size] = v
       out["label"][:idx.size] = labels
       out["mask"][:idx.size] = 1.0
     return out
@@ -498,7 +523,9 @@ def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num
     normalize_on_device: batches hold uint8 images (a quarter of float32's
       bytes to the device) and :meth:`Dataset.model_input` normalizes them
       inside the step (:meth:`Dataset.wrap_step`); False: float32, normalized
-      on the host.
+      on the host. For ImageNet read from the decode-once cache it also moves
+      the crop, resize and flip there: batches then hold each whole cached
+      image on a fixed uint8 canvas plus ``"box"`` and ``"flip"``.
     num_workers: processes computing ImageNet batches (default: one per core,
       at most 16; 0: threads in this process). Other datasets use threads.
   """
@@ -541,8 +568,10 @@ def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num
     num_workers = min(16, os.cpu_count() or 1) if name == "imagenet2012" else 0
   if num_workers < 0:
     raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+  # From the uint8 cache, with normalization on the device, crops are made there too (RESULTS.md).
+  canvas = train.max_side if normalize_on_device and isinstance(train, imagenet_cache.CachedSplit) else None
   return Dataset(info, recipe, train, test, num_threads=threads, num_workers=num_workers,
-                 normalize_on_device=normalize_on_device)
+                 normalize_on_device=normalize_on_device, canvas=canvas)
 
 
 def _imagenet_splits(data_dir: str | None, test_split: str):
@@ -568,3 +597,30 @@ def from_arrays(recipe_name: str, train_images, train_labels, test_images, test_
   info = DatasetInfo(recipe_name, recipe.num_classes, tuple(train.images.shape[1:]),
                      len(train), len(test))
   return Dataset(info, recipe, train, test)
+
+
+class _ExampleSplit:
+  """Examples held in memory as a list (JPEG bytes or uint8 arrays of any size)."""
+
+  def __init__(self, examples: Sequence, labels):
+    self.examples, self.labels = list(examples), np.asarray(labels, np.int32)
+    self.count = len(self.examples)
+
+  def __len__(self):
+    return self.count
+
+  def take(self, idx: np.ndarray):
+    return [self.examples[int(i)] for i in idx], self.labels[idx]
+
+
+def from_examples(recipe_name: str, train_examples: Sequence, train_labels, test_examples: Sequence, test_labels,
+                  *, image_shape=None, num_workers: int = 0, normalize_on_device: bool = False) -> Dataset:
+  """A dataset of per-example images (JPEG bytes or uint8 (H, W, 3) arrays of any sizes) in memory,
+  read and augmented like ``recipe_name`` (``"imagenet2012"``): for benchmarks and tests."""
+  recipe = _RECIPES[recipe_name]
+  if image_shape is not None:
+    recipe = dataclasses.replace(recipe, image_shape=tuple(int(d) for d in image_shape))
+  train, test = _ExampleSplit(train_examples, train_labels), _ExampleSplit(test_examples, test_labels)
+  info = DatasetInfo(recipe_name, recipe.num_classes, recipe.image_shape, len(train), len(test))
+  return Dataset(info, recipe, train, test, num_threads=1, num_workers=num_workers,
+                 normalize_on_device=normalize_on_device)

@@ -94,9 +94,10 @@ def _encode_batch(items: list[tuple[bytes, int]], max_side: int) -> list[bytes]:
 class CachedSplit:
   """One split of the cache: ``take(idx)`` -> (list of uint8 (H, W, 3) arrays, int32 labels)."""
 
-  def __init__(self, paths: list[str], count: int, name: str):
+  def __init__(self, paths: list[str], count: int, name: str, max_side: int):
     from array_record.python.array_record_data_source import ArrayRecordDataSource  # pylint: disable=g-import-not-at-top
     self.paths, self.count, self.name = paths, count, name
+    self.max_side = max_side  # no stored image is larger in either dimension
     self.source = ArrayRecordDataSource(paths)
     if len(self.source) != count:
       raise CacheError(f"{name}: {len(self.source)} records in {len(paths)} shard(s), meta.json says {count}")
@@ -105,7 +106,7 @@ class CachedSplit:
     return self.count
 
   def take(self, idx: np.ndarray):
-    records = self.source.__getitems__([int(i) for i in idx])
+    records = [self.source[int(i)] for i in idx]  # (__getitems__ starts a thread pool per call)
     pairs = [decode_record(r, f"{self.name} record {int(i)}") for r, i in zip(records, idx)]
     return [p[0] for p in pairs], np.array([p[1] for p in pairs], np.int32)
 
@@ -134,7 +135,7 @@ def open_split(data_dir: str, split: str) -> CachedSplit | None:
   if missing:
     raise CacheError(f"the ImageNet cache in {cache_dir(data_dir)} lacks {len(missing)} shard(s), "
                      f"e.g. {missing[0]}; rebuild it (python -m tgq_jax.data.imagenet_cache)")
-  return CachedSplit(paths, int(entry["count"]), f"{cache_dir(data_dir)} {split}")
+  return CachedSplit(paths, int(entry["count"]), f"{cache_dir(data_dir)} {split}", int(meta["max_side"]))
 
 
 def _write_shard(path: str, records) -> None:
@@ -147,18 +148,16 @@ def _write_shard(path: str, records) -> None:
   os.replace(partial, path)
 
 
-def build(data_dir: str, *, max_side: int = 320, workers: int | None = None, records_per_shard: int = 10_000,
-          chunk: int = 64, log=print) -> dict:
-  """Builds the cache from the TFDS ``imagenet2012`` ArrayRecord files in ``data_dir``; returns meta.json's dict.
+def write_cache(out: str, sources, *, max_side: int = 320, workers: int | None = None,
+                records_per_shard: int = 10_000, chunk: int = 64, log=print) -> dict:
+  """Writes the cache of ``sources`` (``{split: sequence of {"image": JPEG bytes, "label": int}}``) into ``out``.
 
-  Decoding runs in ``workers`` processes (default: all cores). Completed shards
-  of an interrupted build with the same ``max_side`` are kept.
+  Decoding runs in ``workers`` processes (default: all cores). Completed
+  shards of an interrupted build with the same settings are kept. Returns
+  meta.json's dict.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from tgq_jax.data.tfds import open_tfds_split  # pylint: disable=g-import-not-at-top
   if max_side < 32:
     raise ValueError(f"max_side must be >= 32, got {max_side}")
-  out = cache_dir(data_dir)
   os.makedirs(out, exist_ok=True)
   settings_path = os.path.join(out, "settings.json")
   settings = {"format": FORMAT_VERSION, "max_side": max_side, "records_per_shard": records_per_shard}
@@ -173,8 +172,7 @@ def build(data_dir: str, *, max_side: int = 320, workers: int | None = None, rec
   meta = {**settings, "splits": {}}
   workers = workers or os.cpu_count() or 1
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-    for split in SPLITS:
-      source = open_tfds_split("imagenet2012", split, data_dir, decoders={"image": tfds.decode.SkipDecoding()})
+    for split, source in sources.items():
       n = len(source)
       shards = []
       for s, start in enumerate(range(0, n, records_per_shard)):
@@ -193,6 +191,15 @@ def build(data_dir: str, *, max_side: int = 320, workers: int | None = None, rec
     json.dump(meta, f, indent=1)
   os.replace(os.path.join(out, "meta.json.partial"), os.path.join(out, "meta.json"))
   return meta
+
+
+def build(data_dir: str, **kwargs) -> dict:
+  """Builds the cache from the TFDS ``imagenet2012`` ArrayRecord files in ``data_dir`` (kwargs: :func:`write_cache`)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tgq_jax.data.tfds import open_tfds_split  # pylint: disable=g-import-not-at-top
+  undecoded = {"image": tfds.decode.SkipDecoding()}
+  sources = {split: open_tfds_split("imagenet2012", split, data_dir, decoders=undecoded) for split in SPLITS}
+  return write_cache(cache_dir(data_dir), sources, **kwargs)
 
 
 def main(argv=None) -> int:
