@@ -66,7 +66,8 @@ def measure(ds: data.Dataset, batch_size: int, batches: int, warmup: int = 4) ->
     batch = next(it)
   cpu, wall = cpu_seconds() - cpu0, time.perf_counter() - wall0
   # (a cache batch holds whole images on a canvas, cropped and resized on the device)
-  assert batch["image"].shape[0] == batch_size and batch["image"].dtype == np.uint8 or "jpeg, host" in ds.label
+  images = batch.get("pixels", batch.get("image"))
+  assert images.shape[0] == batch_size and (images.dtype == np.uint8) == ds.normalize_on_device
   it.close()
   return batch_size * batches / cpu.sum(), batch_size * batches / wall, cpu[0] / cpu.sum()
 
@@ -115,7 +116,6 @@ def main():
     }
     results = {}
     for name, ds in runs.items():
-      ds.label = name
       if args.only and args.only not in name:
         continue
       per_core, per_wall, main_share = measure(ds, args.batch_size, args.batches)

@@ -161,7 +161,8 @@ def test_cifar10_mock_data_source(tmp_path):
 def test_imagenet_prepared_by_tfds_reads_without_tensorflow():
   """A fake ImageNet prepared by TFDS's real imagenet2012 builder (tests/data/imagenet2012_tfds, see
   test_imagenet.py), read through tfds.data_source as JPEG bytes: no TensorFlow at training time."""
-  ds = data.get_dataset("imagenet2012", data_dir=IMAGENET_FIXTURE, image_shape=(64, 64, 3), num_workers=0)
+  ds = data.get_dataset("imagenet2012", data_dir=IMAGENET_FIXTURE, image_shape=(64, 64, 3), num_workers=0,
+                        normalize_on_device=False)
   assert ds.info == data.DatasetInfo("imagenet2012", 1000, (64, 64, 3), 24, 10)
   it = ds.train_iterator(global_batch_size=4, seed=3, num_devices=1, **ONE)
   train = [next(it) for _ in range(3)]

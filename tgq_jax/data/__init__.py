@@ -12,23 +12,36 @@ Sources
   (or a TFDS copy prepared there; a ``data_dir`` without either is an error
   naming the missing files), else from ``/usr/share/datasets/fashion-mnist``
   (Debian package ``dataset-fashion-mnist``), else TFDS. Works offline.
-* ``mnist``, ``cifar10``, ``cifar100``, ``imagenet2012``: ``tfds.data_source``
-  (ArrayRecord files, random access, no TensorFlow at training time). TFDS
-  decodes the stored PNG/JPEG bytes itself (OpenCV if installed, else Pillow);
-  we resize ImageNet crops with Pillow. See ``docs/data.md`` to prepare them.
+* ``mnist``, ``cifar10``, ``cifar100``: ``tfds.data_source`` (ArrayRecord
+  files, random access, no TensorFlow at training time), decoded once into memory.
+* ``imagenet2012``: the decode-once uint8 cache in ``data_dir`` if built
+  (:mod:`tgq_jax.data.imagenet_cache`), else the JPEG bytes of TFDS's records,
+  decoded by :mod:`tgq_jax.data.imagenet` (DCT-domain downscaling where the
+  crop allows). See ``docs/data.md`` to prepare them.
 * ``synthetic``: deterministic noise images generated on the fly.
 
 Here: the splits, the datasets and their iterators. The idx format lives in
 :mod:`tgq_jax.data.idx`, TFDS access in :mod:`tgq_jax.data.tfds`, augmentation in
-:mod:`tgq_jax.data.augment` (pure numpy functions of images and draws).
+:mod:`tgq_jax.data.augment` (pure numpy functions of images and draws), the
+ImageNet crops in :mod:`tgq_jax.data.imagenet`.
 
 Small datasets (everything but ImageNet) are held in memory as uint8 and
 augmented per batch with vectorized numpy; ImageNet is read and cropped per
 example. Either way a batch is a pure function of ``(seed, step)``: grain
 (``MapDataset.range(...).map(...)``) only runs those functions ahead of time
-in threads and counts where the iterator is, which is what makes the
-iterator's state one integer. grain is optional: without it (a typical GPU
-image) a small thread pool does the same, with the same batches and states.
+(in threads; for ImageNet in worker processes, free of the GIL), and the
+iterator's state is one integer, the step. grain is optional: without it (a
+typical GPU image) a small thread pool does the same, with the same batches
+and states.
+
+What a batch holds
+------------------
+``{"image": float32 NHWC normalized, "label": int32}`` (and ``"mask"`` in
+evaluation) from the small datasets. ImageNet (``normalize_on_device``, its
+default) sends uint8 instead: ``{"pixels": uint8 NHWC crops, "label"}`` from
+JPEGs, or ``{"pixels": uint8 canvases, "box", "flip", "label"}`` from the
+cache, and :meth:`Dataset.model_input` (jittable: :meth:`Dataset.wrap_step`
+puts it inside the step) turns either into ``{"image", "label"}`` on the device.
 
 Order and randomness
 --------------------
@@ -263,8 +276,10 @@ class Dataset:
     # Batches are computed in this many grain threads; in-memory numpy work
     # needs few (GIL). Per-example work (ImageNet) runs in num_workers processes.
     self.num_threads, self.num_workers = num_threads, num_workers
-    # True: batches hold uint8 images; model_input (in the jitted step) normalizes them.
+    # True: batches hold uint8 "pixels" (not "image": a step fed them without
+    # model_input fails at once instead of training on unnormalized input).
     self.normalize_on_device = normalize_on_device
+    self.image_key = "pixels" if normalize_on_device else "image"
     # ImageNet from the uint8 cache: batches hold whole images on a canvas x canvas
     # uint8 canvas with their crop boxes and flips; model_input crops and resizes.
     self.canvas = canvas
@@ -272,13 +287,17 @@ class Dataset:
       raise ValueError("crops on the device (canvas) need normalize_on_device and the inception recipe")
 
   def model_input(self, batch: dict) -> dict:
-    """``batch`` as the model takes it: uint8 images normalized (jittable; identity if the host normalized)."""
-    if not self.normalize_on_device:
+    """``batch`` as the model takes it, ``{"image": float32, ...}``; jittable.
+
+    uint8 ``"pixels"`` (and, from the cache, ``"box"`` and ``"flip"``) become
+    the normalized ``"image"``; a batch that has ``"image"`` already is returned as is.
+    """
+    if "pixels" not in batch:
       return batch
-    image = batch["image"]
+    image = batch["pixels"]
     if "box" in batch:  # whole images on a canvas: crop, resize, flip here
       image = crop_resize_on_device(image, batch["box"], batch["flip"], self.info.image_shape[:2])
-    rest = {k: v for k, v in batch.items() if k not in ("box", "flip")}
+    rest = {k: v for k, v in batch.items() if k not in ("pixels", "box", "flip")}
     return {**rest, "image": to_model_input(image, self.recipe.mean, self.recipe.std)}
 
   def wrap_step(self, step):
@@ -296,14 +315,15 @@ class Dataset:
     return images if self.normalize_on_device else normalize(images, r.mean, r.std)
 
   def _train_images(self, images, draws, augment: bool = True) -> dict[str, np.ndarray]:
-    """The image fields of a train batch: ``{"image"}``, or ``{"image", "box", "flip"}`` with a canvas."""
+    """The image fields of a train batch: ``{"image"}`` (normalized), ``{"pixels"}`` (uint8), or
+    ``{"pixels", "box", "flip"}`` (a canvas)."""
     r = self.recipe
     if not augment:  # the evaluation transform: deterministic, no randomness
       return self._eval_images(images)
     flip = draws[:, 2] < 0.5
     if r.augment == "inception" and self.canvas:
       boxes = [inception_crop_box(*im.shape[:2], d) for im, d in zip(images, draws)]
-      return {"image": canvas_batch(images, self.canvas), "box": box_rows(boxes, [im.shape for im in images]),
+      return {"pixels": canvas_batch(images, self.canvas), "box": box_rows(boxes, [im.shape for im in images]),
               "flip": flip}
     if r.augment == "inception":
       size = self.info.image_shape[:2]
@@ -311,19 +331,19 @@ class Dataset:
       out[flip] = out[flip, :, ::-1]
     else:
       out = pad_crop_flip(images, draws, r.pad, r.augment == "crop_flip")
-    return {"image": self._finish(out)}
+    return {self.image_key: self._finish(out)}
 
   def _eval_images(self, images) -> dict[str, np.ndarray]:
     r = self.recipe
     if r.augment != "inception":
-      return {"image": self._finish(np.asarray(images))}
+      return {self.image_key: self._finish(np.asarray(images))}
     size = self.info.image_shape[0]
     resize = int(round(size / 0.875))  # 224 -> 256
     if self.canvas:
       boxes = [center_crop_box(*im.shape[:2], size, resize) for im in images]
-      return {"image": canvas_batch(images, self.canvas), "box": box_rows(boxes, [im.shape for im in images]),
+      return {"pixels": canvas_batch(images, self.canvas), "box": box_rows(boxes, [im.shape for im in images]),
               "flip": np.zeros(len(images), bool)}
-    return {"image": self._finish(np.stack([center_crop(im, size, resize) for im in images]))}
+    return {self.image_key: self._finish(np.stack([center_crop(im, size, resize) for im in images]))}
 
   def train_batch(self, step: int, *, global_batch_size: int, seed: int,
                   process_index: int, process_count: int, augment: bool = True) -> dict[str, np.ndarray]:
@@ -344,7 +364,7 @@ class Dataset:
     idx = np.arange(start, min(start + local, len(self.test)))
     dtype = np.uint8 if self.normalize_on_device else np.float32
     shape = (self.canvas, self.canvas, 3) if self.canvas else self.info.image_shape
-    out = {"image": np.zeros((local, *shape), dtype),
+    out = {self.image_key: np.zeros((local, *shape), dtype),
            "label": np.zeros(local, np.int32), "mask": np.zeros(local, np.float32)}
     if self.canvas:  # padding rows crop the whole (zero) canvas: finite, and masked out
       out["box"] = np.tile(np.float32([0, 0, self.canvas, self.canvas, self.canvas, self.canvas]), (local, 1))
@@ -508,7 +528,7 @@ def _load_fashion_mnist(data_dir: str | None):
 
 
 def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num_classes=None,
-                num_train=None, num_test=None, normalize_on_device: bool = False,
+                num_train=None, num_test=None, normalize_on_device: bool | None = None,
                 num_workers: int | None = None) -> Dataset:
   """The dataset called ``name`` (one of :data:`DATASETS`).
 
@@ -520,10 +540,11 @@ def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num
     num_classes: class count of ``synthetic``; must match for the others.
     num_train, num_test: split sizes of ``synthetic`` (default 50,000 and
       10,000); for real data, use only the first ``n`` examples.
-    normalize_on_device: batches hold uint8 images (a quarter of float32's
-      bytes to the device) and :meth:`Dataset.model_input` normalizes them
-      inside the step (:meth:`Dataset.wrap_step`); False: float32, normalized
-      on the host. For ImageNet read from the decode-once cache it also moves
+    normalize_on_device: batches hold uint8 ``"pixels"`` (a quarter of
+      float32's bytes to the device) and :meth:`Dataset.model_input` makes the
+      normalized ``"image"`` inside the step (:meth:`Dataset.wrap_step`);
+      False: ``"image"`` float32, normalized on the host. Default: True for
+      ``imagenet2012``, False for the small datasets. For ImageNet read from the decode-once cache it also moves
       the crop, resize and flip there: batches then hold each whole cached
       image on a fixed uint8 canvas plus ``"box"`` and ``"flip"``.
     num_workers: processes computing ImageNet batches (default: one per core,
@@ -564,6 +585,8 @@ def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num
   train = _limit(train, num_train, "num_train", name)
   test = _limit(test, num_test, "num_test", name)
   info = DatasetInfo(name, recipe.num_classes, recipe.image_shape, len(train), len(test))
+  if normalize_on_device is None:
+    normalize_on_device = name == "imagenet2012"
   if num_workers is None:
     num_workers = min(16, os.cpu_count() or 1) if name == "imagenet2012" else 0
   if num_workers < 0:

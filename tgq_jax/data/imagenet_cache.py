@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import math
 import multiprocessing
@@ -36,7 +37,7 @@ SPLITS = ("train", "validation")
 _HEADER = np.dtype("<i4")
 _HEADER_BYTES = 3 * _HEADER.itemsize
 # Random access needs one record per ArrayRecord chunk group (TFDS writes its files the same way).
-_WRITER_OPTIONS = "group_size:1"
+_WRITER_OPTIONS = "group_size:1,uncompressed"  # (raw pixels: reading is a copy, not a decompression)
 
 
 class CacheError(ValueError):
@@ -152,7 +153,7 @@ def write_cache(out: str, sources, *, max_side: int = 320, workers: int | None =
                 records_per_shard: int = 10_000, chunk: int = 64, log=print) -> dict:
   """Writes the cache of ``sources`` (``{split: sequence of {"image": JPEG bytes, "label": int}}``) into ``out``.
 
-  Decoding runs in ``workers`` processes (default: all cores). Completed
+  Decoding runs in ``workers`` processes (default: all cores; 0: in this process). Completed
   shards of an interrupted build with the same settings are kept. Returns
   meta.json's dict.
   """
@@ -170,8 +171,11 @@ def write_cache(out: str, sources, *, max_side: int = 320, workers: int | None =
     with open(settings_path, "w") as f:
       json.dump(settings, f)
   meta = {**settings, "splits": {}}
-  workers = workers or os.cpu_count() or 1
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+  workers = (os.cpu_count() or 1) if workers is None else workers
+  with contextlib.ExitStack() as stack:
+    pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"))) if workers else None
+    run = pool.map if pool else map
     for split, source in sources.items():
       n = len(source)
       shards = []
@@ -183,7 +187,7 @@ def write_cache(out: str, sources, *, max_side: int = 320, workers: int | None =
           continue
         chunks = [[(source[i]["image"], int(source[i]["label"])) for i in range(a, min(stop, a + chunk))]
                   for a in range(start, stop, chunk)]
-        records = (r for batch in pool.map(_encode_batch, chunks, [max_side] * len(chunks)) for r in batch)
+        records = (r for batch in run(_encode_batch, chunks, [max_side] * len(chunks)) for r in batch)
         _write_shard(os.path.join(out, name), records)
         log(f"{split}: {stop}/{n} images")
       meta["splits"][split] = {"count": n, "shards": shards}

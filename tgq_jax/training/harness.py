@@ -429,6 +429,7 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
   tx_thr, tx_w, lr_fn = make_optimizers(cfg, labels, spe)
   has_thr = bool(threshold_names(layers))
   train_fn, eval_fn = make_step_fns(model, tx_thr, tx_w, labels, cfg, info.num_classes, has_thr)
+  train_fn, eval_fn = dataset.wrap_step(train_fn), dataset.wrap_step(eval_fn)  # uint8 "pixels" -> "image" on device
   train_fn, eval_fn = parallel.map_step(train_fn, mesh, kind), parallel.map_step(eval_fn, mesh, kind)
 
   state = create_state(model, info.image_shape, tx_thr, tx_w, cfg.seed)
