@@ -434,7 +434,7 @@ class TrainIterator:
     self.steps_per_epoch = len(dataset.train) // global_batch_size
     self._key = {"seed": seed, "global_batch_size": global_batch_size, "dataset": dataset.info.name}
     self._batch_fn, self._threads, self._workers = batch_fn, dataset.num_threads, dataset.num_workers
-    self._step = 0
+    self._step, self._finalizer = 0, None
     self._it = self._start(0)
 
   def _start(self, step: int):
@@ -473,6 +473,8 @@ class TrainIterator:
     if mismatch:
       raise ValueError(f"iterator state does not belong to this iterator: (saved, current) = {mismatch}")
     self.close()
+    if self._finalizer is not None:
+      self._finalizer.detach()
     self._step = int(state["step"])
     self._it = self._start(self._step)
 
