@@ -283,8 +283,17 @@ class Dataset:
     # ImageNet from the uint8 cache: batches hold whole images on a canvas x canvas
     # uint8 canvas with their crop boxes and flips; model_input crops and resizes.
     self.canvas = canvas
+    self._shared_output = False  # True only in the copies sent to grain's worker processes
     if canvas is not None and not (normalize_on_device and recipe.augment == "inception"):
       raise ValueError("crops on the device (canvas) need normalize_on_device and the inception recipe")
+
+  def _for_workers(self) -> "Dataset":
+    """This dataset as the worker processes compute it (uint8 canvases in shared memory), if it uses workers."""
+    if not (self.num_workers and self.canvas and grain is not None):
+      return self
+    copy = object.__new__(Dataset)
+    copy.__dict__.update(self.__dict__, _shared_output=True)
+    return copy
 
   def model_input(self, batch: dict) -> dict:
     """``batch`` as the model takes it, ``{"image": float32, ...}``; jittable.
@@ -314,6 +323,12 @@ class Dataset:
     r = self.recipe
     return images if self.normalize_on_device else normalize(images, r.mean, r.std)
 
+  def _canvases(self, images) -> np.ndarray:
+    # In a grain worker the canvases are written straight into shared memory, which
+    # grain then hands to the main process as it is (one pass over ~40 MB fewer per batch).
+    empty = np.empty if not self._shared_output else grain.multiprocessing.SharedMemoryArray
+    return canvas_batch(images, self.canvas, empty)
+
   def _train_images(self, images, draws, augment: bool = True) -> dict[str, np.ndarray]:
     """The image fields of a train batch: ``{"image"}`` (normalized), ``{"pixels"}`` (uint8), or
     ``{"pixels", "box", "flip"}`` (a canvas)."""
@@ -323,7 +338,7 @@ class Dataset:
     flip = draws[:, 2] < 0.5
     if r.augment == "inception" and self.canvas:
       boxes = [inception_crop_box(*im.shape[:2], d) for im, d in zip(images, draws)]
-      return {"pixels": canvas_batch(images, self.canvas), "box": box_rows(boxes, [im.shape for im in images]),
+      return {"pixels": self._canvases(images), "box": box_rows(boxes, [im.shape for im in images]),
               "flip": flip}
     if r.augment == "inception":
       size = self.info.image_shape[:2]
@@ -341,7 +356,7 @@ class Dataset:
     resize = int(round(size / 0.875))  # 224 -> 256
     if self.canvas:
       boxes = [center_crop_box(*im.shape[:2], size, resize) for im in images]
-      return {"pixels": canvas_batch(images, self.canvas), "box": box_rows(boxes, [im.shape for im in images]),
+      return {"pixels": self._canvases(images), "box": box_rows(boxes, [im.shape for im in images]),
               "flip": np.zeros(len(images), bool)}
     return {self.image_key: self._finish(np.stack([center_crop(im, size, resize) for im in images]))}
 
@@ -390,7 +405,7 @@ class Dataset:
                  len(self.train), "train")
     if seed < 0:
       raise ValueError(f"seed must be non-negative, got {seed}")
-    fn = functools.partial(self.train_batch, global_batch_size=global_batch_size, seed=seed,
+    fn = functools.partial(self._for_workers().train_batch, global_batch_size=global_batch_size, seed=seed,
                            process_index=p, process_count=count, augment=augment)
     return TrainIterator(self, fn, global_batch_size, seed)
 

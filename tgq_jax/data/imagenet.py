@@ -74,10 +74,10 @@ def center_crop(example, size: int, resize: int) -> np.ndarray:
   return crop_resize(example, lambda h, w: center_crop_box(h, w, size, resize), (size, size))
 
 
-def canvas_batch(images, canvas: int) -> np.ndarray:
+def canvas_batch(images, canvas: int, empty=np.empty) -> np.ndarray:
   """uint8 (N, canvas, canvas, 3) with each (h, w, 3) image at the top left; the rest is left undefined
-  (:func:`crop_resize_on_device` gives it zero weight)."""
-  out = np.empty((len(images), canvas, canvas, 3), np.uint8)
+  (:func:`crop_resize_on_device` gives it zero weight). ``empty(shape, dtype)`` allocates it."""
+  out = empty((len(images), canvas, canvas, 3), np.uint8)
   for o, image in zip(out, images):
     h, w = image.shape[:2]
     if h > canvas or w > canvas:
