@@ -220,6 +220,22 @@ def test_cache_batches_crop_on_the_device_as_the_host_would(cached):
       break
 
 
+def test_cache_batches_from_worker_processes_equal_in_process(cached):
+  """Workers write the canvases into shared memory; the batches are the same, and none is left behind."""
+  kw = dict(data_dir=str(cached), image_shape=(32, 32, 3))
+  expected = data.get_dataset("imagenet2012", num_workers=0, **kw).train_iterator(global_batch_size=8, seed=5, **ONE)
+  it = data.get_dataset("imagenet2012", num_workers=2, **kw).train_iterator(global_batch_size=8, seed=5, **ONE)
+  for _ in range(4):
+    a, b = next(expected), next(it)
+    assert set(a) == set(b) == {"pixels", "box", "flip", "label"}
+    for key in ("box", "flip", "label"):
+      np.testing.assert_array_equal(a[key], b[key])
+    for x, y, box in zip(a["pixels"], b["pixels"], a["box"]):  # (outside the image the canvas is undefined)
+      h, w = int(box[4]), int(box[5])
+      np.testing.assert_array_equal(x[:h, :w], y[:h, :w])
+  it.close()
+
+
 def test_cache_errors(cached):
   out = imagenet_cache.cache_dir(str(cached))
   with pytest.raises(imagenet_cache.CacheError, match="built with .*'max_side': 40.*not.*'max_side': 64"):
