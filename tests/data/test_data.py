@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tgq_jax import data
 
 FASHION_DIR = pathlib.Path(data.DEFAULT_FASHION_MNIST_DIR)
+IMAGENET_FIXTURE = str(pathlib.Path(__file__).parent / "imagenet2012_tfds")
 ONE = dict(process_index=0, process_count=1)
 
 
@@ -157,13 +158,15 @@ def test_cifar10_mock_data_source(tmp_path):
   assert t["label"].dtype == np.int32
 
 
-def test_imagenet_mock_data_source(tmp_path):
-  with tfds.testing.mock_data(num_examples=10, policy=tfds.testing.MockPolicy.USE_CODE):
-    ds = data.get_dataset("imagenet2012", data_dir=str(tmp_path), image_shape=(64, 64, 3))
-    assert ds.info == data.DatasetInfo("imagenet2012", 1000, (64, 64, 3), 10, 10)
-    it = ds.train_iterator(global_batch_size=4, seed=3, num_devices=1, **ONE)
-    train = [next(it) for _ in range(3)]
-    evals = list(ds.eval_batches(global_batch_size=4, num_devices=1, **ONE))
+def test_imagenet_prepared_by_tfds_reads_without_tensorflow():
+  """A fake ImageNet prepared by TFDS's real imagenet2012 builder (tests/data/imagenet2012_tfds, see
+  test_imagenet.py), read through tfds.data_source as JPEG bytes: no TensorFlow at training time."""
+  ds = data.get_dataset("imagenet2012", data_dir=IMAGENET_FIXTURE, image_shape=(64, 64, 3), num_workers=0,
+                        normalize_on_device=False)
+  assert ds.info == data.DatasetInfo("imagenet2012", 1000, (64, 64, 3), 24, 10)
+  it = ds.train_iterator(global_batch_size=4, seed=3, num_devices=1, **ONE)
+  train = [next(it) for _ in range(3)]
+  evals = list(ds.eval_batches(global_batch_size=4, num_devices=1, **ONE))
   assert all(b["image"].shape == (4, 64, 64, 3) and np.isfinite(b["image"]).all() for b in train)
   assert [b["mask"].sum() for b in evals] == [4, 4, 2]
   assert np.all(evals[-1]["image"][2:] == 0)

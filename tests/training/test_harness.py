@@ -167,7 +167,7 @@ class _PoisonedDataset:
   """The synthetic dataset whose 3rd training batch is NaN."""
 
   def __init__(self, inner):
-    self._inner, self.info = inner, inner.info
+    self._inner, self.info, self.wrap_step = inner, inner.info, inner.wrap_step
 
   def eval_batches(self, **kw):
     return self._inner.eval_batches(**kw)

@@ -12,23 +12,36 @@ Sources
   (or a TFDS copy prepared there; a ``data_dir`` without either is an error
   naming the missing files), else from ``/usr/share/datasets/fashion-mnist``
   (Debian package ``dataset-fashion-mnist``), else TFDS. Works offline.
-* ``mnist``, ``cifar10``, ``cifar100``, ``imagenet2012``: ``tfds.data_source``
-  (ArrayRecord files, random access, no TensorFlow at training time). TFDS
-  decodes the stored PNG/JPEG bytes itself (OpenCV if installed, else Pillow);
-  we resize ImageNet crops with Pillow. See ``docs/data.md`` to prepare them.
+* ``mnist``, ``cifar10``, ``cifar100``: ``tfds.data_source`` (ArrayRecord
+  files, random access, no TensorFlow at training time), decoded once into memory.
+* ``imagenet2012``: the decode-once uint8 cache in ``data_dir`` if built
+  (:mod:`tgq_jax.data.imagenet_cache`), else the JPEG bytes of TFDS's records,
+  decoded by :mod:`tgq_jax.data.imagenet` (DCT-domain downscaling where the
+  crop allows). See ``docs/data.md`` to prepare them.
 * ``synthetic``: deterministic noise images generated on the fly.
 
 Here: the splits, the datasets and their iterators. The idx format lives in
 :mod:`tgq_jax.data.idx`, TFDS access in :mod:`tgq_jax.data.tfds`, augmentation in
-:mod:`tgq_jax.data.augment` (pure numpy functions of images and draws).
+:mod:`tgq_jax.data.augment` (pure numpy functions of images and draws), the
+ImageNet crops in :mod:`tgq_jax.data.imagenet`.
 
 Small datasets (everything but ImageNet) are held in memory as uint8 and
 augmented per batch with vectorized numpy; ImageNet is read and cropped per
 example. Either way a batch is a pure function of ``(seed, step)``: grain
 (``MapDataset.range(...).map(...)``) only runs those functions ahead of time
-in threads and counts where the iterator is, which is what makes the
-iterator's state one integer. grain is optional: without it (a typical GPU
-image) a small thread pool does the same, with the same batches and states.
+(in threads; for ImageNet in worker processes, free of the GIL), and the
+iterator's state is one integer, the step. grain is optional: without it (a
+typical GPU image) a small thread pool does the same, with the same batches
+and states.
+
+What a batch holds
+------------------
+``{"image": float32 NHWC normalized, "label": int32}`` (and ``"mask"`` in
+evaluation) from the small datasets. ImageNet (``normalize_on_device``, its
+default) sends uint8 instead: ``{"pixels": uint8 NHWC crops, "label"}`` from
+JPEGs, or ``{"pixels": uint8 canvases, "box", "flip", "label"}`` from the
+cache, and :meth:`Dataset.model_input` (jittable: :meth:`Dataset.wrap_step`
+puts it inside the step) turns either into ``{"image", "label"}`` on the device.
 
 Order and randomness
 --------------------
@@ -45,14 +58,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 
 import jax
 import numpy as np
 
-from tgq_jax.data.augment import (CROP_ATTEMPTS, _resized, center_crop_box, inception_crop_box, normalize,
-                             pad_crop_flip)
+from tgq_jax.data import imagenet_cache
+from tgq_jax.data.augment import (CROP_ATTEMPTS, center_crop_box, inception_crop_box,  # noqa: F401  (re-exported)
+                                  normalize, pad_crop_flip)
+from tgq_jax.data.imagenet import (box_rows, canvas_batch, center_crop, crop_resize_on_device, random_resized_crop,
+                                   to_model_input)
 from tgq_jax.data.idx import (DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_FILES, find_idx_files, load_idx_dataset,
                          missing_idx_files)
 from tgq_jax.data.idx import IdxFormatError, parse_idx, read_idx  # noqa: F401  (re-exported: data.read_idx, ...)
@@ -126,7 +143,7 @@ class _ArraySplit:
 
 
 class _RecordSplit:
-  """A TFDS data source read per example; images keep their own sizes."""
+  """A TFDS data source read per example; images keep their own sizes (and stay JPEG bytes if undecoded)."""
 
   def __init__(self, source: Sequence[dict], count: int):
     self.source, self.count = source, count
@@ -136,7 +153,7 @@ class _RecordSplit:
 
   def take(self, idx: np.ndarray):
     records = [self.source[int(i)] for i in idx]
-    return ([np.asarray(r["image"], np.uint8) for r in records],
+    return ([r["image"] if isinstance(r["image"], bytes) else np.asarray(r["image"], np.uint8) for r in records],
             np.array([r["label"] for r in records], np.int32))
 
 
@@ -229,11 +246,23 @@ class _PrefetchMap:
     self._next, self._queue = int(state["next_index"]), []
 
 
-def _ordered_map(fn, start: int, stop: int, threads: int):
-  """An iterator of ``fn(k)`` for ``k`` in ``[start, stop)`` in order, with ``get_state``/``set_state``."""
+def _ordered_map(fn, start: int, stop: int, threads: int, processes: int = 0):
+  """An iterator of ``fn(k)`` for ``k`` in ``[start, stop)`` in order.
+
+  ``processes > 0``: ``fn`` runs in that many grain worker processes (spawned:
+  ``fn`` must pickle), each computing whole items, so per-example Python work
+  is not serialized by the GIL; else in ``threads`` threads.
+  """
   if grain is None:
     return _PrefetchMap(fn, start, stop, threads)
   ds = grain.MapDataset.range(start, stop).map(fn)
+  if processes:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a program not run by absl has their defaults
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=processes, per_worker_buffer_size=2))
+    return iter(ds)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)))
 
 
@@ -241,34 +270,95 @@ class Dataset:
   """A named dataset: facts, a train iterator and an evaluation pass."""
 
   def __init__(self, info: DatasetInfo, recipe: _Recipe, train, test, *,
-               num_threads: int = _IN_MEMORY_THREADS):
+               num_threads: int = _IN_MEMORY_THREADS, num_workers: int = 0, normalize_on_device: bool = False,
+               canvas: int | None = None):
     self.info, self.recipe, self.train, self.test = info, recipe, train, test
     # Batches are computed in this many grain threads; in-memory numpy work
-    # needs few (GIL), per-example JPEG work more.
-    self.num_threads = num_threads
+    # needs few (GIL). Per-example work (ImageNet) runs in num_workers processes.
+    self.num_threads, self.num_workers = num_threads, num_workers
+    # True: batches hold uint8 "pixels" (not "image": a step fed them without
+    # model_input fails at once instead of training on unnormalized input).
+    self.normalize_on_device = normalize_on_device
+    self.image_key = "pixels" if normalize_on_device else "image"
+    # ImageNet from the uint8 cache: batches hold whole images on a canvas x canvas
+    # uint8 canvas with their crop boxes and flips; model_input crops and resizes.
+    self.canvas = canvas
+    self._shared_output = False  # True only in the copies sent to grain's worker processes
+    if canvas is not None and not (normalize_on_device and recipe.augment == "inception"):
+      raise ValueError("crops on the device (canvas) need normalize_on_device and the inception recipe")
 
-  def _train_images(self, images, draws, augment: bool = True) -> np.ndarray:
+  def _for_workers(self) -> "Dataset":
+    """This dataset as the worker processes compute it (uint8 canvases in shared memory), if it uses workers."""
+    if not (self.num_workers and self.canvas and grain is not None):
+      return self
+    copy = object.__new__(Dataset)
+    copy.__dict__.update(self.__dict__, _shared_output=True)
+    return copy
+
+  def model_input(self, batch: dict) -> dict:
+    """``batch`` as the model takes it, ``{"image": float32, ...}``; jittable.
+
+    uint8 ``"pixels"`` (and, from the cache, ``"box"`` and ``"flip"``) become
+    the normalized ``"image"``; a batch that has ``"image"`` already is returned as is.
+    """
+    if "pixels" not in batch:
+      return batch
+    image = batch["pixels"]
+    if "box" in batch:  # whole images on a canvas: crop, resize, flip here
+      image = crop_resize_on_device(image, batch["box"], batch["flip"], self.info.image_shape[:2])
+    rest = {k: v for k, v in batch.items() if k not in ("pixels", "box", "flip")}
+    return {**rest, "image": to_model_input(image, self.recipe.mean, self.recipe.std)}
+
+  def wrap_step(self, step):
+    """``step(state, batch, ...)`` taking this dataset's host batches: ``step(state, model_input(batch), ...)``."""
+    if not self.normalize_on_device:
+      return step
+
+    @functools.wraps(step)
+    def wrapped(state, batch, *args, **kwargs):
+      return step(state, self.model_input(batch), *args, **kwargs)
+    return wrapped
+
+  def _finish(self, images: np.ndarray) -> np.ndarray:
+    r = self.recipe
+    return images if self.normalize_on_device else normalize(images, r.mean, r.std)
+
+  def _canvases(self, images) -> np.ndarray:
+    # In a grain worker the canvases are written straight into shared memory, which
+    # grain then hands to the main process as it is (one pass over ~40 MB fewer per batch).
+    empty = np.empty if not self._shared_output else grain.multiprocessing.SharedMemoryArray
+    return canvas_batch(images, self.canvas, empty)
+
+  def _train_images(self, images, draws, augment: bool = True) -> dict[str, np.ndarray]:
+    """The image fields of a train batch: ``{"image"}`` (normalized), ``{"pixels"}`` (uint8), or
+    ``{"pixels", "box", "flip"}`` (a canvas)."""
     r = self.recipe
     if not augment:  # the evaluation transform: deterministic, no randomness
       return self._eval_images(images)
+    flip = draws[:, 2] < 0.5
+    if r.augment == "inception" and self.canvas:
+      boxes = [inception_crop_box(*im.shape[:2], d) for im, d in zip(images, draws)]
+      return {"pixels": self._canvases(images), "box": box_rows(boxes, [im.shape for im in images]),
+              "flip": flip}
     if r.augment == "inception":
       size = self.info.image_shape[:2]
-      out = np.stack([_resized(im, inception_crop_box(*im.shape[:2], d), size)
-                      for im, d in zip(images, draws)])
-      flip = draws[:, 2] < 0.5
+      out = np.stack([random_resized_crop(im, d, size) for im, d in zip(images, draws)])
       out[flip] = out[flip, :, ::-1]
     else:
       out = pad_crop_flip(images, draws, r.pad, r.augment == "crop_flip")
-    return normalize(out, r.mean, r.std)
+    return {self.image_key: self._finish(out)}
 
-  def _eval_images(self, images) -> np.ndarray:
+  def _eval_images(self, images) -> dict[str, np.ndarray]:
     r = self.recipe
-    if r.augment == "inception":
-      size = self.info.image_shape[0]
-      resize = int(round(size / 0.875))  # 224 -> 256
-      images = np.stack([_resized(im, center_crop_box(*im.shape[:2], size, resize), (size, size))
-                         for im in images])
-    return normalize(images, r.mean, r.std)
+    if r.augment != "inception":
+      return {self.image_key: self._finish(np.asarray(images))}
+    size = self.info.image_shape[0]
+    resize = int(round(size / 0.875))  # 224 -> 256
+    if self.canvas:
+      boxes = [center_crop_box(*im.shape[:2], size, resize) for im in images]
+      return {"pixels": self._canvases(images), "box": box_rows(boxes, [im.shape for im in images]),
+              "flip": np.zeros(len(images), bool)}
+    return {self.image_key: self._finish(np.stack([center_crop(im, size, resize) for im in images]))}
 
   def train_batch(self, step: int, *, global_batch_size: int, seed: int,
                   process_index: int, process_count: int, augment: bool = True) -> dict[str, np.ndarray]:
@@ -279,7 +369,7 @@ class Dataset:
                  s * global_batch_size + (process_index + 1) * local)
     images, labels = self.train.take(_permutation(seed, epoch, n)[rows])
     draws = _draws(seed, step, global_batch_size)[process_index * local:(process_index + 1) * local]
-    return {"image": self._train_images(images, draws, augment), "label": labels}
+    return {**self._train_images(images, draws, augment), "label": labels}
 
   def eval_batch(self, index: int, *, global_batch_size: int, process_index: int,
                  process_count: int) -> dict[str, np.ndarray]:
@@ -287,11 +377,17 @@ class Dataset:
     local = global_batch_size // process_count
     start = index * global_batch_size + process_index * local
     idx = np.arange(start, min(start + local, len(self.test)))
-    out = {"image": np.zeros((local, *self.info.image_shape), np.float32),
+    dtype = np.uint8 if self.normalize_on_device else np.float32
+    shape = (self.canvas, self.canvas, 3) if self.canvas else self.info.image_shape
+    out = {self.image_key: np.zeros((local, *shape), dtype),
            "label": np.zeros(local, np.int32), "mask": np.zeros(local, np.float32)}
+    if self.canvas:  # padding rows crop the whole (zero) canvas: finite, and masked out
+      out["box"] = np.tile(np.float32([0, 0, self.canvas, self.canvas, self.canvas, self.canvas]), (local, 1))
+      out["flip"] = np.zeros(local, bool)
     if idx.size:
       images, labels = self.test.take(idx)
-      out["image"][:idx.size] = self._eval_images(images)
+      for k, v in self._eval_images(images).items():
+        out[k][:idx.size] = v
       out["label"][:idx.size] = labels
       out["mask"][:idx.size] = 1.0
     return out
@@ -309,7 +405,7 @@ class Dataset:
                  len(self.train), "train")
     if seed < 0:
       raise ValueError(f"seed must be non-negative, got {seed}")
-    fn = functools.partial(self.train_batch, global_batch_size=global_batch_size, seed=seed,
+    fn = functools.partial(self._for_workers().train_batch, global_batch_size=global_batch_size, seed=seed,
                            process_index=p, process_count=count, augment=augment)
     return TrainIterator(self, fn, global_batch_size, seed)
 
@@ -328,7 +424,18 @@ class Dataset:
                  len(self.test), "test")
     fn = functools.partial(self.eval_batch, global_batch_size=global_batch_size,
                            process_index=p, process_count=count)
-    return _ordered_map(fn, 0, self.num_eval_batches(global_batch_size), self.num_threads)
+    n = self.num_eval_batches(global_batch_size)
+    # Starting worker processes (each imports jax) pays only for a long pass.
+    workers = self.num_workers if n >= 4 * self.num_workers else 0
+    return _closing(_ordered_map(fn, 0, n, self.num_threads, workers))
+
+
+def _closing(iterator):
+  """Yields from ``iterator``, then closes it (stops its worker processes, if any)."""
+  try:
+    yield from iterator
+  finally:
+    getattr(iterator, "close", lambda: None)()
 
 
 class TrainIterator:
@@ -341,19 +448,33 @@ class TrainIterator:
   def __init__(self, dataset: Dataset, batch_fn, global_batch_size: int, seed: int):
     self.steps_per_epoch = len(dataset.train) // global_batch_size
     self._key = {"seed": seed, "global_batch_size": global_batch_size, "dataset": dataset.info.name}
-    # An index range as long as any run: index k maps to batch_fn(k) in
-    # threads, in order, and the iterator's state is the next index.
-    self._it = _ordered_map(batch_fn, 0, 1 << 62, dataset.num_threads)
+    self._batch_fn, self._threads, self._workers = batch_fn, dataset.num_threads, dataset.num_workers
+    self._step, self._finalizer = 0, None
+    self._it = self._start(0)
+
+  def _start(self, step: int):
+    # An index range as long as any run: index k maps to batch_fn(k) (a pure
+    # function of k), computed ahead in order; the state is the next index.
+    it = _ordered_map(self._batch_fn, step, 1 << 62, self._threads, self._workers)
+    if hasattr(it, "close"):  # worker processes: stopped when this iterator goes, or at exit
+      self._finalizer = weakref.finalize(self, it.close)
+    return it
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    return next(self._it)
+    batch = next(self._it)
+    self._step += 1
+    return batch
+
+  def close(self) -> None:
+    """Stops the worker processes (if any); garbage collection and interpreter exit do it too."""
+    getattr(self._it, "close", lambda: None)()
 
   @property
   def step(self) -> int:
-    return int(self._it.get_state()["next_index"])
+    return self._step
 
   @property
   def epoch(self) -> int:
@@ -366,7 +487,11 @@ class TrainIterator:
     mismatch = {k: (state.get(k), v) for k, v in self._key.items() if state.get(k) != v}
     if mismatch:
       raise ValueError(f"iterator state does not belong to this iterator: (saved, current) = {mismatch}")
-    self._it.set_state({"next_index": int(state["step"])})
+    self.close()
+    if self._finalizer is not None:
+      self._finalizer.detach()
+    self._step = int(state["step"])
+    self._it = self._start(self._step)
 
 
 def make_global_batch(local_batch: dict, sharding: jax.sharding.Sharding) -> dict:
@@ -420,7 +545,8 @@ def _load_fashion_mnist(data_dir: str | None):
 
 
 def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num_classes=None,
-                num_train=None, num_test=None) -> Dataset:
+                num_train=None, num_test=None, normalize_on_device: bool | None = None,
+                num_workers: int | None = None) -> Dataset:
   """The dataset called ``name`` (one of :data:`DATASETS`).
 
   Args:
@@ -431,6 +557,15 @@ def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num
     num_classes: class count of ``synthetic``; must match for the others.
     num_train, num_test: split sizes of ``synthetic`` (default 50,000 and
       10,000); for real data, use only the first ``n`` examples.
+    normalize_on_device: batches hold uint8 ``"pixels"`` (a quarter of
+      float32's bytes to the device) and :meth:`Dataset.model_input` makes the
+      normalized ``"image"`` inside the step (:meth:`Dataset.wrap_step`);
+      False: ``"image"`` float32, normalized on the host. Default: True for
+      ``imagenet2012``, False for the small datasets. For ImageNet read from the decode-once cache it also moves
+      the crop, resize and flip there: batches then hold each whole cached
+      image on a fixed uint8 canvas plus ``"box"`` and ``"flip"``.
+    num_workers: processes computing ImageNet batches (default: one per core,
+      at most 16; 0: threads in this process). Other datasets use threads.
   """
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
@@ -457,9 +592,7 @@ def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num
   elif name == "fashion_mnist" and (splits := _load_fashion_mnist(data_dir)):
     train, test = splits
   elif name == "imagenet2012":
-    train_src = open_tfds_split(name, "train", data_dir)
-    test_src = open_tfds_split(name, recipe.test_split, data_dir)
-    train, test = _RecordSplit(train_src, len(train_src)), _RecordSplit(test_src, len(test_src))
+    train, test = _imagenet_splits(data_dir, recipe.test_split)
     threads = min(16, os.cpu_count() or 1)
   else:  # small TFDS datasets: decode once, keep in memory
     def load(split, n):
@@ -469,7 +602,27 @@ def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num
   train = _limit(train, num_train, "num_train", name)
   test = _limit(test, num_test, "num_test", name)
   info = DatasetInfo(name, recipe.num_classes, recipe.image_shape, len(train), len(test))
-  return Dataset(info, recipe, train, test, num_threads=threads)
+  if normalize_on_device is None:
+    normalize_on_device = name == "imagenet2012"
+  if num_workers is None:
+    num_workers = min(16, os.cpu_count() or 1) if name == "imagenet2012" else 0
+  if num_workers < 0:
+    raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+  # From the uint8 cache, with normalization on the device, crops are made there too (RESULTS.md).
+  canvas = train.max_side if normalize_on_device and isinstance(train, imagenet_cache.CachedSplit) else None
+  return Dataset(info, recipe, train, test, num_threads=threads, num_workers=num_workers,
+                 normalize_on_device=normalize_on_device, canvas=canvas)
+
+
+def _imagenet_splits(data_dir: str | None, test_split: str):
+  """(train, test) of ImageNet: the decode-once cache in ``data_dir`` if built, else TFDS's JPEG records."""
+  if data_dir is not None and imagenet_cache.read_meta(data_dir) is not None:
+    return imagenet_cache.open_split(data_dir, "train"), imagenet_cache.open_split(data_dir, test_split)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  undecoded = {"image": tfds.decode.SkipDecoding()}  # we decode: at reduced scale where the crop allows
+  train_src = open_tfds_split("imagenet2012", "train", data_dir, decoders=undecoded)
+  test_src = open_tfds_split("imagenet2012", test_split, data_dir, decoders=undecoded)
+  return _RecordSplit(train_src, len(train_src)), _RecordSplit(test_src, len(test_src))
 
 
 def from_arrays(recipe_name: str, train_images, train_labels, test_images, test_labels) -> Dataset:
@@ -484,3 +637,30 @@ def from_arrays(recipe_name: str, train_images, train_labels, test_images, test_
   info = DatasetInfo(recipe_name, recipe.num_classes, tuple(train.images.shape[1:]),
                      len(train), len(test))
   return Dataset(info, recipe, train, test)
+
+
+class _ExampleSplit:
+  """Examples held in memory as a list (JPEG bytes or uint8 arrays of any size)."""
+
+  def __init__(self, examples: Sequence, labels):
+    self.examples, self.labels = list(examples), np.asarray(labels, np.int32)
+    self.count = len(self.examples)
+
+  def __len__(self):
+    return self.count
+
+  def take(self, idx: np.ndarray):
+    return [self.examples[int(i)] for i in idx], self.labels[idx]
+
+
+def from_examples(recipe_name: str, train_examples: Sequence, train_labels, test_examples: Sequence, test_labels,
+                  *, image_shape=None, num_workers: int = 0, normalize_on_device: bool = False) -> Dataset:
+  """A dataset of per-example images (JPEG bytes or uint8 (H, W, 3) arrays of any sizes) in memory,
+  read and augmented like ``recipe_name`` (``"imagenet2012"``): for benchmarks and tests."""
+  recipe = _RECIPES[recipe_name]
+  if image_shape is not None:
+    recipe = dataclasses.replace(recipe, image_shape=tuple(int(d) for d in image_shape))
+  train, test = _ExampleSplit(train_examples, train_labels), _ExampleSplit(test_examples, test_labels)
+  info = DatasetInfo(recipe_name, recipe.num_classes, recipe.image_shape, len(train), len(test))
+  return Dataset(info, recipe, train, test, num_threads=1, num_workers=num_workers,
+                 normalize_on_device=normalize_on_device)

@@ -76,12 +76,3 @@ def center_crop_box(height: int, width: int, size: int, resize: int) -> tuple[fl
   side = min(height, width) * size / resize
   top, left = (height - side) / 2, (width - side) / 2
   return left, top, left + side, top + side
-
-
-def _resized(image: np.ndarray, box, size: tuple[int, int]) -> np.ndarray:
-  """Crops ``box`` and resizes it to ``size`` (H, W) in one bilinear Pillow pass."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  if image.shape[-1] == 1:
-    image = np.repeat(image, 3, axis=-1)
-  out = Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR, box=box)
-  return np.asarray(out)

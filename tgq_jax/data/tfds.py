@@ -28,8 +28,11 @@ def _prepare_hint(name: str, data_dir: str | None) -> str:
           "See docs/data.md.")
 
 
-def open_tfds_split(name: str, split: str, data_dir: str | None) -> Sequence[dict]:
+def open_tfds_split(name: str, split: str, data_dir: str | None, decoders=None) -> Sequence[dict]:
   """``tfds.data_source`` for a prepared split; never downloads or prepares.
+
+  ``decoders``: TFDS's per-feature decoders, e.g. ``{"image": tfds.decode.SkipDecoding()}``
+  for the encoded JPEG bytes.
 
   Raises:
     DatasetNotPreparedError: with the command to prepare it, if the dataset
@@ -37,8 +40,8 @@ def open_tfds_split(name: str, split: str, data_dir: str | None) -> Sequence[dic
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                            try_gcs=False)
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False, try_gcs=False,
+                            decoders=decoders)
   except Exception as e:  # TFDS says "TFRECORD is not supported" when absent.
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():

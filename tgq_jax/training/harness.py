@@ -427,6 +427,7 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
   tga, lr_fn = make_tga(cfg, labels, spe)
   has_thr = bool(threshold_names(layers))
   train_fn, eval_fn = make_step_fns(model, tga, cfg, info.num_classes)
+  train_fn, eval_fn = dataset.wrap_step(train_fn), dataset.wrap_step(eval_fn)  # uint8 "pixels" -> "image" on device
   train_fn, eval_fn = parallel.map_step(train_fn, mesh, kind), parallel.map_step(eval_fn, mesh, kind)
 
   state = create_state(model, info.image_shape, tga, cfg.seed)
