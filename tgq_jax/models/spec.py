@@ -18,7 +18,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tgq_jax.core.policy import QuantPolicy
+from tgq_jax.core.policy import ON_UNQUANTIZED, QuantPolicy
 from tgq_jax.frontends.linen import ternarize_model
 from tgq_jax.models.registry import archs, constructor_arguments, create_model, data_options, registered
 
@@ -27,7 +27,8 @@ MAX_NAME = 200  # characters of an arch name
 MAX_DEPTH = 16  # nesting of a constructor option's JSON value
 _SPEC_KEYS = frozenset({"arch", "num_classes", "policy", "dtype", "kwargs"})
 _POLICY_TYPES = {"quantizer": (str,), "per_channel": (bool,), "include": (list, tuple), "exclude": (list, tuple),
-                 "ternary_first": (bool,), "ternary_last": (bool,), "dtype": (str, type(None))}
+                 "ternary_first": (bool,), "ternary_last": (bool,), "dtype": (str, type(None)),
+                 "on_unquantized": (str,)}
 MAX_PATTERNS, MAX_PATTERN = 64, 200  # a policy's include/exclude regular expressions: count, characters each
 MAX_REPEATS = 3  # unbounded repetitions (*, +, {) in one pattern read from a file
 
@@ -96,6 +97,8 @@ def policy_from_dict(d: Any) -> QuantPolicy:
       raise ValueError(f"policy.{key}: at most {MAX_PATTERNS} strings of at most {MAX_PATTERN} characters.")
     for pattern in patterns:
       check_file_pattern(pattern, f"policy.{key}")
+  if d.get("on_unquantized", "warn") not in ON_UNQUANTIZED:
+    raise ValueError(f"policy.on_unquantized: {d['on_unquantized']!r:.60} is not one of {', '.join(ON_UNQUANTIZED)}.")
   if d.get("dtype") is not None and d["dtype"] not in DTYPES:
     raise ValueError(f"policy.dtype: {d['dtype']!r:.60} is not one of {', '.join(DTYPES)}.")
   return QuantPolicy.from_dict(dict(d))
