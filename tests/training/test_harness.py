@@ -594,7 +594,7 @@ def test_a_workdir_that_is_a_file_or_cannot_be_created_is_one_line(tmp_path):
 def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
   def refuse(*args, **kwargs):
     raise PermissionError(13, "Permission denied")
-  monkeypatch.setattr(harness.tempfile, "TemporaryFile", refuse)  # as root, chmod would not stop a write
+  monkeypatch.setattr(workdir_lib.tempfile, "TemporaryFile", refuse)  # as root, chmod would not stop a write
   with pytest.raises(ValueError, match=f"^--workdir {tmp_path} cannot be written \\(Permission denied\\)$"):
     harness.train_and_evaluate(quick(tmp_path, max_steps=1), verbose=False)
 

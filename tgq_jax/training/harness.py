@@ -45,7 +45,8 @@ from tgq_jax.training.configs import Config
 from tgq_jax.frontends.linen_layers import init_ternary_from_fp, layer_stats, quantized_layers, threshold_pass
 from tgq_jax.models import create_model, load_torchvision_weights
 from tgq_jax.training.parallel import AXIS
-from tgq_jax.training.workdir import check_run_config, prepare_workdir, write_run_config
+from tgq_jax.training.workdir import (WriteFailure, check_resume_config, check_run_config, prepare_workdir,
+                                      workdir_lock, write_json_atomically, write_run_config, writing)
 
 # --- the algorithm, configured from a Config ----------------------------------
 
@@ -236,9 +237,69 @@ def _read_jsonl(path: str) -> list[dict]:
 
 def _rewrite_jsonl(path: str, rows: list[dict]) -> None:
   tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-  os.replace(tmp, path)  # atomic: a crash leaves the old or the new file
+  try:
+    with writing(path):
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+      os.replace(tmp, path)  # atomic: a crash (or a full disk) leaves the old or the new file
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+
+
+def _append(fd: int, data: bytes) -> None:
+  """Appends ``data`` to the file ``fd`` entirely or not at all (a failed write is truncated away)."""
+  size = os.fstat(fd).st_size
+  view = memoryview(data)
+  try:
+    while view:
+      view = view[os.write(fd, view):]
+  except OSError:
+    with contextlib.suppress(OSError):
+      os.ftruncate(fd, size)
+    raise
+
+
+class _EventFile:
+  """TensorBoard scalars written synchronously: a write that fails raises here, on this thread.
+
+  (tensorboardX's ``SummaryWriter`` writes from a worker thread and again at exit: on a
+  full disk that is a traceback per attempt and no way to stop cleanly.) Built from
+  tensorboardX's ``EventsWriter`` and protos; ``purge_step`` discards the events a killed
+  run wrote after it, as ``SummaryWriter(purge_step=...)`` does.
+  """
+
+  def __init__(self, logdir: str, purge_step: int):
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.summary import scalar
+
+    self._event, self._scalar = Event, scalar
+    os.makedirs(logdir, exist_ok=True)
+    self._writer = EventsWriter(os.path.join(logdir, "events"))
+    try:
+      self._writer.write_event(Event(step=purge_step, wall_time=time.time(), file_version="brain.Event:2"))
+      self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
+                                     session_log=SessionLog(status=SessionLog.START)))
+      self._writer.flush()
+    except OSError:
+      self.close()
+      raise
+
+  def add_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+    try:
+      for tag, value in scalars.items():
+        self._writer.write_event(self._event(summary=self._scalar(tag, value), step=step, wall_time=time.time()))
+      self._writer.flush()
+    except OSError:
+      self.close()
+      raise
+
+  def close(self) -> None:
+    if self._writer is not None:
+      writer, self._writer = self._writer, None
+      with contextlib.suppress(OSError):  # (after a failed write: the error was raised already)
+        writer.close()
 
 
 class MetricsWriter:
@@ -249,49 +310,63 @@ class MetricsWriter:
   after that step (the resumed run writes them again, identically), and a row
   for a (split, step) already there replaces it (an eval-only run's test row).
   TensorBoard events after ``start_step`` are purged likewise. Only process 0 writes.
+  A row is appended whole or not at all; a failed write is :class:`WriteFailure`.
   """
 
   def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
     self.enabled = enabled
-    self._jsonl = self._tb = None
+    self._fd = self._tb = None
     if enabled:
       self._path = os.path.join(workdir, "metrics.jsonl")
       kept = [r for r in _read_jsonl(self._path) if r.get("step", 0) <= start_step]
       if os.path.exists(self._path):  # (also drops a line a crash cut short, which appending would extend)
         _rewrite_jsonl(self._path, kept)
       self._keys = {(r.get("split"), r.get("step")) for r in kept}
-      self._jsonl = open(self._path, "a")
+      self._open()
+      self._tb_dir = os.path.join(workdir, "tensorboard")
       try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+        with writing(f"TensorBoard events in {self._tb_dir}"):
+          self._tb = _EventFile(self._tb_dir, purge_step=start_step + 1)
       except ImportError:  # optional: metrics.jsonl is the record
         self._tb = None
+      except WriteFailure:
+        self.close()
+        raise
+
+  def _open(self) -> None:
+    with writing(self._path):
+      self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
     key = (record["split"], record["step"])
     if key in self._keys:  # rare (re-evaluating a finished run): rewrite without the old row
-      self._jsonl.close()
+      os.close(self._fd)
       _rewrite_jsonl(self._path, [r for r in _read_jsonl(self._path) if (r.get("split"), r.get("step")) != key])
-      self._jsonl = open(self._path, "a")
+      self._open()
+    with writing(self._path):
+      _append(self._fd, (json.dumps(record) + "\n").encode())
     self._keys.add(key)
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
     if self._tb is not None:
-      for k, v in record.items():
-        if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-          self._tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
-      for name, value in record.get("delta", {}).items():
-        self._tb.add_scalar(f"delta/{name}", value, record["step"])
-      for layer in record.get("layers", []):
-        for k in ("sparsity", "threshold", "scale"):
-          if layer[k] is not None:  # None: a full-precision layer
-            self._tb.add_scalar(f"layers/{layer['name']}/{k}", layer[k], record["step"])
+      with writing(f"TensorBoard events in {self._tb_dir}"):
+        self._tb.add_scalars(self._scalars(record), record["step"])
+
+  @staticmethod
+  def _scalars(record: dict) -> dict[str, float]:
+    out = {f"{record['split']}/{k}": v for k, v in record.items()
+           if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+    out.update({f"delta/{name}": value for name, value in record.get("delta", {}).items()})
+    for layer in record.get("layers", []):
+      for k in ("sparsity", "threshold", "scale"):
+        if layer[k] is not None:  # None: a full-precision layer
+          out[f"layers/{layer['name']}/{k}"] = layer[k]
+    return out
 
   def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
     if self._tb is not None:
       self._tb.close()
 
@@ -307,6 +382,36 @@ def evaluate(eval_fn: Callable, state: TrainState, dataset, cfg: Config, mesh, k
   return {k: float(v) / count for k, v in totals.items()}
 
 
+@functools.lru_cache(maxsize=None)
+def _finite_parts_fn(quantizer):
+  """One jitted "are the scales, negative scales and thresholds of this kernel all finite" per quantizer."""
+
+  def finite(kernel, qparams):
+    parts = quantizer.parts(kernel, qparams)
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in (parts.scale, parts.neg_scale, parts.threshold)]))
+
+  return jax.jit(finite)
+
+
+def nonfinite_scales(params: Mapping, layers: Mapping) -> list[str]:
+  """Names of the ternary layers whose scales or thresholds (``Quantizer.parts``) are not all finite.
+
+  A checkpoint needs them finite: export packs them and a resumed run multiplies
+  by them. Finite weights do not make finite scales (a mean of huge weights overflows).
+  """
+  bad = []
+  for path, quantizer in layers.items():
+    if not quantizer.ternary:
+      continue
+    layer = params
+    for key in path:
+      layer = layer[key]
+    qparams = {name: layer[name] for name in quantizer.param_names}
+    if not bool(_finite_parts_fn(quantizer)(layer["kernel"], qparams)):
+      bad.append("/".join(path))
+  return bad
+
+
 class DivergenceGuard:
   """The divergence rule (docs/training.md); :meth:`fail` stops the run naming the step and the reason.
 
@@ -320,10 +425,12 @@ class DivergenceGuard:
     passed). The floor keeps small, noisy losses late in training from
     tripping it (with 10 classes only a loss above 23 can); starting at the
     floor needs no warm-up and lets no early explosion become "the level";
-  * any leaf of the state (parameters, thresholds, BatchNorm statistics,
-    optimizer states) is NaN or Inf, or a ternary layer has sparsity 1.0
-    (every weight zero) or a non-finite threshold (checked at every train log
-    row and before every save, so nothing diverged is ever saved).
+  * the state is not usable: any leaf (parameters, thresholds, BatchNorm
+    statistics, optimizer states) is NaN or Inf, a ternary layer's scales or
+    threshold as its quantizer computes them (``Quantizer.parts``: what export
+    packs and a resume uses) are not finite, or a ternary layer has sparsity
+    1.0 (every weight zero). Checked at every train log row and before every
+    save, so nothing diverged or unusable is ever saved.
   """
 
   LOSS_FACTOR = 10.0
@@ -359,43 +466,101 @@ class DivergenceGuard:
     self._running = self.LOSS_DECAY * self._running + (1 - self.LOSS_DECAY) * loss
 
   def check_state(self, step: int, host_state: TrainState) -> None:
-    """Every leaf finite (thresholds named as such), no ternary layer with every weight zero."""
+    """Every leaf finite (thresholds named as such), every ternary layer's scales finite and not every
+    weight of one zero."""
     bad = checkpoints.nonfinite_leaves(checkpoints.flat_arrays(flax.serialization.to_state_dict(host_state)))
     for leaf in bad:  # a threshold first: the likelier cause, and the clearer message
       if leaf in self._thresholds:
         self.fail(step, f"layer {self._thresholds[leaf]} has a non-finite threshold ({leaf})")
     if bad:
       self.fail(step, str(checkpoints.NonFiniteStateError(bad)))
+    if scales := nonfinite_scales(host_state.params, self.layers):
+      more = f" (and {len(scales) - 1} more)" if len(scales) > 1 else ""
+      self.fail(step, f"layer {scales[0]}{more} has non-finite scales (its weights overflow float32), a "
+                      "checkpoint of it could be neither resumed nor exported")
     for s in layer_stats(host_state.params, self.layers):
       if s.scale is not None and s.sparsity >= 1.0:  # (scale None: a full-precision layer)
         self.fail(step, f"layer {s.name} has sparsity 1.0 (every weight is zero)")
 
 
 class _Preemption:
-  """SIGTERM sets a flag the loop checks after every step (then: save, exit cleanly)."""
+  """SIGTERM and SIGINT (Ctrl-C) set :attr:`signal` (its name), which the loop checks after every step
+  (then: save, summary, exit cleanly). A second SIGINT interrupts at once (KeyboardInterrupt)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signal: str | None = None
+    self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
   def _handle(self, signum, frame):
-    self.requested = True
+    if signum == signal.SIGINT and self.signal == "SIGINT":
+      raise KeyboardInterrupt  # pressed twice: the user does not want to wait for the save
+    self.signal = signal.Signals(signum).name
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
 
 
-def setup(cfg: Config):
-  """Builds everything a run needs; raises ValueError (one line) on bad options, before any work."""
+def check_eval_only(cfg: Config) -> None:
+  """ValueError (one line) if ``--eval-only`` names a workdir without a checkpoint (nothing to evaluate)."""
+  workdir = cfg.resolved_workdir()
+  directory = os.path.join(workdir, "checkpoints")
+  if not (os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))):
+    what = "does not exist" if not os.path.exists(workdir) else "holds no checkpoint"
+    raise ValueError(f"--eval-only: workdir {workdir} {what}; it evaluates a trained run's checkpoint "
+                     "(a mistyped --workdir?)")
+
+
+def check_image_shape(cfg: Config, num_classes: int, image_shape: tuple[int, ...]) -> None:
+  """ValueError (one line) unless a training step of ``cfg``'s model can take images of ``image_shape``.
+
+  Traces (does not run) the gradient of the model in training mode on a batch
+  of such images: too small an image fails in a pooling or slicing op only there.
+  """
+  model = cfg.model_spec(num_classes).build()  # (no BatchNorm axis: traced outside the mapped step)
+  images = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
+  key = jax.random.PRNGKey(0)
+
+  def train_loss(x):
+    variables = model.init({"params": key, "dropout": key}, x, train=False)
+
+    def loss(params):
+      out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                           rngs={"dropout": key})
+      return jnp.sum(out.astype(jnp.float32))
+
+    return jax.grad(loss)(variables["params"])
+
+  try:
+    jax.eval_shape(train_loss, images)
+  except (TypeError, ValueError, IndexError) as e:
+    shape = " ".join(map(str, image_shape))
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"--image-shape {shape} does not fit --arch {cfg.arch}: a training step fails ({first}); "
+                     "use larger images") from None
+
+
+def setup(cfg: Config, cleanup: contextlib.ExitStack | None = None):
+  """Builds everything a run needs; raises ValueError (one line) on bad options, before any work.
+
+  ``cleanup``: where the workdir lock (:func:`tgq_jax.training.workdir.workdir_lock`) is held
+  (None: no lock; only :func:`train_and_evaluate` writes).
+  """
   cfg.validate()
-  prepare_workdir(cfg.resolved_workdir())
-  check_run_config(cfg.resolved_workdir(), cfg)
+  if cfg.eval_only:
+    check_eval_only(cfg)  # before prepare_workdir: a mistyped workdir is not created
+  workdir = cfg.resolved_workdir()
+  prepare_workdir(workdir)
+  if cleanup is not None and jax.process_index() == 0:  # (only the primary host writes)
+    cleanup.enter_context(workdir_lock(workdir))
+  check_run_config(workdir, cfg)
   dataset = data_lib.get_dataset(cfg.dataset, data_dir=cfg.data_dir, image_shape=cfg.image_shape or None,
                                  num_classes=cfg.num_classes, num_train=cfg.num_train, num_test=cfg.num_test)
   info = dataset.info
@@ -404,22 +569,193 @@ def setup(cfg: Config):
     with _init_from_errors():
       check_init_from(cfg.init_from)  # a missing path fails now, before anything starts
   parallel.check_batch_size(cfg.eval_batch_size, "eval batch size")
+  if cfg.image_shape:  # (a dataset's own shape fits every zoo model)
+    check_image_shape(cfg, info.num_classes, info.image_shape)
   model = make_model(cfg, info.num_classes)
   layers = quantized_layers(model, jnp.zeros((1, *info.image_shape)), train=False)
   train_iter = dataset.train_iterator(global_batch_size=cfg.batch_size, seed=cfg.seed, augment=cfg.augment)
   return dataset, model, layers, train_iter
 
 
-def train_and_evaluate(cfg: Config, *, verbose: bool = True) -> dict:
-  """Trains (or resumes, or only evaluates) as ``cfg`` says; returns the summary (also summary.json)."""
-  xla_cpu.configure()  # before the first computation, or it changes nothing
-  with contextlib.ExitStack() as cleanup:  # close the checkpoint manager and writers on any exit
-    return _train_and_evaluate(cfg, verbose, cleanup)
+@dataclasses.dataclass
+class Run:
+  """A run in progress: what the loop changes (state, step, windows) and one method per action.
+
+  :func:`train_loop` drives it: one training step, then each action whose period has
+  come (the ``*_due`` predicates), as flax's examples/imagenet and big_vision's
+  ``itstime`` loops do. The divergence guard checks inside the actions that read
+  the state (:meth:`checked_host_state`), so nothing diverged is logged as good or saved.
+  """
+
+  cfg: Config
+  dataset: Any
+  train_iter: Any
+  layers: Mapping
+  mesh: Any
+  train_fn: Callable
+  eval_fn: Callable
+  lr_fn: optax.Schedule
+  manager: Any  # the orbax CheckpointManager
+  writer: MetricsWriter
+  guard: DivergenceGuard
+  state: TrainState
+  extra: dict  # saved with every checkpoint: best test accuracy, wall seconds before this process
+  started: float  # time.time() when this process started the run
+  total: int  # the last step
+  verbose: bool = True
+  step: int = 0
+  pending: tuple[int, Any] | None = None  # the newest step's (step, metrics), checked one step late
+  window: list = dataclasses.field(default_factory=list)  # metrics since the last train row
+  window_started: float = 0.0
+  checked: tuple[int, TrainState] | None = None  # (step, host state) the guard last checked
+  test: dict | None = None  # the newest test metrics and layer statistics
+  stats: list | None = None
+  interrupted: str | None = None  # the signal that stopped the run, if one did
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.train_iter.steps_per_epoch
+
+  @property
+  def is_main(self) -> bool:
+    return jax.process_index() == 0
+
+  # --- when --------------------------------------------------------------------------------
+
+  def epoch_ends(self) -> bool:
+    """The step just done ends an epoch (or the run)."""
+    return self.step % self.steps_per_epoch == 0 or self.step == self.total
+
+  def log_due(self) -> bool:
+    return self.step % self.cfg.log_every == 0 or self.epoch_ends()
+
+  def checkpoint_due(self) -> bool:
+    """A mid-epoch checkpoint (``--checkpoint-every``); epoch ends save after evaluating."""
+    every = self.cfg.checkpoint_every
+    return bool(every) and self.step % every == 0 and self.step % self.steps_per_epoch != 0
+
+  # --- what --------------------------------------------------------------------------------
+
+  def epoch_bar(self) -> tqdm.tqdm:
+    epoch = self.step // self.steps_per_epoch
+    end = min((epoch + 1) * self.steps_per_epoch, self.total)
+    self.window, self.window_started = [], time.time()
+    return tqdm.tqdm(total=end - self.step, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+                     disable=not (self.verbose and self.is_main and sys.stderr.isatty()))
+
+  def train_step(self) -> None:
+    """One step; the guard checks the previous step's metrics meanwhile (lagged: keeps the device busy)."""
+    batch = parallel.put_batch(next(self.train_iter), self.mesh, self.cfg.parallel)
+    self.state, metrics = self.train_fn(self.state, batch)
+    self.check_pending()
+    self.step += 1
+    self.pending = (self.step, metrics)
+    self.window.append(metrics)
+
+  def check_pending(self) -> None:
+    if self.pending is not None:
+      self.guard.check_step(*self.pending)
+
+  def checked_host_state(self) -> TrainState:
+    """Host copy of the state at this step, checked by the divergence guard (once per step)."""
+    if self.checked is None or self.checked[0] != self.step:
+      host = to_host(self.state)
+      self.guard.check_state(self.step, host)
+      self.checked = (self.step, host)
+    return self.checked[1]
+
+  def log_train(self, bar: tqdm.tqdm) -> None:
+    """A train row: the window's mean metrics, the learning rate, throughput, thresholds."""
+    self.check_pending()
+    host = self.checked_host_state()
+    means = {k: float(np.mean([to_host(m[k]) for m in self.window])) for k in self.window[0]}
+    ips = len(self.window) * self.cfg.batch_size / max(time.time() - self.window_started, 1e-9)
+    deltas = threshold_values(host.params, self.layers) if threshold_names(self.layers) else None
+    self.writer.write({"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": "train", **means,
+                       "lr": float(self.lr_fn(self.step - 1)), "img_per_sec": ips,
+                       **({"delta": deltas} if deltas is not None else {})})
+    bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{ips:.0f}")
+    self.window, self.window_started = [], time.time()
+
+  def save(self, metrics: dict | None = None) -> None:
+    """A checkpoint of this step (host copies, any topology), checked first: nothing diverged is saved."""
+    self.check_pending()
+    state = self.checked_host_state()
+    data_state = {"iterator": self.train_iter.get_state(),
+                  "extra": {**self.extra, "wall_seconds": self.extra["wall_seconds"] + time.time() - self.started}}
+    checkpoints.save(self.manager, self.step, state, data_state, metrics)
+    self.guard.last_saved = self.step
+
+  def log_test(self) -> None:
+    """A test row: metrics over the test split and each quantized layer's statistics."""
+    self.test = evaluate(self.eval_fn, self.state, self.dataset, self.cfg, self.mesh, self.cfg.parallel)
+    self.stats = layer_stats(to_host(self.state.params), self.layers)
+    self.writer.write({"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": "test", **self.test,
+                       "layers": [s.as_dict() for s in self.stats]})
+    best = self.extra["best_test_accuracy"]
+    self.extra["best_test_accuracy"] = self.test["accuracy"] if best is None else max(best, self.test["accuracy"])
+
+  def end_epoch(self) -> None:
+    """Checks the state (a diverged one gets no test row), evaluates, saves with the test accuracy."""
+    self.check_pending()
+    self.checked_host_state()
+    self.log_test()
+    self.save({checkpoints.BEST_METRIC: self.test["accuracy"]})
+    if self.verbose and self.is_main:
+      print(f"epoch {self.step / self.steps_per_epoch:.2f} (step {self.step}): "
+            f"test accuracy {100 * self.test['accuracy']:.2f}%")
+
+  def finish(self) -> dict:
+    """The summary (summary.json; the final report printed): evaluates first if no epoch ended here."""
+    if self.interrupted is None and self.test is None:  # eval-only, or resumed a finished run
+      self.log_test()
+    self.extra["wall_seconds"] += time.time() - self.started
+    summary = {"test_accuracy": None if self.test is None else self.test["accuracy"],
+               "best_test_accuracy": self.extra["best_test_accuracy"], "steps": self.step,
+               "wall_seconds": self.extra["wall_seconds"], "interrupted": self.interrupted is not None,
+               "config": dataclasses.asdict(self.cfg)}
+    if self.test is not None:
+      summary["test_metrics"] = self.test
+      host = to_host({"params": self.state.params, "batch_stats": self.state.batch_stats})
+      summary["report"] = format_report(self.test, self.stats, model_size_bits(host, self.layers))
+    if self.is_main:
+      write_json_atomically(os.path.join(self.cfg.resolved_workdir(), "summary.json"),
+                            {k: v for k, v in summary.items() if k != "report"}, indent=2)
+      if self.verbose and self.interrupted:
+        print(f"interrupted ({self.interrupted}): checkpoint saved at step {self.step}")
+      elif self.verbose:
+        print(summary["report"])
+    return summary
 
 
-def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStack) -> dict:
-  t0 = time.time()
-  dataset, model, layers, train_iter = setup(cfg)
+def train_loop(run: Run, preemption: _Preemption) -> None:
+  """Trains ``run`` up to ``run.total``: a step, then each action that is due, in this order."""
+  bar = None
+  while run.step < run.total:
+    bar = bar or run.epoch_bar()
+    run.train_step()
+    bar.update(1)
+    if run.log_due():
+      run.log_train(bar)
+    if preemption.signal or run.manager.reached_preemption(run.step):
+      run.save()
+      run.interrupted = preemption.signal or "preemption"
+      break
+    if run.checkpoint_due():
+      run.save()
+    if run.epoch_ends():
+      bar.close()
+      bar = None
+      run.end_epoch()
+  if bar is not None:
+    bar.close()
+
+
+def start_run(cfg: Config, cleanup: contextlib.ExitStack, verbose: bool = True) -> Run:
+  """Everything before the first step: setup, the step functions, the state (new, resumed or
+  ``--init-from``), the checkpoint manager and writers (closed by ``cleanup``)."""
+  started = time.time()
+  dataset, model, layers, train_iter = setup(cfg, cleanup)
   info, spe = dataset.info, train_iter.steps_per_epoch
   workdir = cfg.resolved_workdir()
   is_main = jax.process_index() == 0
@@ -436,7 +772,9 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
   cleanup.callback(manager.close)
   cleanup.callback(manager.wait_until_finished)  # (callbacks run last-in first-out)
   extra = {"best_test_accuracy": None, "wall_seconds": 0.0}
-  if manager.latest_step() is not None:  # re-running the same command resumes
+  resumed = manager.latest_step() is not None
+  if resumed:  # re-running the same command resumes
+    check_resume_config(workdir, cfg, cfg.model_spec(info.num_classes).to_dict())
     # The newest intact checkpoint; damaged newer ones are reported and moved aside.
     state, restored = checkpoints.restore(manager, to_host(state), quarantine=True,
                                           report=checkpoints.report_to_stderr if is_main else lambda _: None)
@@ -444,112 +782,38 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
     extra = {**extra, **restored.get("extra", {})}
     if verbose and is_main:
       print(f"resuming from step {int(state.step)} in {workdir}")
+  elif cfg.eval_only:  # (check_eval_only saw a step folder, but none is a checkpoint orbax lists)
+    raise ValueError(f"--eval-only: workdir {workdir} holds no checkpoint to evaluate")
   elif cfg.init_from:
     state = init_from_checkpoint(state, cfg.init_from, model, info.image_shape, tx_thr, tx_w, arch=cfg.arch)
+  step = int(to_host(state.step))
   if is_main:  # only now: a workdir whose checkpoints do not fit this model keeps its record
-    write_run_config(workdir, cfg, info)
+    write_run_config(workdir, cfg, info, resumed_at=step if resumed else None)
   state = parallel.put_state(state, mesh, kind)
 
   total = spe * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, spe * cfg.epochs)
-  step = int(to_host(state.step))
   writer = MetricsWriter(workdir, enabled=is_main, start_step=step)
   cleanup.callback(writer.close)
   guard = DivergenceGuard(info.num_classes, layers, manager.latest_step())
-  interrupted, pending = False, None
-  checked_step, checked_host = None, None  # the state changes only with the step: check each once
+  return Run(cfg, dataset, train_iter, layers, mesh, train_fn, eval_fn, lr_fn, manager, writer, guard, state,
+             extra, started, total=step if cfg.eval_only else total, verbose=verbose, step=step)
 
-  def checked_host_state(step):
-    """Host copy of the state at ``step``, checked by the divergence guard."""
-    nonlocal checked_step, checked_host
-    if checked_step != step:
-      checked_host = to_host(state)
-      guard.check_state(step, checked_host)
-      checked_step = step
-    return checked_host
 
-  def check_pending():
-    if pending is not None:
-      guard.check_step(*pending)
+def train_and_evaluate(cfg: Config, *, verbose: bool = True) -> dict:
+  """Trains (or resumes, or only evaluates) as ``cfg`` says; returns the summary (also summary.json).
 
-  def data_state():
-    return {"iterator": train_iter.get_state(), "extra": {**extra, "wall_seconds": extra["wall_seconds"]
-                                                          + time.time() - t0}}
-
-  def save(step, metrics=None):
-    check_pending()
-    # Host copies (any topology), checked first: nothing diverged is ever saved.
-    checkpoints.save(manager, step, checked_host_state(step), data_state(), metrics)
-    guard.last_saved = step
-
-  def log_test(step):
-    test = evaluate(eval_fn, state, dataset, cfg, mesh, kind)
-    stats = layer_stats(to_host(state.params), layers)
-    writer.write({"step": step, "epoch": step / spe, "split": "test", **test,
-                  "layers": [s.as_dict() for s in stats]})
-    best = extra["best_test_accuracy"]
-    extra["best_test_accuracy"] = test["accuracy"] if best is None else max(best, test["accuracy"])
-    return test, stats
-
-  test = stats = None
-  with _Preemption() as preempt:
-    if cfg.eval_only:
-      total = step
-    while step < total:
-      epoch = step // spe
-      end = min((epoch + 1) * spe, total)
-      bar = tqdm.tqdm(total=end - step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                      disable=not (verbose and is_main and sys.stderr.isatty()))
-      window, t_window, pending = [], time.time(), None
-      while step < end:
-        state, metrics = train_fn(state, parallel.put_batch(next(train_iter), mesh, kind))
-        check_pending()  # lagged one step: keeps the device busy
-        step += 1
-        pending = (step, metrics)
-        window.append(metrics)
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == end:
-          check_pending()
-          host = checked_host_state(step)
-          means = {k: float(np.mean([to_host(m[k]) for m in window])) for k in window[0]}
-          ips = len(window) * cfg.batch_size / max(time.time() - t_window, 1e-9)
-          writer.write({"step": step, "epoch": step / spe, "split": "train", **means,
-                        "lr": float(lr_fn(step - 1)), "img_per_sec": ips,
-                        **({"delta": threshold_values(host.params, layers)} if has_thr else {})})
-          bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{ips:.0f}")
-          window, t_window = [], time.time()
-        if preempt.requested or manager.reached_preemption(step):
-          save(step)
-          interrupted = True
-          break
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % spe:
-          save(step)
-      bar.close()
-      if interrupted:
-        break
-      check_pending()
-      checked_host_state(step)  # before evaluating: a diverged state gets no test row
-      test, stats = log_test(step)
-      save(step, {checkpoints.BEST_METRIC: test["accuracy"]})
-      if verbose and is_main:
-        print(f"epoch {step / spe:.2f} (step {step}): test accuracy {100 * test['accuracy']:.2f}%")
-
-  if not interrupted and test is None:  # eval-only, or resumed a finished run
-    test, stats = log_test(step)
-  extra["wall_seconds"] += time.time() - t0
-  summary = {"test_accuracy": None if test is None else test["accuracy"],
-             "best_test_accuracy": extra["best_test_accuracy"], "steps": step,
-             "wall_seconds": extra["wall_seconds"], "interrupted": interrupted,
-             "config": dataclasses.asdict(cfg)}
-  if test is not None:
-    summary["test_metrics"] = test
-    summary["report"] = format_report(
-      test, stats, model_size_bits(to_host({"params": state.params, "batch_stats": state.batch_stats}), layers))
-  if is_main:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump({k: v for k, v in summary.items() if k != "report"}, f, indent=2)
-    if verbose:
-      print("interrupted (SIGTERM): checkpoint saved at step", step) if interrupted else print(summary["report"])
-  return summary
+  One process per workdir (a second is refused, :class:`~tgq_jax.training.workdir.WorkdirBusyError`).
+  SIGTERM or SIGINT stop it after the current step with a checkpoint and summary. Raises
+  :class:`DivergenceError` (nothing diverged saved), :class:`~tgq_jax.training.workdir.WriteFailure` /
+  :class:`~tgq_jax.training.checkpoints.CheckpointWriteError` (a full disk: the files before intact),
+  ValueError (bad options or inputs, before any work).
+  """
+  xla_cpu.configure()  # before the first computation, or it changes nothing
+  with contextlib.ExitStack() as cleanup:  # the lock, checkpoint manager and writers: released on any exit
+    run = start_run(cfg, cleanup, verbose)
+    with _Preemption() as preemption:
+      train_loop(run, preemption)
+    return run.finish()
 
 
 TORCHVISION_SUFFIXES = (".npz", ".pth", ".pt")
@@ -560,13 +824,37 @@ def is_torchvision_file(path: str) -> bool:
   return os.path.splitext(path)[1].lower() in TORCHVISION_SUFFIXES
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # .npz archives, and .pth/.pt files torch saves since 1.6
+_PICKLE_MAGIC = b"\x80"  # .pth/.pt files of older torch (a pickle protocol >= 2 stream)
+
+
 def check_init_from(path: str) -> None:
-  """Raises CheckpointError (one line) unless ``path`` can be an ``--init-from`` source."""
-  if is_torchvision_file(path):
-    if not os.path.isfile(path):
-      raise checkpoints.CheckpointError(f"no such torchvision state dict file: {path}")
-  else:
+  """Raises CheckpointError (one line) unless ``path`` can be an ``--init-from`` source.
+
+  Says what ``path`` is when it is not what is expected: a file that is no checkpoint
+  directory, or a ``.npz``/``.pth`` whose bytes are no such file (read before numpy or torch
+  sees them: numpy would suggest ``allow_pickle``, which must never be followed for it).
+  """
+  expected = ("--init-from takes a checkpoint of this trainer (a workdir, its checkpoints/ or one step "
+              "directory) or a torchvision state dict (.npz; .pth/.pt with torch)")
+  if not is_torchvision_file(path):
+    if os.path.isfile(path):
+      raise checkpoints.CheckpointError(f"{path} is a file, not a checkpoint directory; {expected}")
     checkpoints.resolve(path)
+    return
+  if os.path.isdir(path):
+    raise checkpoints.CheckpointError(f"{path} is a directory, not a torchvision state dict file; {expected}")
+  if not os.path.isfile(path):
+    raise checkpoints.CheckpointError(f"no such torchvision state dict file: {path}")
+  with open(path, "rb") as f:
+    head = f.read(4)
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix == ".npz" and head != _ZIP_MAGIC:
+    raise checkpoints.CheckpointError(f"{path} is not a .npz archive (no zip header; an .npz is a zip of .npy "
+                                      "arrays, see docs/torchvision.md)")
+  if suffix != ".npz" and head != _ZIP_MAGIC and not head.startswith(_PICKLE_MAGIC):
+    raise checkpoints.CheckpointError(f"{path} is not a torch state dict file (neither a zip archive nor a "
+                                      "pickle stream)")
 
 
 def load_fp_variables(path: str, arch: str) -> dict:
