@@ -170,15 +170,23 @@ def _write_error(e: BaseException) -> str:
   return _one_line(e)
 
 
-def _remove_partial_save(manager: ocp.CheckpointManager, step: int) -> None:
+def _remove_partial_save(manager: ocp.CheckpointManager, step: int, patience: float = 5.0) -> None:
   """Deletes what a failed save of ``step`` left (orbax's ``<step>.orbax-checkpoint-tmp*`` folder): frees
-  the space it took; the next manager would clean it up too."""
+  the space it took (the next manager would clean it up too).
+
+  tensorstore writes already in flight when the save failed still land afterwards
+  (recreating folders under a deletion), so this retries until the folder stays gone.
+  """
   if jax.process_index() != 0:
     return
   directory = str(manager.directory)
-  for name in os.listdir(directory):
-    if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+  deadline, quiet = time.time() + patience, 0
+  while quiet < 3 and time.time() < deadline:  # gone, and still gone 0.3 s later
+    partial = [n for n in os.listdir(directory) if n.startswith(f"{step}.orbax-checkpoint-tmp")]
+    for name in partial:
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    quiet = 0 if partial else quiet + 1
+    time.sleep(0.1)
 
 
 def _one_line(e: BaseException, limit: int = 200) -> str:
