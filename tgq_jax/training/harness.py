@@ -7,7 +7,12 @@ batch and average gradients, running statistics and metrics explicitly with
 batch's statistics (``Config.bn_cross_device``, default), so a step gives the
 same result on any number of devices. :func:`tgq_jax.training.parallel.map_step` maps them over
 the devices with ``jax.shard_map`` or ``jax.pmap``. :func:`train_and_evaluate`
-is the loop (``train.py`` and the notebooks call it).
+runs it all (``train.py`` and the notebooks call it): :func:`start_run` builds a
+:class:`Run`, :func:`train_loop` drives it, one named action per period (log,
+checkpoint, evaluate; the divergence rule of :mod:`tgq_jax.training.divergence`
+inside them), :meth:`Run.finish` writes the summary. Metrics files are
+:mod:`tgq_jax.training.metrics`; the workdir (lock, ``config.json``) is
+:mod:`tgq_jax.training.workdir`.
 
 The update rules (sequential, joint) and the BatchNorm running-statistics
 rules are described in :mod:`tgq_jax.training.algorithm`; ``Config.bn_running_stats``
@@ -18,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import signal
 import sys
@@ -44,9 +48,13 @@ from tgq_jax import data as data_lib
 from tgq_jax.training.configs import Config
 from tgq_jax.frontends.linen_layers import init_ternary_from_fp, layer_stats, quantized_layers, threshold_pass
 from tgq_jax.models import create_model, load_torchvision_weights
-from tgq_jax.training.parallel import AXIS
-from tgq_jax.training.workdir import (WriteFailure, check_resume_config, check_run_config, prepare_workdir,
-                                      workdir_lock, write_json_atomically, write_run_config, writing)
+# DivergenceError, NonFiniteLossError, nonfinite_scales: re-exported (train.py and callers use them from here).
+from tgq_jax.training.divergence import (DivergenceError, DivergenceGuard, NonFiniteLossError,  # noqa: F401
+                                         nonfinite_scales)
+from tgq_jax.training.metrics import MetricsWriter
+from tgq_jax.training.parallel import AXIS, to_host
+from tgq_jax.training.workdir import (check_resume_config, check_run_config, prepare_workdir, workdir_lock,
+                                      write_json_atomically, write_run_config)
 
 # --- the algorithm, configured from a Config ----------------------------------
 
@@ -209,168 +217,6 @@ def threshold_values(params: Any, layers: Mapping) -> dict[str, float]:
   return out
 
 
-class DivergenceError(RuntimeError):
-  """Training diverged (the rule: :class:`DivergenceGuard`); nothing of the diverged state was saved."""
-
-
-NonFiniteLossError = DivergenceError  # its former name
-
-
-def to_host(tree: Any) -> Any:
-  """Host numpy copies of replicated arrays (works for multi-process global arrays too)."""
-  def get(x):
-    if isinstance(x, jax.Array):
-      return np.asarray(x.addressable_data(0))
-    return np.asarray(x)
-  return jax.tree.map(get, tree)
-
-
-def _read_jsonl(path: str) -> list[dict]:
-  """The rows of a metrics.jsonl; a line cut short by a crash is dropped."""
-  rows = []
-  with contextlib.suppress(FileNotFoundError), open(path) as f:
-    for line in f:
-      with contextlib.suppress(json.JSONDecodeError):
-        rows.append(json.loads(line))
-  return rows
-
-
-def _rewrite_jsonl(path: str, rows: list[dict]) -> None:
-  tmp = f"{path}.tmp"
-  try:
-    with writing(path):
-      with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-      os.replace(tmp, path)  # atomic: a crash (or a full disk) leaves the old or the new file
-  finally:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-
-
-def _append(fd: int, data: bytes) -> None:
-  """Appends ``data`` to the file ``fd`` entirely or not at all (a failed write is truncated away)."""
-  size = os.fstat(fd).st_size
-  view = memoryview(data)
-  try:
-    while view:
-      view = view[os.write(fd, view):]
-  except OSError:
-    with contextlib.suppress(OSError):
-      os.ftruncate(fd, size)
-    raise
-
-
-class _EventFile:
-  """TensorBoard scalars written synchronously: a write that fails raises here, on this thread.
-
-  (tensorboardX's ``SummaryWriter`` writes from a worker thread and again at exit: on a
-  full disk that is a traceback per attempt and no way to stop cleanly.) Built from
-  tensorboardX's ``EventsWriter`` and protos; ``purge_step`` discards the events a killed
-  run wrote after it, as ``SummaryWriter(purge_step=...)`` does.
-  """
-
-  def __init__(self, logdir: str, purge_step: int):
-    from tensorboardX.event_file_writer import EventsWriter
-    from tensorboardX.proto.event_pb2 import Event, SessionLog
-    from tensorboardX.summary import scalar
-
-    self._event, self._scalar = Event, scalar
-    os.makedirs(logdir, exist_ok=True)
-    self._writer = EventsWriter(os.path.join(logdir, "events"))
-    try:
-      self._writer.write_event(Event(step=purge_step, wall_time=time.time(), file_version="brain.Event:2"))
-      self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
-                                     session_log=SessionLog(status=SessionLog.START)))
-      self._writer.flush()
-    except OSError:
-      self.close()
-      raise
-
-  def add_scalars(self, scalars: Mapping[str, float], step: int) -> None:
-    try:
-      for tag, value in scalars.items():
-        self._writer.write_event(self._event(summary=self._scalar(tag, value), step=step, wall_time=time.time()))
-      self._writer.flush()
-    except OSError:
-      self.close()
-      raise
-
-  def close(self) -> None:
-    if self._writer is not None:
-      writer, self._writer = self._writer, None
-      with contextlib.suppress(OSError):  # (after a failed write: the error was raised already)
-        writer.close()
-
-
-class MetricsWriter:
-  """metrics.jsonl (one object per event) and TensorBoard events (tensorboardX, no TensorFlow).
-
-  At most one row per (split, step): a run that starts at step ``start_step``
-  (0, or the step it resumes from) first drops the rows a killed run wrote
-  after that step (the resumed run writes them again, identically), and a row
-  for a (split, step) already there replaces it (an eval-only run's test row).
-  TensorBoard events after ``start_step`` are purged likewise. Only process 0 writes.
-  A row is appended whole or not at all; a failed write is :class:`WriteFailure`.
-  """
-
-  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
-    self.enabled = enabled
-    self._fd = self._tb = None
-    if enabled:
-      self._path = os.path.join(workdir, "metrics.jsonl")
-      kept = [r for r in _read_jsonl(self._path) if r.get("step", 0) <= start_step]
-      if os.path.exists(self._path):  # (also drops a line a crash cut short, which appending would extend)
-        _rewrite_jsonl(self._path, kept)
-      self._keys = {(r.get("split"), r.get("step")) for r in kept}
-      self._open()
-      self._tb_dir = os.path.join(workdir, "tensorboard")
-      try:
-        with writing(f"TensorBoard events in {self._tb_dir}"):
-          self._tb = _EventFile(self._tb_dir, purge_step=start_step + 1)
-      except ImportError:  # optional: metrics.jsonl is the record
-        self._tb = None
-      except WriteFailure:
-        self.close()
-        raise
-
-  def _open(self) -> None:
-    with writing(self._path):
-      self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-  def write(self, record: dict) -> None:
-    if not self.enabled:
-      return
-    key = (record["split"], record["step"])
-    if key in self._keys:  # rare (re-evaluating a finished run): rewrite without the old row
-      os.close(self._fd)
-      _rewrite_jsonl(self._path, [r for r in _read_jsonl(self._path) if (r.get("split"), r.get("step")) != key])
-      self._open()
-    with writing(self._path):
-      _append(self._fd, (json.dumps(record) + "\n").encode())
-    self._keys.add(key)
-    if self._tb is not None:
-      with writing(f"TensorBoard events in {self._tb_dir}"):
-        self._tb.add_scalars(self._scalars(record), record["step"])
-
-  @staticmethod
-  def _scalars(record: dict) -> dict[str, float]:
-    out = {f"{record['split']}/{k}": v for k, v in record.items()
-           if isinstance(v, (int, float)) and k not in ("step", "epoch")}
-    out.update({f"delta/{name}": value for name, value in record.get("delta", {}).items()})
-    for layer in record.get("layers", []):
-      for k in ("sparsity", "threshold", "scale"):
-        if layer[k] is not None:  # None: a full-precision layer
-          out[f"layers/{layer['name']}/{k}"] = layer[k]
-    return out
-
-  def close(self) -> None:
-    if self._fd is not None:
-      os.close(self._fd)
-      self._fd = None
-    if self._tb is not None:
-      self._tb.close()
-
-
 def evaluate(eval_fn: Callable, state: TrainState, dataset, cfg: Config, mesh, kind: str) -> dict:
   """Test metrics over the whole test split (padding masked out)."""
   totals = None
@@ -380,107 +226,6 @@ def evaluate(eval_fn: Callable, state: TrainState, dataset, cfg: Config, mesh, k
   totals = to_host(totals)
   count = max(float(totals.pop("count")), 1.0)
   return {k: float(v) / count for k, v in totals.items()}
-
-
-@functools.lru_cache(maxsize=None)
-def _finite_parts_fn(quantizer):
-  """One jitted "are the scales, negative scales and thresholds of this kernel all finite" per quantizer."""
-
-  def finite(kernel, qparams):
-    parts = quantizer.parts(kernel, qparams)
-    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in (parts.scale, parts.neg_scale, parts.threshold)]))
-
-  return jax.jit(finite)
-
-
-def nonfinite_scales(params: Mapping, layers: Mapping) -> list[str]:
-  """Names of the ternary layers whose scales or thresholds (``Quantizer.parts``) are not all finite.
-
-  A checkpoint needs them finite: export packs them and a resumed run multiplies
-  by them. Finite weights do not make finite scales (a mean of huge weights overflows).
-  """
-  bad = []
-  for path, quantizer in layers.items():
-    if not quantizer.ternary:
-      continue
-    layer = params
-    for key in path:
-      layer = layer[key]
-    qparams = {name: layer[name] for name in quantizer.param_names}
-    if not bool(_finite_parts_fn(quantizer)(layer["kernel"], qparams)):
-      bad.append("/".join(path))
-  return bad
-
-
-class DivergenceGuard:
-  """The divergence rule (docs/training.md); :meth:`fail` stops the run naming the step and the reason.
-
-  Training has diverged when
-
-  * the loss or the gradient norm is NaN or Inf (checked every step);
-  * the loss exceeds ``LOSS_FACTOR`` x its running level: the larger of
-    ln(num_classes) (the loss of a uniform guess) and the running mean of the
-    loss (an exponential moving average, decay ``LOSS_DECAY``, about the last
-    100 steps, that starts at ln(num_classes) and takes in each step that
-    passed). The floor keeps small, noisy losses late in training from
-    tripping it (with 10 classes only a loss above 23 can); starting at the
-    floor needs no warm-up and lets no early explosion become "the level";
-  * the state is not usable: any leaf (parameters, thresholds, BatchNorm
-    statistics, optimizer states) is NaN or Inf, a ternary layer's scales or
-    threshold as its quantizer computes them (``Quantizer.parts``: what export
-    packs and a resume uses) are not finite, or a ternary layer has sparsity
-    1.0 (every weight zero). Checked at every train log row and before every
-    save, so nothing diverged or unusable is ever saved.
-  """
-
-  LOSS_FACTOR = 10.0
-  LOSS_DECAY = 0.99
-
-  def __init__(self, num_classes: int, layers: Mapping, last_saved: int | None):
-    self.layers = layers
-    self._thresholds = {"/".join(("params", *path, name)): "/".join(path)
-                        for path, q in layers.items() for name in q.threshold_params}
-    self.last_saved = last_saved  # the newest checkpoint: what stays when the run stops
-    self._floor = float(np.log(max(num_classes, 2)))
-    self._running = self._floor
-    self._checked = -1
-
-  def fail(self, step: int, reason: str):
-    kept = ("no checkpoint was written" if self.last_saved is None
-            else f"the newest checkpoint, step {self.last_saved}, is kept")
-    raise DivergenceError(f"training diverged at step {step}: {reason}; stopping ({kept}).")
-
-  def check_step(self, step: int, metrics: Mapping) -> None:
-    """The loss and gradient norm of one step (idempotent: each step counts once)."""
-    if step <= self._checked:
-      return
-    self._checked = step
-    loss, grad_norm = (float(to_host(metrics[k])) for k in ("loss", "grad_norm"))
-    if not np.isfinite(loss):
-      self.fail(step, f"non-finite loss ({loss})")
-    if not np.isfinite(grad_norm):
-      self.fail(step, f"non-finite gradient norm ({grad_norm})")
-    level = max(self._running, self._floor)
-    if loss > self.LOSS_FACTOR * level:
-      self.fail(step, f"loss {loss:.4g} is more than {self.LOSS_FACTOR:g}x its running level {level:.4g}")
-    self._running = self.LOSS_DECAY * self._running + (1 - self.LOSS_DECAY) * loss
-
-  def check_state(self, step: int, host_state: TrainState) -> None:
-    """Every leaf finite (thresholds named as such), every ternary layer's scales finite and not every
-    weight of one zero."""
-    bad = checkpoints.nonfinite_leaves(checkpoints.flat_arrays(flax.serialization.to_state_dict(host_state)))
-    for leaf in bad:  # a threshold first: the likelier cause, and the clearer message
-      if leaf in self._thresholds:
-        self.fail(step, f"layer {self._thresholds[leaf]} has a non-finite threshold ({leaf})")
-    if bad:
-      self.fail(step, str(checkpoints.NonFiniteStateError(bad)))
-    if scales := nonfinite_scales(host_state.params, self.layers):
-      more = f" (and {len(scales) - 1} more)" if len(scales) > 1 else ""
-      self.fail(step, f"layer {scales[0]}{more} has non-finite scales (its weights overflow float32), a "
-                      "checkpoint of it could be neither resumed nor exported")
-    for s in layer_stats(host_state.params, self.layers):
-      if s.scale is not None and s.sparsity >= 1.0:  # (scale None: a full-precision layer)
-        self.fail(step, f"layer {s.name} has sparsity 1.0 (every weight is zero)")
 
 
 class _Preemption:
