@@ -75,3 +75,20 @@ def test_tensorboard_events_that_cannot_be_written_are_one_line_and_nothing_more
     writer.write(_row(2))
   writer.close()  # after the failure: closes without raising again
   assert capfd.readouterr().err == ""  # no traceback from a writer thread or at exit
+
+
+def test_a_json_record_that_cannot_be_written_keeps_the_old_one_and_no_temporary(tmp_path, monkeypatch):
+  from tgq_jax.training import workdir
+
+  path = tmp_path / "summary.json"
+  workdir.write_json_atomically(str(path), {"steps": 1})
+  real_dump = json.dump
+
+  def dump_then_full(obj, f, **kw):  # writes part of it, then the disk is full
+    real_dump({"steps": 2, "partial": True}, f, **kw)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(workdir.json, "dump", dump_then_full)
+  with pytest.raises(WriteFailure, match=f"^cannot write {path} \\(No space left on device\\)$"):
+    workdir.write_json_atomically(str(path), {"steps": 2})
+  assert json.loads(path.read_text()) == {"steps": 1} and os.listdir(tmp_path) == ["summary.json"]
