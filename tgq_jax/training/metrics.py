@@ -46,6 +46,18 @@ def _append(fd: int, data: bytes) -> None:
     raise
 
 
+def _tensorboard_available() -> bool:
+  """Whether tensorboardX imports (optional: metrics.jsonl is the record). Imported here, outside any
+  write: a problem importing it is not a failed write."""
+  try:
+    import tensorboardX.event_file_writer  # noqa: F401
+    import tensorboardX.proto.event_pb2  # noqa: F401
+    import tensorboardX.summary  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
 class _EventFile:
   """TensorBoard scalars written synchronously: a write that fails raises here, on this thread.
 
@@ -111,10 +123,9 @@ class MetricsWriter:
       self._open()
       self._tb_dir = os.path.join(workdir, "tensorboard")
       try:
-        with writing(f"TensorBoard events in {self._tb_dir}"):
-          self._tb = _EventFile(self._tb_dir, purge_step=start_step + 1)
-      except ImportError:  # optional: metrics.jsonl is the record
-        self._tb = None
+        if _tensorboard_available():
+          with writing(f"TensorBoard events in {self._tb_dir}"):
+            self._tb = _EventFile(self._tb_dir, purge_step=start_step + 1)
       except WriteFailure:
         self.close()
         raise
