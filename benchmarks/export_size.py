@@ -24,7 +24,7 @@ def report(arch: str, num_classes: int, image_shape: tuple[int, int, int]) -> ex
   variables = jax.jit(model.init, static_argnames="train")(
     jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
   with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, f"{arch}.tgq")
+    path = os.path.join(tmp, f"{arch}.safetensors")
     result = export.export_variables(path, variables, spec, image_shape)
     file_bytes = os.path.getsize(path)
   print(f"== {arch} ({num_classes} classes): file {file_bytes:,} bytes")

@@ -292,7 +292,7 @@ thresholds). `QuantPolicy("fp")` is the same model in full precision, trained th
 for name, policy in [("fp", QuantPolicy("fp")), ("tga", QuantPolicy("tga", per_channel=True))]:
   state, accuracy = train_and_test(tgq_jax.ternarize_model(MyNet(), policy), STEPS)
   print(f"{name}: test accuracy {100 * accuracy:.2f}% after {STEPS} steps")'''),
-    new_code_cell('''from tgq_jax.frontends.linen_layers import layer_stats
+    new_code_cell('''from tgq_jax.core.trees import layer_stats
 for s in layer_stats(state.params, quantized_layers(model, x0)):
   print(f"{s.name:<40} sparsity {s.sparsity:.3f}  threshold {s.threshold:.4f}  scale {s.scale:.4f}")'''),
     new_markdown_cell("""## The same with Flax NNX

@@ -235,3 +235,36 @@ def test_codes_are_ternary(name, shape, seed, scale):
   pos, neg = np.asarray(parts.scale), np.asarray(parts.neg_scale)
   np.testing.assert_allclose(out, np.where(parts.codes > 0, pos, np.where(parts.codes < 0, -neg, 0)),
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tga", "twn", "absmean", "ttq"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_weight_propagates_to_the_output_and_the_quantizer_gradients(name, bad):
+  """No quantizer turns a NaN/inf weight into zero codes with finite scales and a finite zero gradient."""
+  w = np.array(jax.random.normal(jax.random.key(5), (4, 3)))
+  q = get_quantizer(name)
+  params = q.init(jnp.asarray(w))
+  w[1, 2] = bad
+  out = q(jnp.asarray(w), params)
+  assert np.all(np.isnan(np.asarray(out)))  # a per-tensor scale: every element is affected
+  if params:
+    grads = jax.grad(lambda p: jnp.sum(q(jnp.asarray(w), p)))(params)
+    assert all(np.isnan(np.asarray(g)) for g in grads.values()), grads
+
+
+def test_tga_non_finite_input_per_channel_stays_in_its_channel_and_reaches_both_gradients():
+  w = np.array(jax.random.normal(jax.random.key(6), (5, 3)))
+  q = get_quantizer("tga", per_channel=True)
+  params = q.init(jnp.asarray(w))
+  w[2, 1] = np.nan
+  gw, gp = jax.grad(lambda w, p: jnp.sum(jnp.cos(q(w, p))), argnums=(0, 1))(jnp.asarray(w), params)
+  gw, gp, out = np.asarray(gw), np.asarray(gp["delta"]), np.asarray(q(jnp.asarray(w), params))
+  assert np.all(np.isnan(out[:, 1])) and np.all(np.isfinite(out[:, [0, 2]]))
+  assert np.all(np.isnan(gw[:, 1])) and np.all(np.isfinite(gw[:, [0, 2]]))
+  assert np.isnan(gp[1]) and np.all(np.isfinite(gp[[0, 2]]))
+  # A non-finite threshold: its channel's scale and gradients are NaN too, not a clipped finite value.
+  clean = jnp.asarray(np.nan_to_num(w))
+  delta = params["delta"].at[0].set(jnp.inf)
+  gw, gp = map(np.asarray, jax.grad(lambda w, d: jnp.sum(jnp.cos(q(w, {"delta": d}))), argnums=(0, 1))(clean, delta))
+  assert np.all(np.isnan(np.asarray(q(clean, {"delta": delta}))[:, 0])) and np.isnan(gp[0])
+  assert np.all(np.isnan(gw[:, 0])) and np.all(np.isfinite(gp[1:]))

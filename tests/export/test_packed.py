@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from tgq_jax import export, models
+from tgq_jax.core import packing
 from tgq_jax.kernels import ternary_matmul as tm
 from tgq_jax.frontends.linen_layers import TernaryDense, quantized_layers
 from tgq_jax.models import ModelSpec, create_model
@@ -48,7 +49,7 @@ def test_packed_model_gives_the_trained_logits(arch, shape, quantizer, per_chann
     assert ("codes" in packed_layer) == q.ternary and ("kernel" in packed_layer) == (not q.ternary)
     assert ("neg_scale" in packed_layer) == (q.ternary and quantizer == "ttq")
     if q.ternary:  # the kernel rebuilt in the forward pass is exactly the trained layer's ternary kernel
-      rebuilt = tm.dequantize_planar(packed_layer["codes"], packed_layer["scale"], packed_layer.get("neg_scale"),
+      rebuilt = packing.dequantize_planar(packed_layer["codes"], packed_layer["scale"], packed_layer.get("neg_scale"),
                                      layer["kernel"].shape)
       trained = q(layer["kernel"], {k: layer[k] for k in q.param_names})
       np.testing.assert_array_equal(np.asarray(rebuilt), np.asarray(trained))

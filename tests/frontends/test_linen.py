@@ -18,7 +18,9 @@ from flax import traverse_util
 import tgq_jax
 from tgq_jax import QuantPolicy, ternarize
 from tgq_jax.training import algorithm
-from tgq_jax.frontends.linen_layers import quantized_layers, threshold_pass
+from tgq_jax.core.kernel import THRESHOLD_PASS
+from tgq_jax.frontends.linen import with_mode
+from tgq_jax.frontends.linen_layers import quantized_layers
 
 KEY = jax.random.key(0)
 ModuleDef = Any
@@ -131,7 +133,7 @@ def test_deltas_get_the_custom_vjp_gradient(name, cls, shape):
   quantized = {p for p, q in quantized_layers(model, x).items() if q.ternary}
   target = jax.random.normal(jax.random.key(3), model.apply(variables, x).shape)
 
-  def model_loss(params):
+  def model_loss(params, model=model):
     return jnp.sum(target * model.apply({**variables, "params": params}, x))
 
   def hand_loss(params):
@@ -140,8 +142,8 @@ def test_deltas_get_the_custom_vjp_gradient(name, cls, shape):
 
   got = traverse_util.flatten_dict(jax.jit(jax.grad(model_loss))(params))
   want = traverse_util.flatten_dict(jax.jit(jax.grad(hand_loss))(params))
-  with threshold_pass():  # acts at trace time: a separate jit of the same function
-    split = traverse_util.flatten_dict(jax.jit(jax.grad(lambda p: model_loss(p)))(params))
+  split_model = with_mode(model, THRESHOLD_PASS)  # the threshold pass of the sequential update
+  split = traverse_util.flatten_dict(jax.jit(jax.grad(lambda p: model_loss(p, split_model)))(params))
   deltas = [k for k in got if k[-1] == "delta"]
   assert len(deltas) == len(quantized)
   for k in deltas:

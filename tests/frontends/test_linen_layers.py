@@ -1,4 +1,5 @@
 """TernaryDense / TernaryConv against plain nn.Dense / nn.Conv, and the params-tree tools."""
+import functools
 import math
 
 import flax.linen as nn
@@ -8,8 +9,10 @@ import numpy as np
 import pytest
 
 import tgq_jax
-from tgq_jax.frontends.linen_layers import (TernaryConv, TernaryDense, layer_stats, quantized_layers,
-                                            reinit_thresholds, threshold_pass)
+from tgq_jax.core.kernel import THRESHOLD_PASS
+from tgq_jax.core.trees import layer_stats, reinit_thresholds
+from tgq_jax.frontends.linen import with_mode
+from tgq_jax.frontends.linen_layers import TernaryConv, TernaryDense, quantized_layers
 from tgq_jax.models.common import BatchNorm
 from tgq_jax.core.quantizers import get_quantizer
 
@@ -187,13 +190,14 @@ def test_threshold_pass_same_output_same_threshold_gradients_no_kernel_gradients
     params["d"]["bias"] = jnp.asarray([0.3, -0.2, 0.1])
     target = jax.random.normal(jax.random.key(2), (2, 3), jnp.float64)
 
-    def loss(p):
+    def loss(p, model=model):
       return jnp.sum((model.apply({"params": p}, x) - target) ** 2)
 
+    # with_mode: every Ternary* layer of the model in the threshold pass.
+    split_loss_fn = functools.partial(loss, model=with_mode(model, THRESHOLD_PASS))
     plain_loss, plain = jax.value_and_grad(loss)(params)
-    with threshold_pass():
-      split_loss, split = jax.value_and_grad(loss)(params)
-      split_jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+    split_loss, split = jax.value_and_grad(split_loss_fn)(params)
+    split_jaxpr = str(jax.make_jaxpr(jax.grad(split_loss_fn))(params))
     plain_jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
     np.testing.assert_allclose(split_loss, plain_loss, rtol=1e-13)
     for layer in ("c0", "c1", "d"):

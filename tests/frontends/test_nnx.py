@@ -1,6 +1,9 @@
 """tgq_jax.frontends.nnx: ternarize_model on an NNX model (Conv, LinearGeneral, Einsum, Linear) against the same
 plain network run with kernels ternarized by hand (tgq_jax.core.ternarize), thresholds as their own
-Variable type, gradients, and the sequential / joint steps against hand-computed SGD updates."""
+Variable type, gradients, the threshold pass and packed layers against TRAIN mode, what is left out,
+and the sequential / joint steps against hand-computed SGD updates."""
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +13,10 @@ from flax import nnx
 
 import tgq_jax.frontends.nnx as tnnx
 from tgq_jax import ternarize
+from tgq_jax.core.kernel import THRESHOLD_PASS, TRAIN, UnquantizedLayerWarning
+from tgq_jax.core.packing import planar_shape, unpack_planar
 from tgq_jax.core.policy import QuantPolicy
+from tgq_jax.core.quantizers import get_quantizer
 
 HEADS, HEAD_DIM, MIX = 2, 4, 3
 LAYERS = ("conv", "proj", "mix", "head")  # call order; attribute (and iteration) order differs
@@ -134,8 +140,6 @@ def test_selection_by_exclude_and_by_call_order():
 def test_ternarize_model_errors():
   with pytest.raises(ValueError, match="example call"):
     tnnx.ternarize_model(Net(nnx.Rngs(0)), QuantPolicy(ternary_last=False))
-  with pytest.raises(NotImplementedError, match="packed"):
-    tnnx.ternarize_model(Net(nnx.Rngs(0)), QuantPolicy("packed:tga"))
   with pytest.raises(TypeError, match="after the policy"):
     tnnx.ternarize_model(Net(nnx.Rngs(0)), X)
   model = tnnx.ternarize_model(Net(nnx.Rngs(0)))
@@ -249,3 +253,105 @@ def test_policy_dtype_and_subclasses():
   w = ternarize(model.a.kernel[...], {"delta": model.a.delta[...]})
   expected = 2 * (x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16) + model.a.bias[...].astype(jnp.bfloat16))
   np.testing.assert_allclose(model.a(x).astype(np.float32), expected.astype(np.float32), rtol=1e-2)
+
+
+# --- the threshold pass ----------------------------------------------------------
+
+
+def _all_grads(model):
+  loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Any(nnx.Param, tnnx.Threshold)))(model, X)
+  return loss, nnx.to_pure_dict(grads)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_threshold_pass_same_output_and_threshold_gradients_no_kernel_gradient(per_channel):
+  _, model = twins(QuantPolicy(per_channel=per_channel))
+  model.conv.bias[...] = jnp.linspace(-0.5, 0.5, 8)  # nonzero biases: added after the output scale
+  model.head.bias[...] = jnp.linspace(0.3, -0.2, 5)
+  train_out = model(X)
+  train_loss, train = _all_grads(model)
+  assert tnnx.set_mode(model, THRESHOLD_PASS) is model
+  assert all(getattr(model, n).mode == THRESHOLD_PASS for n in LAYERS)
+  np.testing.assert_allclose(model(X), train_out, rtol=1e-5, atol=1e-6)
+  split_loss, split = _all_grads(model)
+  np.testing.assert_allclose(split_loss, train_loss, rtol=1e-5)
+  for name in LAYERS:
+    np.testing.assert_allclose(split[name]["delta"], train[name]["delta"], rtol=1e-4, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(split[name]["bias"], train[name]["bias"], rtol=1e-4, atol=1e-6, err_msg=name)
+  # Layers whose output takes the scale get no kernel gradient; the Einsum computes as in TRAIN.
+  for name in ("conv", "proj", "head"):
+    assert not np.any(split[name]["kernel"]) and np.any(train[name]["kernel"]), name
+  np.testing.assert_allclose(split["mix"]["kernel"], train["mix"]["kernel"], rtol=1e-5, atol=1e-6)
+  # The kernel-gradient convolution is not even traced: 2 convolutions (forward, kernel gradient) -> 1.
+  count = lambda: str(jax.make_jaxpr(lambda m: _all_grads(m)[1])(model)).count("conv_general_dilated")
+  assert count() == 1
+  tnnx.set_mode(model, TRAIN)
+  assert count() == 2
+  with pytest.raises(ValueError, match="unknown quantized-layer mode"):
+    tnnx.set_mode(model, "fast")
+
+
+# --- packed layers ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quantizer, per_channel", [("tga", False), ("tga", True), ("ttq", False)])
+def test_pack_computes_the_trained_model_from_2_bit_codes(quantizer, per_channel):
+  _, model = twins(QuantPolicy(quantizer, per_channel=per_channel))
+  if quantizer == "tga":  # thresholds away from their init, as after training
+    for name in LAYERS:
+      getattr(model, name).delta[...] *= 1.7
+  kernels = {n: getattr(model, n).kernel[...] for n in LAYERS}
+  ternary = {n: getattr(model, n).quantized_kernel() for n in LAYERS}
+  want = model(X)
+  assert tnnx.pack(model) is model
+  assert not jax.tree.leaves(nnx.state(model, tnnx.Threshold))
+  for name in LAYERS:
+    layer = getattr(model, name)
+    assert "kernel" not in vars(layer) and layer.quantizer.packed and layer.packed_shape == kernels[name].shape
+    codes = np.asarray(layer.codes[...])
+    assert codes.dtype == np.uint8 and codes.shape == planar_shape(kernels[name].shape)
+    # Independent: the unpacked codes are the sign pattern of the layer's ternary kernel before packing.
+    np.testing.assert_array_equal(unpack_planar(codes, kernels[name].shape), np.sign(np.asarray(ternary[name])))
+    assert ("neg_scale" in vars(layer)) == (quantizer == "ttq")
+  np.testing.assert_allclose(model(X), want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(model, X), want, rtol=1e-6, atol=1e-6)
+  tnnx.pack(model)  # packing a packed model changes nothing
+  np.testing.assert_allclose(model(X), want, rtol=1e-6, atol=1e-6)
+
+
+def test_ternarize_model_with_a_packed_policy_packs_the_initial_ternary_model():
+  _, float_model = twins(QuantPolicy(per_channel=True))
+  _, packed = twins(QuantPolicy("packed:tga", per_channel=True))
+  assert all(getattr(packed, n).quantizer == get_quantizer("packed:tga", per_channel=getattr(
+    float_model, n).quantizer.per_channel) for n in LAYERS)
+  np.testing.assert_allclose(packed(X), float_model(X), rtol=1e-6, atol=1e-6)
+
+
+# --- what is left out -----------------------------------------------------------
+
+
+class WithEmbedding(nnx.Module):
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(10, 4, rngs=rngs)
+    self.up = nnx.ConvTranspose(4, 4, (2,), rngs=rngs)
+    self.head = nnx.Linear(4, 3, rngs=rngs)
+
+  def __call__(self, tokens):
+    return self.head(self.up(self.embed(tokens)))
+
+
+def test_layers_and_patterns_left_out_warn_error_or_pass():
+  with pytest.warns(UnquantizedLayerWarning) as record:
+    model = tnnx.ternarize_model(WithEmbedding(nnx.Rngs(0)), QuantPolicy(exclude=("tail",)))
+  message = str(record[0].message)
+  assert "'embed' (flax.nnx" in message and "'up' (flax.nnx" in message and "'tail' matches no" in message
+  assert isinstance(model.head, tnnx.TernaryLayer)
+  plain = WithEmbedding(nnx.Rngs(0))
+  with pytest.raises(ValueError, match="'embed'"):
+    tnnx.ternarize_model(plain, QuantPolicy(on_unquantized="error"))
+  assert type(plain.head) is nnx.Linear  # the error left the model as it was
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    tnnx.ternarize_model(WithEmbedding(nnx.Rngs(0)), QuantPolicy(on_unquantized="ignore"))
+    tnnx.ternarize_model(WithEmbedding(nnx.Rngs(0)), QuantPolicy(include=("head",)))  # embed, up not selected

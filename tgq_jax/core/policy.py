@@ -14,7 +14,9 @@ a layer is quantized when its path matches one of ``include`` and none of
 call order (a network's stem and classifier), when ``ternary_first`` /
 ``ternary_last`` allow it. Candidate layers are those whose kernel a
 quantizer can take: Linen ``Dense``, ``Conv``, ``DenseGeneral``, ``Einsum``;
-NNX ``Linear``, ``Conv``, ``LinearGeneral``, ``Einsum``.
+NNX ``Linear``, ``Conv``, ``LinearGeneral``, ``Einsum``. Other layers with a
+kernel (``ConvTranspose``, ``ConvLocal``, ``Embed``) stay full precision, and
+``on_unquantized`` says whether that is reported.
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ from typing import Any
 import jax.numpy as jnp
 
 from tgq_jax.core.quantizers import PACKED_PREFIX, Quantizer, get_quantizer, packed_name
+
+
+#: The values of :attr:`QuantPolicy.on_unquantized`.
+ON_UNQUANTIZED = ("warn", "error", "ignore")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +53,13 @@ class QuantPolicy:
     ternary_last: quantize the last matched layer in call order (the classifier).
     dtype: compute dtype of the quantized layers (e.g. ``jnp.bfloat16``); None
       keeps each layer's own. Kernels and thresholds stay in their param dtype.
+    on_unquantized: what ``ternarize_model`` does (Linen and NNX alike, see
+      :func:`tgq_jax.core.kernel.check_coverage`) about a layer the patterns select
+      whose kernel no quantizer takes (a transposed or unshared conv, an embedding)
+      and about an include/exclude pattern that matches no quantizable layer:
+      "warn" (an :class:`~tgq_jax.core.kernel.UnquantizedLayerWarning`), "error"
+      (ValueError) or "ignore". Nothing is reported for a policy that quantizes
+      nothing (``"fp"``).
   """
 
   quantizer: str = "tga"
@@ -56,6 +69,7 @@ class QuantPolicy:
   ternary_first: bool = True
   ternary_last: bool = True
   dtype: Any = None
+  on_unquantized: str = "warn"
 
   def __post_init__(self):
     for name in ("include", "exclude"):
@@ -70,6 +84,9 @@ class QuantPolicy:
           raise ValueError(f"QuantPolicy.{name}: {pattern!r} is not a regular expression ({e}).") from None
     if self.dtype is not None:
       object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+    if self.on_unquantized not in ON_UNQUANTIZED:
+      raise ValueError(f"QuantPolicy.on_unquantized must be one of {', '.join(map(repr, ON_UNQUANTIZED))}, "
+                       f"got {self.on_unquantized!r}.")
     self.layer_quantizer((0,))  # validates the name and per-channel support now, not at trace time
 
   @property

@@ -23,11 +23,16 @@ helper for inspection and export:
 
 ``"packed:<name>"`` (:func:`packed_name`) is the inference form of a ternary
 quantizer: a layer built with it holds the 2-bit packed codes and scales
-instead of a float kernel (see :mod:`tgq_jax.frontends.linen_layers`); ``"packed:fp"`` is
+instead of a float kernel (see :mod:`tgq_jax.core.packing`); ``"packed:fp"`` is
 ``"fp"``.
 
 Statistics are per tensor by default; TGA, TWN and absmean take ``per_channel=True``
 (statistics per slice of the last axis, Flax's output-channel axis).
+
+Non-finite weights propagate: a NaN or infinite weight makes the output of its
+tensor (per channel: its slice) NaN, and TTQ's scale gradients too (the
+straight-through gradients are the output's, NaN with it), never zeros that
+look like a quantized tensor.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tgq_jax.core.ternarize import PerChannel, TernaryParts, _moments, _reduction_axes, stat_shape
+from tgq_jax.core.ternarize import PerChannel, TernaryParts, moments, reduction_axes, stat_shape
 from tgq_jax.core.ternarize import init_params as tga_init
 from tgq_jax.core.ternarize import ternarize as tga
 from tgq_jax.core.ternarize import ternary_parts as tga_parts
@@ -52,7 +57,7 @@ TTQ_THRESHOLD_FACTOR = 0.05
 
 
 def _axes(w: jax.Array, per_channel: PerChannel) -> tuple[int, ...]:
-  return _reduction_axes(w.ndim, per_channel)
+  return reduction_axes(w.ndim, per_channel)
 
 
 def _stat_shape(w: jax.Array, per_channel: PerChannel) -> tuple[int, ...]:
@@ -80,6 +85,7 @@ def _twn_codes_and_scale(w: jax.Array, per_channel: PerChannel):
   count = jnp.sum(kept, axis=axes, keepdims=True)
   # An all-zero tensor keeps nothing: scale 0 rather than 0/0.
   scale = jnp.sum(jnp.where(kept, abs_w, 0), axis=axes, keepdims=True) / jnp.maximum(count, 1)
+  scale = jnp.where(jnp.isfinite(t), scale, jnp.nan)  # a non-finite weight: NaN, not a scale of the rest
   codes = jnp.where(kept, jnp.sign(w), 0)
   return codes, scale, t
 
@@ -118,7 +124,7 @@ def twn_parts(w: jax.Array, params: Params | None = None, *, per_channel: PerCha
   w = jnp.asarray(w)
   codes, scale, t = _twn_codes_and_scale(_compute(w), per_channel)
   shape = _stat_shape(w, per_channel)
-  _, _, sigma = _moments(_compute(w), _axes(w, per_channel))  # reported, not used
+  _, _, sigma = moments(_compute(w), _axes(w, per_channel))  # reported, not used
   scale = jnp.reshape(scale, shape)
   return TernaryParts(codes.astype(jnp.int8), scale, scale, jnp.reshape(t, shape),
                       jnp.zeros(shape, scale.dtype), jnp.reshape(sigma, shape))
@@ -159,7 +165,7 @@ def absmean_parts(w: jax.Array, params: Params | None = None, *, per_channel: Pe
   wc = _compute(w)
   codes, scale = _absmean_codes_and_scale(wc, per_channel)
   shape = _stat_shape(wc, per_channel)
-  _, _, sigma = _moments(wc, _axes(wc, per_channel))  # reported, not used
+  _, _, sigma = moments(wc, _axes(wc, per_channel))  # reported, not used
   scale = jnp.reshape(scale, shape)
   return TernaryParts(codes.astype(jnp.int8), scale, scale, 0.5 * scale, jnp.zeros(shape, scale.dtype),
                       jnp.reshape(sigma, shape))
@@ -173,24 +179,33 @@ def _ttq_codes(w: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.where(w > t, 1, jnp.where(w < -t, -1, 0)).astype(w.dtype), t
 
 
+def _ttq_forward(w: jax.Array, pos: jax.Array, neg: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(output, codes, whether w is finite): a non-finite weight makes the output and every gradient NaN
+  (its threshold would otherwise compare every code to 0 and output zeros)."""
+  codes, t = _ttq_codes(w)
+  finite = jnp.isfinite(t)
+  out = jnp.where(codes > 0, pos, jnp.where(codes < 0, -neg, jnp.zeros_like(w)))
+  return jnp.where(finite, out, jnp.nan), codes, finite
+
+
 @jax.custom_vjp
 def _ttq(w: jax.Array, pos: jax.Array, neg: jax.Array) -> jax.Array:
-  codes, _ = _ttq_codes(w)
-  return jnp.where(codes > 0, pos, jnp.where(codes < 0, -neg, jnp.zeros_like(w)))
+  return _ttq_forward(w, pos, neg)[0]
 
 
 def _ttq_fwd(w, pos, neg):
-  codes, _ = _ttq_codes(w)
-  out = jnp.where(codes > 0, pos, jnp.where(codes < 0, -neg, jnp.zeros_like(w)))
-  return out, (codes, pos, neg)
+  out, codes, finite = _ttq_forward(w, pos, neg)
+  return out, (codes, pos, neg, finite)
 
 
 def _ttq_bwd(residuals, g):
-  codes, pos, neg = residuals
+  codes, pos, neg, finite = residuals
   dpos = jnp.sum(jnp.where(codes > 0, g, 0))
   dneg = -jnp.sum(jnp.where(codes < 0, g, 0))
   dw = jnp.where(codes > 0, pos * g, jnp.where(codes < 0, neg * g, g))
-  return dw, jnp.reshape(dpos, pos.shape), jnp.reshape(dneg, neg.shape)
+  nan_unless_finite = lambda x: jnp.where(finite, x, jnp.nan)
+  return (nan_unless_finite(dw), jnp.reshape(nan_unless_finite(dpos), pos.shape),
+          jnp.reshape(nan_unless_finite(dneg), neg.shape))
 
 
 _ttq.defvjp(_ttq_fwd, _ttq_bwd)
@@ -237,7 +252,7 @@ def ttq_parts(w: jax.Array, params: Params, *, per_channel: PerChannel = False) 
   pos, neg = _ttq_scales(params)
   wc = _compute(w)
   codes, t = _ttq_codes(wc)
-  _, _, sigma = _moments(wc, _axes(wc, False))
+  _, _, sigma = moments(wc, _axes(wc, False))
   return TernaryParts(codes.astype(jnp.int8), jnp.asarray(pos, wc.dtype), jnp.asarray(neg, wc.dtype),
                       t, jnp.zeros((), wc.dtype), jnp.reshape(sigma, ()))
 

@@ -57,6 +57,12 @@ Numerics and edge cases
   zero gradient, as in the paper: the threshold then stays where it is.
 * A negative ``delta`` acts through ``|delta|``; its gradient carries
   ``sign(delta)``. ``delta = 0`` gets zero gradient (``sign(0) = 0``, as torch).
+* Non-finite input propagates: a NaN or infinite weight, or a non-finite
+  ``delta``, makes its tensor's (per channel: its channel's) scale, every
+  output element and both gradients (``dL/dw`` of that slice and ``dL/ddelta``)
+  NaN, so a trainer's finiteness check sees it. (Left alone, the comparisons
+  would turn it into zero codes and a finite zero threshold gradient.) The
+  codes of :func:`ternary_parts` stay in {-1, 0, 1}; its scale is NaN.
 
 Per-channel statistics (``per_channel=True``) apply all of the above to each
 slice along the last axis (Flax's output-channel axis: ``HWIO`` convolution
@@ -81,6 +87,8 @@ __all__ = [
   "clip_bound",
   "init_params",
   "mills_ratio",
+  "moments",
+  "reduction_axes",
   "scale_from_stats",
   "ternarize",
   "ternary_parts",
@@ -163,7 +171,8 @@ def _bad_axis(axis, ndim: int):
   raise ValueError(f"per_channel axis {axis} is out of range for weights with {ndim} axes.")
 
 
-def _reduction_axes(ndim: int, per_channel: PerChannel) -> tuple[int, ...]:
+def reduction_axes(ndim: int, per_channel: PerChannel) -> tuple[int, ...]:
+  """The axes a statistic is taken over: every axis :func:`channel_axes` does not keep."""
   kept = channel_axes(ndim, per_channel)
   return tuple(i for i in range(ndim) if i not in kept)
 
@@ -183,9 +192,10 @@ class _Stats(NamedTuple):
   lam: jax.Array
   alpha: jax.Array
   q: jax.Array  # codes, in the compute dtype
+  finite: jax.Array  # False where the slice's weights or its delta are not all finite
 
 
-def _moments(w: jax.Array, axes: tuple[int, ...]) -> tuple[int, jax.Array, jax.Array]:
+def moments(w: jax.Array, axes: tuple[int, ...]) -> tuple[int, jax.Array, jax.Array]:
   """Count, mean and sample std (0 for a single element) over ``axes``, kept as size-1 dims."""
   n = int(np.prod([w.shape[i] for i in axes], dtype=np.int64))
   # Shifted data: subtract the slice's first element before averaging, so a
@@ -203,16 +213,19 @@ def _moments(w: jax.Array, axes: tuple[int, ...]) -> tuple[int, jax.Array, jax.A
 
 
 def _forward_stats(w: jax.Array, delta: jax.Array, axes: tuple[int, ...]) -> _Stats:
-  n, mu, sigma = _moments(w, axes)
+  n, mu, sigma = moments(w, axes)
   positive = sigma > 0
   safe_sigma = jnp.where(positive, sigma, jnp.ones_like(sigma))
   delta = jnp.reshape(delta, mu.shape)
   t = jnp.minimum(jnp.abs(delta), CLIP_SIGMAS * sigma)
   a = jnp.where(positive, t / safe_sigma, jnp.zeros_like(t))
   lam = mills_ratio(a)
-  alpha = mu + sigma * lam
+  # A non-finite weight makes mu or sigma non-finite; a non-finite delta would be clipped (inf) or
+  # compared away (NaN) into finite numbers: either way the slice's scale is NaN, not a plausible value.
+  finite = jnp.isfinite(mu) & jnp.isfinite(sigma) & jnp.isfinite(delta)
+  alpha = jnp.where(finite, mu + sigma * lam, jnp.nan)
   q = jnp.where(w > mu + t, 1, jnp.where(w < mu - t, -1, 0)).astype(w.dtype)
-  return _Stats(n, mu, sigma, safe_sigma, t, a, lam, alpha, q)
+  return _Stats(n, mu, sigma, safe_sigma, t, a, lam, alpha, q, finite)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -232,6 +245,7 @@ def _delta_cotangent(delta: jax.Array, s: _Stats, dalpha: jax.Array) -> jax.Arra
   inside_clip = jnp.abs(jnp.reshape(delta, s.mu.shape)) < CLIP_SIGMAS * s.sigma
   sign = jnp.sign(jnp.reshape(delta, s.mu.shape))
   ddelta = jnp.where(inside_clip, dalpha * dlam * sign, jnp.zeros_like(dalpha))
+  ddelta = jnp.where(s.finite, ddelta, jnp.nan)  # a NaN scale comes with a NaN gradient, not a finite 0
   return jnp.reshape(ddelta, delta.shape)
 
 
@@ -244,6 +258,7 @@ def _tga_bwd(axes, residuals, g):
   dsigma_dw = jnp.where(
     s.sigma > 0, (w - s.mu) / (max(s.n - 1, 1) * s.safe_sigma), jnp.zeros_like(w))
   dw = g + dalpha * (1.0 / s.n + (s.lam - s.a * dlam) * dsigma_dw)
+  dw = jnp.where(s.finite, dw, jnp.nan)
   return dw, _delta_cotangent(delta, s, dalpha)
 
 
@@ -319,7 +334,7 @@ def _validated(w, params, per_channel: PerChannel, who: str) -> tuple[jax.Array,
   delta = _delta_from(params, w, per_channel)
   w = jnp.asarray(w)
   compute = _compute_dtype(w.dtype)
-  return w.astype(compute), jnp.asarray(delta).astype(compute), _reduction_axes(w.ndim, per_channel)
+  return w.astype(compute), jnp.asarray(delta).astype(compute), reduction_axes(w.ndim, per_channel)
 
 
 def ternarize(w: jax.Array, params: Mapping[str, jax.Array], *, per_channel: PerChannel = False) -> jax.Array:
@@ -347,7 +362,7 @@ def init_params(w: jax.Array, *, per_channel: PerChannel = False, dtype=None) ->
   """
   _check_w(w, per_channel, "init_params")
   w = jnp.asarray(w)
-  axes = _reduction_axes(w.ndim, per_channel)
+  axes = reduction_axes(w.ndim, per_channel)
   delta = INIT_FRACTION * jnp.max(jnp.abs(w.astype(_compute_dtype(w.dtype))), axis=axes)
   return {"delta": delta if dtype is None else delta.astype(dtype)}
 
@@ -356,7 +371,7 @@ def clip_bound(w: jax.Array, *, per_channel: PerChannel = False) -> jax.Array:
   """``3 sigma``: thresholds at or beyond it are clipped and receive no gradient."""
   w = jnp.asarray(w)
   shape = stat_shape(w.shape, per_channel)
-  _, _, sigma = _moments(w.astype(_compute_dtype(w.dtype)), _reduction_axes(w.ndim, per_channel))
+  _, _, sigma = moments(w.astype(_compute_dtype(w.dtype)), reduction_axes(w.ndim, per_channel))
   return jnp.reshape(CLIP_SIGMAS * sigma, shape)
 
 

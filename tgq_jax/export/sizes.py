@@ -6,10 +6,9 @@ Per leaf of the model's variables (every collection: ``params``, ``batch_stats``
 
 * the kernel of a ternary layer: its 2-bit codes plus 4 bytes (float32) per
   scale, twice that for an asymmetric quantizer (TTQ's separate magnitude of a -1
-  code). Codes take ``ceil(K / 4) * N`` bytes in the planar layout (``layout="planar"``:
-  the packed inference model's ``codes`` leaf and the ``.safetensors`` file; ``K`` the
-  product of the kernel's leading axes, ``N`` its last) or ``ceil(K * N / 4)`` in C
-  order (``layout="c_order"``: the ``.tgq`` file);
+  code). Codes take ``ceil(K / 4) * N`` bytes in the planar layout (the packed
+  inference model's ``codes`` leaf, what the file stores; ``K`` the product of the
+  kernel's leading axes, ``N`` its last);
 * the quantizer's own leaves (TGA's ``delta``, TTQ's trainable scales): not
   stored (the scales carry what inference needs), and not counted in FP32 either
   (the full-precision model has none);
@@ -25,10 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from tgq_jax.kernels.ternary_matmul import planar_shape
+from tgq_jax.core.packing import planar_shape
 from tgq_jax.core.ternarize import stat_shape
 
-LAYOUTS = ("planar", "c_order")
 SCALE_BYTES = 4  # scales are stored as float32
 
 Path = tuple[str, ...]
@@ -90,20 +88,16 @@ class SizeReport:
     return "\n".join(rows)
 
 
-def code_bytes(shape: tuple[int, ...], layout: str = "planar") -> int:
-  """Bytes of the 2-bit codes of a kernel of ``shape`` in ``layout`` (see the module docstring)."""
-  if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}.")
-  if layout == "c_order":
-    return -(-int(np.prod(shape, dtype=np.int64)) // 4)
+def code_bytes(shape: tuple[int, ...]) -> int:
+  """Bytes of the planar 2-bit codes of a kernel of ``shape`` (see the module docstring)."""
   k4, n = planar_shape(shape)
   return k4 * n
 
 
-def ternary_kernel_bytes(shape: tuple[int, ...], quantizer, layout: str = "planar") -> int:
+def ternary_kernel_bytes(shape: tuple[int, ...], quantizer) -> int:
   """Stored bytes of one ternary kernel: codes, its scales and (asymmetric quantizers) its -1 magnitudes."""
   scales = int(np.prod(stat_shape(tuple(shape), quantizer.per_channel), dtype=np.int64))
-  return code_bytes(tuple(shape), layout) + SCALE_BYTES * scales * (1 if quantizer.symmetric else 2)
+  return code_bytes(tuple(shape)) + SCALE_BYTES * scales * (1 if quantizer.symmetric else 2)
 
 
 def leaves(tree: Mapping, prefix: Path = ()) -> list[tuple[Path, Any]]:
@@ -118,7 +112,7 @@ def leaves(tree: Mapping, prefix: Path = ()) -> list[tuple[Path, Any]]:
   return out
 
 
-def size_report(variables: Mapping, layers: Mapping[Path, Any], *, layout: str = "planar",
+def size_report(variables: Mapping, layers: Mapping[Path, Any], *,
                 sparsity: Mapping[Path, float] | None = None) -> SizeReport:
   """FP32 bytes vs packed bytes of a model, per ternary layer and per other leaf.
 
@@ -127,8 +121,6 @@ def size_report(variables: Mapping, layers: Mapping[Path, Any], *, layout: str =
       (arrays or anything with ``shape`` and ``dtype``; only those are read).
     layers: :func:`tgq_jax.frontends.linen_layers.quantized_layers` of the model (params path ->
       ``Quantizer``); layers whose quantizer is not ternary count as full precision.
-    layout: the codes' layout: "planar" (the packed model, ``.safetensors``) or
-      "c_order" (``.tgq``).
     sparsity: each ternary layer's fraction of zero codes, when known (else None in the report).
 
   Returns:
@@ -144,7 +136,7 @@ def size_report(variables: Mapping, layers: Mapping[Path, Any], *, layout: str =
       node = node[key]
     shape = tuple(int(d) for d in np.shape(node["kernel"]))
     n = int(np.prod(shape, dtype=np.int64))
-    rows.append(LayerSize("/".join(path), n, 4 * n, ternary_kernel_bytes(shape, quantizer, layout),
+    rows.append(LayerSize("/".join(path), n, 4 * n, ternary_kernel_bytes(shape, quantizer),
                           None if sparsity is None else float(sparsity[path]), True))
     skip.update(("params", *path, leaf) for leaf in ("kernel", *quantizer.param_names))
   for collection in sorted(variables):

@@ -1,4 +1,4 @@
-"""Ternarize any Flax Linen model by interception: :func:`ternarize_model`.
+"""Ternarize any Flax Linen model by interception: :func:`ternarize_model`; its mode: :func:`with_mode`.
 
 ``ternarize_model(module, policy)`` returns a Linen module that calls
 ``module`` unchanged, except that the kernels of its ``nn.Dense``,
@@ -20,8 +20,10 @@ quantizer. Nothing in the user's model is rewritten:
   quantizer leaves. A full-precision checkpoint of the plain model loads
   into the ternarized one (:func:`tgq_jax.frontends.linen_layers.init_ternary_from_fp`).
 
-The layer-level mechanics (threshold pass, packed kernels) are those of
-:mod:`tgq_jax.frontends.linen_layers`, shared with ``TernaryDense``/``TernaryConv``.
+What a selected layer computes is :mod:`tgq_jax.core.kernel`'s, through
+:class:`tgq_jax.frontends.linen_layers.KernelHook` (shared with ``TernaryDense``/``TernaryConv``);
+the mode (:data:`~tgq_jax.core.kernel.TRAIN`, :data:`~tgq_jax.core.kernel.THRESHOLD_PASS`)
+is the field :attr:`TernarizedModel.mode`, set by :func:`with_mode`.
 """
 from __future__ import annotations
 
@@ -34,53 +36,35 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from tgq_jax.frontends.linen_layers import (KernelHook, _layer_input, _QuantizedKernel, packed_dense_pallas, pallas_applies,
-                            record_layer, recording)
+from tgq_jax.core.kernel import (TRAIN, KernelLayout, check_coverage, check_mode, dense_layout, einsum_layout,
+                                 general_layout, order_skips)
 from tgq_jax.core.policy import QuantPolicy
 from tgq_jax.core.quantizers import get_quantizer
+from tgq_jax.frontends.linen_layers import (KernelHook, QuantizedLayer, packed_dense_pallas, pallas_applies,
+                                            record_layer, recording)
 
 #: The layer types whose kernels are intercepted.
 CANDIDATES: tuple[type, ...] = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Einsum)
+#: Layers with a kernel that no quantizer takes: reported by ``QuantPolicy.on_unquantized``.
+UNQUANTIZABLE: tuple[type, ...] = (nn.ConvTranspose, nn.ConvLocal, nn.Embed)
 
 
-def _einsum_str(module: nn.Einsum, args, kwargs) -> str:
-  call_str = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
-  return (call_str or module.einsum_str or "").replace(" ", "")
+def kernel_layout(module: nn.Module, kernel_ndim: int, args=(), kwargs=None) -> KernelLayout:
+  """The :class:`~tgq_jax.core.kernel.KernelLayout` of a candidate layer's kernel, for one call.
 
-
-def output_axes(module: nn.Module, kernel_ndim: int, args=(), kwargs=None) -> tuple[int, ...]:
-  """The kernel axes of ``module`` that index its output features (per-channel statistics go over them).
-
-  Dense, Conv: the last. DenseGeneral: the ``features`` axes, and its
-  ``batch_dims`` axes (each batch entry is its own kernel). Einsum: the kernel
-  axes whose letters appear in the output of the einsum string.
+  Dense, Conv: the last axis. DenseGeneral: its ``features`` axes and ``batch_dims``
+  axes. Einsum: the kernel axes whose letters appear in the output of the call's
+  einsum string (``args``/``kwargs``: the call's, which may give it).
   """
   if isinstance(module, nn.Einsum):
-    spec = _einsum_str(module, args, kwargs or {})
-    lhs, out = spec.split("->")
-    kernel_letters = lhs.split(",")[1]
-    if "." in kernel_letters:
-      raise ValueError(f"Einsum {spec!r}: per-channel statistics need explicit kernel axes (no '...').")
-    return tuple(i for i, c in enumerate(kernel_letters) if c in out)
+    kwargs = kwargs or {}
+    call_str = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
+    return einsum_layout(call_str or module.einsum_str or "")
   if isinstance(module, nn.DenseGeneral):
     features = module.features if isinstance(module.features, tuple | list) else (module.features,)
     batch_dims = module.batch_dims if isinstance(module.batch_dims, tuple | list) else (module.batch_dims,)
-    return tuple(range(len(batch_dims))) + tuple(range(kernel_ndim - len(features), kernel_ndim))
-  return (kernel_ndim - 1,)
-
-
-def _output_scale_broadcasts(module: nn.Module, axes: tuple[int, ...], kernel_ndim: int) -> bool:
-  """Whether a per-channel scale over ``axes`` broadcasts against the layer's output as is.
-
-  True where the output-feature axes are the kernel's trailing axes and the
-  output's trailing axes, in order (Dense, Conv, DenseGeneral without batch
-  dims); the threshold pass multiplies the output by the scale only then.
-  """
-  if isinstance(module, nn.Einsum):
-    return False
-  if isinstance(module, nn.DenseGeneral) and module.batch_dims not in ((), None):
-    return False
-  return axes == tuple(range(kernel_ndim - len(axes), kernel_ndim))
+    return general_layout(kernel_ndim, len(features), len(batch_dims))
+  return dense_layout(kernel_ndim)
 
 
 @contextlib.contextmanager
@@ -88,8 +72,9 @@ def _shadowed(module: nn.Module, **attributes: Any) -> Iterator[None]:
   """Instance attributes of a (frozen) module for the duration of one call.
 
   ``param`` shadows the class method so the layer's own ``self.param("kernel", ...)``
-  returns the quantized kernel; ``dtype`` sets the policy's compute dtype. Both
-  are removed afterwards: the module is left as it was.
+  returns the quantized kernel; ``dtype`` sets the policy's compute dtype; ``mode``
+  the wrapper's mode on a ``Ternary*`` layer. All are removed afterwards: the
+  module is left as it was.
   """
   saved = {name: module.__dict__[name] for name in attributes if name in module.__dict__}
   for name, value in attributes.items():
@@ -104,7 +89,7 @@ def _shadowed(module: nn.Module, **attributes: Any) -> Iterator[None]:
 
 
 def _call_order(module: nn.Module, args, kwargs) -> list[tuple[str, ...]]:
-  """The paths (relative to ``module``) of its candidate layers that the policy matches, in call order.
+  """The paths (relative to ``module``) of its candidate layers, in call order.
 
   Traced abstractly (``jax.eval_shape`` of ``module.init``): only shapes.
   """
@@ -116,7 +101,7 @@ def _call_order(module: nn.Module, args, kwargs) -> list[tuple[str, ...]]:
     if root is None:
       root = tuple(context.module.path)  # the first call is the wrapped module's own
     m = context.module
-    if context.method_name == "__call__" and isinstance(m, CANDIDATES) and not isinstance(m, _QuantizedKernel):
+    if context.method_name == "__call__" and isinstance(m, CANDIDATES) and not isinstance(m, QuantizedLayer):
       path = tuple(m.path)[len(root):]
       if path not in order:
         order.append(path)
@@ -138,59 +123,75 @@ def _call_order(module: nn.Module, args, kwargs) -> list[tuple[str, ...]]:
 
 
 class TernarizedModel(nn.Module):
-  """``module`` with the kernels the ``policy`` selects quantized (see :func:`ternarize_model`)."""
+  """``module`` with the kernels the ``policy`` selects quantized (see :func:`ternarize_model`).
+
+  Attributes:
+    module: the wrapped Linen module.
+    policy: which layers, and how.
+    mode: what every quantized layer inside computes (the intercepted ones and any
+      ``TernaryDense``/``TernaryConv`` or nested wrapper, whatever their own mode):
+      :data:`~tgq_jax.core.kernel.TRAIN` or :data:`~tgq_jax.core.kernel.THRESHOLD_PASS`.
+  """
 
   module: nn.Module
   policy: QuantPolicy = QuantPolicy()
+  mode: str = TRAIN
 
   def setup(self):
     # The wrapped module's variables live at this module's own paths, as in the plain model.
     nn.share_scope(self, self.module)
 
   def __call__(self, *args, **kwargs):
-    policy = self.policy
-    order: list[tuple[str, ...]] | None = None
+    policy, mode = self.policy, check_mode(self.mode)
+    skip = set()
     if not (policy.ternary_first and policy.ternary_last):
       unbound = self.module.clone(parent=None, _deep_clone=True)
       order = [p for p in _call_order(unbound, args, kwargs) if policy.matches(p)]
-    skip = set()
-    if order:
-      if not policy.ternary_first:
-        skip.add(order[0])
-      if not policy.ternary_last:
-        skip.add(order[-1])
+      skip = order_skips(order, policy.ternary_first, policy.ternary_last)
     root = tuple(self.path)
+    candidates: list[str] = []  # every quantizable layer reached, for check_coverage
+    unquantizable: dict[str, str] = {}
 
     def intercept(next_fun: Callable, a, k, context):
       m = context.module
-      if (context.method_name != "__call__" or not isinstance(m, CANDIDATES)
-          or isinstance(m, _QuantizedKernel) or "param" in m.__dict__):
-        return next_fun(*a, **k)  # not a candidate, a Ternary* layer, or already intercepted
       path = tuple(m.path)[len(root):]
+      if isinstance(m, UNQUANTIZABLE) and context.method_name in ("__call__", "attend") and policy.matches(path):
+        unquantizable["/".join(path)] = f"{type(m).__module__}.{type(m).__name__}"
+      if context.method_name != "__call__":
+        return next_fun(*a, **k)
+      if isinstance(m, (QuantizedLayer, TernarizedModel)):  # explicit Ternary* layers, nested wrappers: this mode
+        if isinstance(m, QuantizedLayer):
+          candidates.append("/".join(path))
+        with _shadowed(m, mode=mode):
+          return next_fun(*a, **k)
+      if not isinstance(m, CANDIDATES) or "param" in m.__dict__:
+        return next_fun(*a, **k)  # not a candidate, or already intercepted
+      candidates.append("/".join(path))
       if not policy.matches(path) or path in skip:
         record_layer(tuple(m.path), get_quantizer("fp"))
         return next_fun(*a, **k)
+      layout = functools.partial(kernel_layout, m, args=a, kwargs=k)
       if policy.packed and type(m) is nn.Dense and pallas_applies(m):
-        # GPU/TPU serving: the Pallas kernel multiplies by the 2-bit codes (no float kernel at all).
-        quantizer = policy.layer_quantizer(output_axes(m, 2))
+        # Serving: lowered for GPU/TPU the Pallas kernel multiplies by the 2-bit codes (no float kernel at all).
+        quantizer = policy.layer_quantizer(layout(2).output_axes)
         record_layer(tuple(m.path), quantizer)
-        return packed_dense_pallas(m, functools.partial(nn.Module.param, m), quantizer, a[0])
-      hook = KernelHook(
-        m, lambda ndim: policy.layer_quantizer(output_axes(m, ndim, a, k)),
-        lambda axes, ndim: _output_scale_broadcasts(m, axes, ndim))
+        return packed_dense_pallas(m, functools.partial(nn.Module.param, m), quantizer, a[0], dtype=policy.dtype)
+      hook = KernelHook(m, lambda ndim: policy.layer_quantizer(layout(ndim).output_axes), layout, mode,
+                        a[0] if a else None)
       attributes = {"param": hook.param}
       if policy.dtype is not None and hasattr(m, "dtype"):
         attributes["dtype"] = policy.dtype
-      # _layer_input: a packed layer rebuilds its kernel only once its input exists (layers.py).
-      with _shadowed(m, **attributes), _layer_input(a[0] if a else None):
+      with _shadowed(m, **attributes):
         y = next_fun(*a, **k)
       return hook.finish(y)
 
     with nn.intercept_methods(intercept):
-      return self.module(*args, **kwargs)
+      out = self.module(*args, **kwargs)
+    check_coverage(policy, candidates, unquantizable)
+    return out
 
 
-def ternarize_model(module: nn.Module, policy: QuantPolicy | None = None) -> TernarizedModel:
+def ternarize_model(module: nn.Module, policy: QuantPolicy | None = None, mode: str = TRAIN) -> TernarizedModel:
   """A Linen module computing ``module`` with ternary kernels where ``policy`` says.
 
   Args:
@@ -199,10 +200,16 @@ def ternarize_model(module: nn.Module, policy: QuantPolicy | None = None) -> Ter
       ``nn.MultiHeadDotProductAttention``.
     policy: which layers and how (:class:`~tgq_jax.core.policy.QuantPolicy`);
       default: TGA on every Dense, Conv, DenseGeneral and Einsum kernel, per tensor.
+    mode: what the quantized layers compute (see :func:`with_mode`); default TRAIN.
 
   Returns:
     A module called exactly as ``module`` (same arguments, same variables
     plus the quantizer's parameters beside each quantized kernel).
+
+  Raises:
+    TypeError: not a Linen module, or not a QuantPolicy.
+    ValueError: an unknown mode; when the model is traced, layers or patterns
+      left out under ``QuantPolicy(on_unquantized="error")``.
 
   Example::
 
@@ -216,4 +223,36 @@ def ternarize_model(module: nn.Module, policy: QuantPolicy | None = None) -> Ter
   policy = QuantPolicy() if policy is None else policy
   if not isinstance(policy, QuantPolicy):
     raise TypeError(f"policy must be a tgq_jax.QuantPolicy, got {type(policy).__name__}.")
-  return TernarizedModel(module, policy)
+  return TernarizedModel(module, policy, check_mode(mode))
+
+
+#: The policy of :func:`with_mode`'s wrapper around a model that is not a TernarizedModel: it
+#: quantizes no layer itself, it only sets the mode of the quantized layers inside.
+_MODE_ONLY = QuantPolicy(include=())
+
+
+def with_mode(model: nn.Module, mode: str) -> nn.Module:
+  """``model`` with every quantized layer in ``mode``, the same variables (same paths, same values).
+
+  Works for a :func:`ternarize_model` result (its ``mode`` field is replaced), a
+  ``TernaryDense``/``TernaryConv``, and any Linen model built from them (wrapped
+  in a :class:`TernarizedModel` that quantizes nothing itself and sets their mode).
+
+  The mode is a field of the returned module, so a function jitted over it traces it:
+  ``jax.jit(lambda p: with_mode(model, THRESHOLD_PASS).apply({"params": p}, x))``
+  and the same over ``model`` are two functions, two traces; a model passed as a
+  static argument hashes with its mode.
+
+  Args:
+    model: a Linen module.
+    mode: :data:`~tgq_jax.core.kernel.TRAIN` or :data:`~tgq_jax.core.kernel.THRESHOLD_PASS`
+      (the sequential update's threshold pass: same output and threshold gradients,
+      no kernel gradient; see :mod:`tgq_jax.core.kernel`).
+  """
+  check_mode(mode)
+  if not isinstance(model, nn.Module):
+    raise TypeError(f"with_mode takes a flax.linen Module, got {type(model).__name__} "
+                    "(for flax.nnx models use tgq_jax.frontends.nnx.set_mode).")
+  if isinstance(model, (TernarizedModel, QuantizedLayer)):
+    return model.clone(mode=mode)
+  return TernarizedModel(model, _MODE_ONLY, mode)

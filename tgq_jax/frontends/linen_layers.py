@@ -1,13 +1,21 @@
-"""Quantized layers: the kernel hook shared by interception and the explicit ``Ternary*`` layers.
+"""Linen's quantized layers: the kernel hook shared by interception and the explicit ``Ternary*`` layers.
 
-:class:`KernelHook` is what a quantized layer's ``param`` does: its
-``"kernel"`` comes back quantized, the quantizer's own parameters (TGA:
-``delta``; TTQ: ``pos_scale``, ``neg_scale``) are created beside it from the
-initialized kernel, so an optimizer can label them by name.
-:func:`tgq_jax.ternarize_model` installs it on the ``nn.Dense``/``nn.Conv``/
-``nn.DenseGeneral``/``nn.Einsum`` layers of any model; ``TernaryDense`` /
-``TernaryConv`` are ``nn.Dense`` / ``nn.Conv`` with it built in (every
-constructor argument of theirs works the same), for hand-written models.
+:class:`KernelHook` is what a quantized layer's ``param`` does, a thin adapter
+over :mod:`tgq_jax.core.kernel`: its ``"kernel"`` comes back as
+:func:`~tgq_jax.core.kernel.layer_kernel` says for the layer's mode, the
+quantizer's own parameters (TGA: ``delta``; TTQ: ``pos_scale``, ``neg_scale``)
+are created beside it from the initialized kernel, so an optimizer can label
+them by name. :func:`tgq_jax.ternarize_model` installs it on the
+``nn.Dense``/``nn.Conv``/``nn.DenseGeneral``/``nn.Einsum`` layers of any
+model; ``TernaryDense`` / ``TernaryConv`` are ``nn.Dense`` / ``nn.Conv`` with
+it built in (every constructor argument of theirs works the same), for
+hand-written models.
+
+The mode (:data:`~tgq_jax.core.kernel.TRAIN`, :data:`~tgq_jax.core.kernel.THRESHOLD_PASS`)
+is a field: ``TernaryDense(..., mode=...)``, or for a whole model
+:func:`tgq_jax.frontends.linen.with_mode`. A jitted function closes over (or
+takes as a static argument) a model with one mode: the mode is part of what
+is traced.
 
 The quantizer sees the kernel in ``param_dtype`` (float32 by default): with
 ``dtype=jnp.bfloat16`` the layer computes in bfloat16 on the ternarized
@@ -16,7 +24,7 @@ kernel while the quantizer's statistics stay in float32.
 Packed (inference) mode: with a packed quantizer (``QuantPolicy("packed:tga")``,
 ``create_model(..., packed=True)``; see :func:`tgq_jax.core.quantizers.packed_name`)
 the layer holds no float kernel. Its ``params`` are ``codes`` (``uint8 (ceil(K/4), N)``,
-2-bit codes in the planar layout of :mod:`tgq_jax.kernels.ternary_matmul`),
+2-bit codes in the planar layout of :mod:`tgq_jax.core.packing`),
 ``scale`` (float32, scalar or per output feature) and, for TTQ, ``neg_scale``;
 the kernel is rebuilt from them inside the layer's call (so inside the
 compiled forward, one layer at a time) with the values the trained layer
@@ -27,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -35,67 +42,19 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-
 from flax import traverse_util
 
-from tgq_jax.kernels import ternary_matmul as _tm
-from tgq_jax.core.quantizers import Quantizer, get_quantizer, quantizer_names
-from tgq_jax.core.ternarize import channel_axes, stat_shape
+from tgq_jax.core.kernel import TRAIN, KernelLayout, check_mode, dense_layout, finish_output, layer_kernel
+from tgq_jax.core.packing import after_input, packed_kernel, planar_shape
+from tgq_jax.core.quantizers import Quantizer, get_quantizer
+from tgq_jax.core.ternarize import stat_shape
+from tgq_jax.core.trees import as_leaf, mismatch_problems, quantizer_leaf_names, reinit_thresholds
+from tgq_jax.kernels import ternary_matmul
 
 Path = tuple[str, ...]
 
-# The input of the packed layer being called (set while its __call__ runs; read when its kernel is built).
-_LAYER_INPUT: contextvars.ContextVar = contextvars.ContextVar("tgq_packed_layer_input", default=None)
-
-
-@contextlib.contextmanager
-def _layer_input(inputs):
-  token = _LAYER_INPUT.set(inputs)
-  try:
-    yield
-  finally:
-    _LAYER_INPUT.reset(token)
-
-
-def _after_input(codes: jax.Array) -> jax.Array:
-  """``codes``, made to depend on the current packed layer's input: its kernel is rebuilt just in time.
-
-  Without a data dependence XLA schedules every layer's unpacking at the start
-  of the forward pass and holds all float kernels at once (``optimization_barrier``
-  does not prevent it on CPU). ``x * 0`` is +-0 or NaN, and both convert to the
-  integer 0, so the codes are unchanged; XLA cannot fold a float ``x * 0``, so the
-  dependence stays.
-  """
-  x = _LAYER_INPUT.get()
-  if x is None:
-    return codes
-  first = jnp.reshape(x, (-1,))[0]
-  return codes | (first * 0).astype(codes.dtype)
-
-
-_THRESHOLD_PASS = contextvars.ContextVar("tgq_threshold_pass", default=False)
-
-
-@contextlib.contextmanager
-def threshold_pass() -> Iterator[None]:
-  """Traces the layers for a pass whose gradient is wanted for the thresholds alone.
-
-  Within it, a layer whose quantizer has thresholds (TGA) computes
-  ``alpha * (x conv q) + bias`` instead of ``(x conv alpha q) + bias``: the same
-  output, but ``dL/dalpha`` then comes from the output (an element-wise product)
-  and the kernel-gradient convolutions, a third of the backward pass, are not
-  computed. The kernels receive no gradient. The sequential update's first pass
-  runs in it (:func:`tgq_jax.training.harness.train_step`). It acts at trace time.
-  """
-  token = _THRESHOLD_PASS.set(True)
-  try:
-    yield
-  finally:
-    _THRESHOLD_PASS.reset(token)
-
-
-# The recorder of quantized_layers: {params path: Quantizer}, or None when nobody is listening.
+# The recorder of quantized_layers: {params path: Quantizer}, or None when nobody is listening. It only
+# observes (during quantized_layers' abstract trace): what a layer computes never depends on it.
 _RECORDER: contextvars.ContextVar = contextvars.ContextVar("tgq_layer_recorder", default=None)
 
 
@@ -116,29 +75,11 @@ def recording(recorder: dict | None) -> Iterator[dict | None]:
     _RECORDER.reset(token)
 
 
-def packed_kernel(param_fn: Callable, quantizer: Quantizer, shape: tuple[int, ...], dtype) -> jax.Array:
-  """The kernel of ``shape`` rebuilt from a packed layer's ``codes``/``scale``/(``neg_scale``) params.
-
-  ``param_fn`` is the layer's (unshadowed) ``Module.param``. Codes are in the
-  planar layout of :mod:`tgq_jax.kernels.ternary_matmul` over the kernel
-  flattened to ``(prod(shape[:-1]), shape[-1])``; the scale has the
-  quantizer's statistic shape (a scalar, or the output-feature axes).
-  """
-  codes, scale, neg = packed_params(param_fn, quantizer, shape)
-  axes = channel_axes(len(shape), quantizer.per_channel)
-  if axes in ((), (len(shape) - 1,)):
-    return _tm.dequantize_planar(codes, scale, neg, shape, dtype)
-  # Output features on other axes (DenseGeneral heads x head_dim, Einsum): codes times the broadcast scale.
-  keep = tuple(shape[i] if i in axes else 1 for i in range(len(shape)))
-  unit = _tm.dequantize_planar(codes, jnp.ones((), dtype), None, shape, dtype)
-  return unit * jnp.reshape(scale, keep).astype(dtype)
-
-
 def packed_params(param_fn: Callable, quantizer: Quantizer, shape: tuple[int, ...]):
-  """A packed layer's (codes, scale, neg_scale or None) for a kernel of ``shape``."""
-  k4, n = _tm.planar_shape(shape)
+  """A packed layer's (codes, scale, neg_scale or None) params for a kernel of ``shape``."""
+  k4, n = planar_shape(shape)
   scale_shape = stat_shape(shape, quantizer.per_channel)
-  codes = _after_input(param_fn("codes", lambda _rng: jnp.zeros((k4, n), jnp.uint8)))
+  codes = param_fn("codes", lambda _rng: jnp.zeros((k4, n), jnp.uint8))
   scale = param_fn("scale", lambda _rng: jnp.zeros(scale_shape, jnp.float32))
   neg = None if quantizer.symmetric else param_fn("neg_scale", lambda _rng: jnp.zeros(scale_shape, jnp.float32))
   return codes, scale, neg
@@ -147,29 +88,31 @@ def packed_params(param_fn: Callable, quantizer: Quantizer, shape: tuple[int, ..
 class KernelHook:
   """What a quantized layer's ``param`` does, for one call of the layer.
 
-  The layer's ``"kernel"`` request returns the quantized kernel (its quantizer
-  parameters created beside it, from the kernel); under :func:`threshold_pass`
-  it returns the codes and keeps the scale, which :meth:`finish` applies to
-  the output (then the bias, which is held back meanwhile). A packed layer's
-  ``"kernel"`` is rebuilt from its codes and scales.
+  The layer's ``"kernel"`` request returns :func:`~tgq_jax.core.kernel.layer_kernel`'s
+  kernel for ``mode`` (the quantizer's parameters created beside it, from the
+  kernel); where that comes with an output scale (the threshold pass), the
+  bias is held back meanwhile and :meth:`finish` applies both to the output.
+  A packed layer's ``"kernel"`` is rebuilt from its codes and scales.
 
   Args:
     module: the layer (bound).
     quantizer_for: ``kernel_ndim -> Quantizer`` for this layer's kernel.
-    scale_broadcasts: ``(channel_axes, kernel_ndim) -> bool``: whether a
-      per-channel scale multiplies the layer's output directly (else the
-      threshold pass quantizes the kernel as usual: same gradients, no saving).
+    layout_for: ``kernel_ndim -> KernelLayout`` of this layer's kernel.
+    mode: :data:`~tgq_jax.core.kernel.TRAIN` or :data:`~tgq_jax.core.kernel.THRESHOLD_PASS`.
+    inputs: the layer's input (a packed kernel is rebuilt only once it exists), or None.
     param_fn: the unshadowed ``param`` of the layer (default: ``Module.param``).
   """
 
   def __init__(self, module: nn.Module, quantizer_for: Callable[[int], Quantizer],
-               scale_broadcasts: Callable[[tuple[int, ...], int], bool] | None = None,
+               layout_for: Callable[[int], KernelLayout], mode: str = TRAIN, inputs: Any = None,
                param_fn: Callable | None = None):
     self.module = module
     self.quantizer_for = quantizer_for
-    self.scale_broadcasts = scale_broadcasts or (lambda axes, ndim: axes in ((), (ndim - 1,)))
+    self.layout_for = layout_for
+    self.mode = check_mode(mode)
+    self.inputs = inputs
     self.param_fn = param_fn or functools.partial(nn.Module.param, module)
-    self.scale = None
+    self.output_scale = None
     self.bias = None
 
   def param(self, name: str, init_fn: Callable[..., Any], *init_args, **init_kwargs):
@@ -179,119 +122,115 @@ class KernelHook:
       record_layer(tuple(self.module.path), quantizer)
       if quantizer.packed:
         dtype = init_args[1] if len(init_args) > 1 else init_kwargs.get("dtype", self.module.param_dtype)
-        return packed_kernel(self.param_fn, quantizer, shape, dtype)
-      return self._quantized(quantizer, self.param_fn(name, init_fn, *init_args, **init_kwargs))
+        codes, scale, neg = packed_params(self.param_fn, quantizer, shape)
+        return packed_kernel(after_input(codes, self.inputs), scale, neg, shape, quantizer.per_channel, dtype)
+      kernel = self.param_fn(name, init_fn, *init_args, **init_kwargs)
+      qparams = {key: self.param_fn(key, lambda _rng, key=key: quantizer.init(kernel)[key])
+                 for key in quantizer.param_names}
+      used = layer_kernel(quantizer, self.mode, kernel, qparams, self.layout_for(len(shape)))
+      self.output_scale = used.output_scale
+      return used.kernel
     value = self.param_fn(name, init_fn, *init_args, **init_kwargs)
-    if name == "bias" and self.scale is not None:  # threshold pass: added after the scale (finish)
+    if name == "bias" and self.output_scale is not None:  # added after the output scale (finish)
       self.bias = value
       return jnp.zeros_like(value)
     return value
 
-  def _quantized(self, quantizer: Quantizer, kernel: jax.Array) -> jax.Array:
-    qparams = {key: self.param_fn(key, lambda _rng, key=key: quantizer.init(kernel)[key])
-               for key in quantizer.param_names}
-    axes = channel_axes(kernel.ndim, quantizer.per_channel)
-    split = None
-    if _THRESHOLD_PASS.get() and self.scale_broadcasts(axes, kernel.ndim):
-      split = quantizer.threshold_split(kernel, qparams)
-    if split is None:
-      return quantizer(kernel, qparams)
-    codes, scale = split
-    self.scale = jnp.reshape(scale, stat_shape(kernel.shape, quantizer.per_channel))
-    return codes.astype(kernel.dtype)
-
   def finish(self, y: jax.Array) -> jax.Array:
-    """The layer's output with the threshold pass's scale and held-back bias applied."""
-    if self.scale is None:
-      return y
-    y = y * self.scale.astype(y.dtype)  # () per tensor, the output-feature shape per channel
-    return y if self.bias is None else y + self.bias.astype(y.dtype)
+    """The layer's output with the output scale and the held-back bias applied (if any)."""
+    return finish_output(y, self.output_scale, self.bias)
 
 
 def pallas_applies(module: nn.Module) -> bool:
-  """Whether a packed ``nn.Dense`` runs on the Pallas ternary kernel (GPU/TPU, small batches; see
-  :mod:`tgq_jax.kernels.ternary_matmul`) rather than on its dequantized kernel."""
+  """Whether a packed ``nn.Dense`` goes through :func:`tgq_jax.kernels.ternary_matmul.ternary_dense`
+  (which picks the Pallas kernel for the platform it is lowered for: TPU/GPU, small batches) rather
+  than through its dequantized kernel: unless the Pallas mode is "off" or the layer has its own dot."""
   custom_dot = module.dot_general is not None or module.dot_general_cls is not None
-  return not custom_dot and _tm._pallas_choice() is not None
+  return not custom_dot and ternary_matmul.pallas_mode() != "off"
 
 
-def packed_dense_pallas(module: nn.Dense, param_fn: Callable, quantizer: Quantizer, inputs) -> jax.Array:
-  """A packed ``nn.Dense``'s output computed by the Pallas kernel on its 2-bit codes directly."""
-  with _layer_input(inputs):
-    codes, scale, neg = packed_params(param_fn, quantizer, (jnp.shape(inputs)[-1], module.features))
+def packed_dense_pallas(module: nn.Dense, param_fn: Callable, quantizer: Quantizer, inputs,
+                        dtype: Any = None) -> jax.Array:
+  """A packed ``nn.Dense``'s output computed by the Pallas kernel on its 2-bit codes directly.
+
+  ``dtype``: the compute dtype (a policy's, which overrides the module's); None: the module's own.
+  """
+  codes, scale, neg = packed_params(param_fn, quantizer, (jnp.shape(inputs)[-1], module.features))
+  codes = after_input(codes, inputs)
   bias = param_fn("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
-  dtype = module.dtype or jnp.result_type(inputs, module.param_dtype)
-  y = _tm.ternary_dense(jnp.asarray(inputs, dtype), codes, scale, neg)
+  dtype = dtype or module.dtype or jnp.result_type(inputs, module.param_dtype)
+  y = ternary_matmul.ternary_dense(jnp.asarray(inputs, dtype), codes, scale, neg)
   if bias is not None:
     y += jnp.reshape(jnp.asarray(bias, dtype), (1,) * (y.ndim - 1) + (-1,))
   return y
 
 
-class _QuantizedKernel:
-  """Mixin: the ``kernel`` param is returned ternarized; quantizer params live beside it."""
+class QuantizedLayer:
+  """Mixin of ``TernaryDense``/``TernaryConv``: the ``kernel`` param is returned quantized for the
+  layer's ``mode``; quantizer params live beside it.
+
+  Attributes (fields of the layers):
+    quantizer: "tga" (default), "twn", "ttq" or "fp" (full precision); "packed:..." for inference.
+    per_channel: per-output-feature quantizer statistics (TGA, TWN): one per index of the last axis.
+    mode: :data:`~tgq_jax.core.kernel.TRAIN` (default) or :data:`~tgq_jax.core.kernel.THRESHOLD_PASS`
+      (:func:`tgq_jax.frontends.linen.with_mode` sets it for a whole model).
+  """
 
   quantizer: str
   per_channel: bool
+  mode: str
 
   def get_quantizer(self) -> Quantizer:
     return get_quantizer(self.quantizer, per_channel=self.per_channel)
 
   @nn.nowrap
   def param(self, name: str, init_fn: Callable[..., Any], *init_args, **init_kwargs):
-    hook = self.__dict__.get("_kernel_hook") or self._new_hook()
+    hook = self.__dict__.get("_kernel_hook") or self._new_hook(None)
     return hook.param(name, init_fn, *init_args, **init_kwargs)
 
   @nn.nowrap
-  def _new_hook(self) -> KernelHook:
-    return KernelHook(self, lambda ndim: self.get_quantizer(),
-                      param_fn=super(_QuantizedKernel, self).param)
+  def _new_hook(self, inputs) -> KernelHook:
+    # Dense (in, out) and Conv (*window, in, out): output features on the last axis.
+    return KernelHook(self, lambda ndim: self.get_quantizer(), dense_layout, self.mode, inputs,
+                      param_fn=super(QuantizedLayer, self).param)
 
   def __call__(self, inputs, *args, **kwargs):
-    hook = self._new_hook()
+    hook = self._new_hook(inputs)
     object.__setattr__(self, "_kernel_hook", hook)
     try:
-      with _layer_input(inputs):
-        y = super().__call__(inputs, *args, **kwargs)
+      y = super().__call__(inputs, *args, **kwargs)
     finally:
       object.__setattr__(self, "_kernel_hook", None)
     return hook.finish(y)
 
 
-class TernaryDense(_QuantizedKernel, nn.Dense):
-  """``nn.Dense`` with a ternarized kernel.
-
-  Attributes (beyond ``nn.Dense``'s):
-    quantizer: "tga" (default), "twn", "ttq" or "fp" (full precision); "packed:..." for inference.
-    per_channel: per-output-feature quantizer statistics (TGA, TWN).
-  """
+class TernaryDense(QuantizedLayer, nn.Dense):
+  """``nn.Dense`` with a ternarized kernel; attributes beyond ``nn.Dense``'s: :class:`QuantizedLayer`'s."""
 
   quantizer: str = "tga"
   per_channel: bool = False
+  mode: str = TRAIN
 
   @nn.compact
   def __call__(self, inputs):
     if self.get_quantizer().packed and pallas_applies(self):
-      return packed_dense_pallas(self, super(_QuantizedKernel, self).param, self.get_quantizer(), inputs)
+      return packed_dense_pallas(self, super(QuantizedLayer, self).param, self.get_quantizer(), inputs)
     return super().__call__(inputs)
 
 
-class TernaryConv(_QuantizedKernel, nn.Conv):
-  """``nn.Conv`` with a ternarized kernel (HWIO; statistics per tensor or per output channel).
-
-  Attributes (beyond ``nn.Conv``'s):
-    quantizer: "tga" (default), "twn", "ttq" or "fp" (full precision); "packed:..." for inference.
-    per_channel: per-output-channel quantizer statistics (TGA, TWN).
-  """
+class TernaryConv(QuantizedLayer, nn.Conv):
+  """``nn.Conv`` with a ternarized kernel (HWIO); attributes beyond ``nn.Conv``'s: :class:`QuantizedLayer`'s."""
 
   quantizer: str = "tga"
   per_channel: bool = False
+  mode: str = TRAIN
 
   @nn.compact
   def __call__(self, inputs):
     return super().__call__(inputs)
 
 
-# --- tools over a params tree ------------------------------------------------
+# --- the quantized layers of a model ----------------------------------------------
 
 
 def quantized_layers(model: nn.Module, *args, **kwargs) -> dict[Path, Quantizer]:
@@ -312,127 +251,6 @@ def quantized_layers(model: nn.Module, *args, **kwargs) -> dict[Path, Quantizer]
 
   jax.eval_shape(init, args)
   return paths  # in call order: the first layer first
-
-
-def _subtree(params: Mapping, path: Path) -> Mapping:
-  node = params
-  for key in path:
-    node = node[key]
-  return node
-
-
-def _quantizer_params(layer: Mapping, quantizer: Quantizer) -> dict[str, jax.Array]:
-  return {key: layer[key] for key in quantizer.param_names}
-
-
-def reinit_thresholds(params: Mapping, layers: Mapping[Path, Quantizer]) -> dict:
-  """Re-initializes every quantizer parameter from the current kernels.
-
-  TGA's ``delta = 0.05 max|w|`` (the authors do this after loading full-precision
-  weights, before ternary fine-tuning); TTQ's scales likewise from the kernel.
-  Returns a new tree; ``params`` is not modified.
-  """
-  params = jax.tree.map(lambda x: x, dict(params))  # fresh containers, shared leaves
-
-  def set_in(tree, path, values):
-    node = tree
-    for key in path[:-1]:
-      node[key] = dict(node[key])
-      node = node[key]
-    node[path[-1]] = {**node[path[-1]], **values}
-
-  for path, quantizer in layers.items():
-    if not quantizer.param_names:
-      continue
-    layer = _subtree(params, path)
-    fresh = quantizer.init(layer["kernel"])
-    set_in(params, path, {k: jnp.asarray(v, layer[k].dtype) for k, v in fresh.items()})
-  return params
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerStats:
-  """Statistics of one quantized layer, as the trainer logs and the exporter reports."""
-
-  name: str  # "/"-joined params path
-  shape: tuple[int, ...]
-  num_weights: int
-  quantizer: str
-  sparsity: float  # fraction of zero codes (0 for full-precision layers)
-  # None for full-precision layers (JSON null: metrics files stay standard JSON).
-  scale: float | None  # value of a +1 code (mean over channels for per-channel statistics)
-  neg_scale: float | None  # magnitude of a -1 code
-  threshold: float | None  # clipped threshold t (mean over channels)
-
-  def as_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-
-@functools.lru_cache(maxsize=None)
-def _stats_fn(quantizer: Quantizer):
-  """Sparsity and the mean scale, negative scale and threshold of a kernel, as one jitted function
-  (op by op, each jnp call compiled on its own: ~140 small XLA:CPU compilations, ~11 s of the demo)."""
-
-  def stats(kernel, qparams):
-    parts = quantizer.parts(kernel, qparams)
-    return (jnp.mean(parts.codes == 0), *(jnp.mean(x) for x in (parts.scale, parts.neg_scale, parts.threshold)))
-
-  return jax.jit(stats)
-
-
-def layer_stats(params: Mapping, layers: Mapping[Path, Quantizer]) -> list[LayerStats]:
-  """Per-layer statistics of the quantized layers of a params tree.
-
-  ``layers`` is :func:`quantized_layers` of the model. Full-precision layers
-  report sparsity 0 and None for scale and threshold.
-  """
-  out = []
-  for path, quantizer in layers.items():
-    layer = _subtree(params, path)
-    kernel = layer["kernel"]
-    n = int(np.prod(kernel.shape))
-    if quantizer.ternary:
-      sparsity, scale, neg, thr = map(float, _stats_fn(quantizer)(kernel, _quantizer_params(layer, quantizer)))
-    else:
-      sparsity, scale, neg, thr = 0.0, None, None, None
-    out.append(LayerStats("/".join(path), tuple(kernel.shape), n, quantizer.name, sparsity, scale, neg, thr))
-  return out
-
-
-# Every quantizer leaf name any quantizer may create (a source model may be ternary already).
-def _quantizer_leaves() -> frozenset[str]:
-  return frozenset(n for q in quantizer_names() for n in get_quantizer(q).param_names)
-
-
-def _list_keys(keys) -> str:
-  keys = sorted(keys)
-  shown = ", ".join(keys[:20])
-  return shown + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
-
-
-def _mismatch_problems(missing, unexpected, mismatched, noun: str, shapes: str = "shape mismatches") -> list[str]:
-  """What differs between two trees, one phrase per kind (empty when they match)."""
-  problems = []
-  if missing:
-    problems.append(f"missing {noun}: {_list_keys(missing)}")
-  if unexpected:
-    problems.append(f"unexpected {noun}: {_list_keys(unexpected)}")
-  if mismatched:
-    problems.append(f"{shapes}: {'; '.join(mismatched)}")
-  return problems
-
-
-def as_leaf(value: Any, dtype: Any) -> jax.Array:
-  """``value`` as a leaf of ``dtype``, kept wider when it is a wider float.
-
-  A float64 source stays float64 under ``jax_enable_x64`` (and becomes
-  float32 without it, as every jax array does); float32 or narrower sources
-  become ``dtype``.
-  """
-  source = jnp.result_type(value) if isinstance(value, jax.Array) else np.asarray(value).dtype
-  if jnp.issubdtype(source, jnp.floating) and jnp.issubdtype(dtype, jnp.floating):
-    dtype = jnp.promote_types(source, dtype)
-  return jnp.asarray(value, jax.dtypes.canonicalize_dtype(dtype))
 
 
 def init_ternary_from_fp(model: nn.Module, fp_variables: Mapping, image_shape: tuple[int, ...]) -> dict:
@@ -477,8 +295,8 @@ def init_ternary_from_fp(model: nn.Module, fp_variables: Mapping, image_shape: t
     else:
       missing.append("/".join(path))
   unexpected = ["/".join(p) for p in source
-                if p not in target and not (p[0] == "params" and p[-1] in _quantizer_leaves())]
-  problems = _mismatch_problems(missing, unexpected, mismatched, "leaves")
+                if p not in target and not (p[0] == "params" and p[-1] in quantizer_leaf_names())]
+  problems = mismatch_problems(missing, unexpected, mismatched, "leaves")
   if problems:
     raise ValueError("fp_variables do not match the model: " + "; ".join(problems))
 

@@ -1,14 +1,29 @@
-"""Ternary weights for Flax NNX models: :func:`ternarize_model`, :class:`Threshold`, TGA's update steps.
+"""Ternary weights for Flax NNX models: :func:`ternarize_model`, :func:`set_mode`, :func:`pack`, TGA's update steps.
 
 ``ternarize_model(model, policy, x)`` turns the ``nnx.Linear``, ``nnx.Conv``,
 ``nnx.LinearGeneral`` and ``nnx.Einsum`` layers of any NNX model that the
 :class:`~tgq_jax.core.policy.QuantPolicy` selects into ternary layers: the
 full-precision kernel stays the layer's trained ``nnx.Param`` ``kernel``, and
-each call runs the layer's own ``__call__`` on the quantized kernel (so bias,
-padding, strides, feature groups, dtype promotion and a custom
-``dot_general`` are the layer's own code). The quantizer's parameters sit on
-the same layer under their names (TGA: ``delta``, initialized to
-``0.05 max|w|``; TTQ: ``pos_scale``, ``neg_scale``).
+each call runs the layer's own ``__call__`` on the kernel
+:func:`tgq_jax.core.kernel.layer_kernel` gives (so bias, padding, strides,
+feature groups, dtype promotion and a custom ``dot_general`` are the layer's
+own code). The quantizer's parameters sit on the same layer under their names
+(TGA: ``delta``, initialized to ``0.05 max|w|``; TTQ: ``pos_scale``, ``neg_scale``).
+What a layer computes is the framework-neutral core's (:mod:`tgq_jax.core.kernel`),
+the same as the Linen front end's.
+
+Modes: each ternary layer's ``mode`` is a static attribute (part of the graph
+definition, so ``nnx.jit``/``jax.jit`` trace each mode on its own), set for a
+whole model by :func:`set_mode`: :data:`~tgq_jax.core.kernel.TRAIN` (default) or
+:data:`~tgq_jax.core.kernel.THRESHOLD_PASS`, in which a TGA layer computes
+``alpha * (x . q) + bias``: the same output and threshold gradient, and no
+gradient (nor its cost) for the kernels.
+
+Packed inference: :func:`pack` (or ``ternarize_model`` with ``QuantPolicy("packed:...")``)
+replaces each ternary layer's float kernel and quantizer parameters by
+``codes`` (``uint8``, 2-bit planar: :mod:`tgq_jax.core.packing`), ``scale``
+(and TTQ's ``neg_scale``), :class:`Packed` variables; the layer rebuilds its
+ternary kernel from them inside each call and computes what the trained layer does.
 
 TGA's thresholds are :class:`Threshold` variables, not ``nnx.Param``: an
 ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains the weights (TTQ's scales
@@ -37,25 +52,35 @@ swapped, no weight is copied). To fine-tune a pretrained model, load its
 full-precision weights first, then ternarize: the thresholds start from the
 loaded kernels, as the authors re-initialize them.
 
-Not yet for NNX: packed (2-bit inference) layers; layers stacked by
-``nnx.vmap``/``nnx.scan``; and the Linen trainer's cheaper threshold pass
-(:func:`tgq_jax.frontends.linen_layers.threshold_pass`): here pass 1 runs a full backward pass.
+Not yet for NNX: layers stacked by ``nnx.vmap``/``nnx.scan``; the Pallas
+kernel for packed layers (they multiply by the rebuilt kernel).
 """
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
+from tgq_jax.core.kernel import (MODES, THRESHOLD_PASS, TRAIN, KernelLayout, LayerKernel, check_coverage, check_mode,
+                                 dense_layout, einsum_layout, finish_output, general_layout, layer_kernel, order_skips)
+from tgq_jax.core.packing import after_input, pack_planar, packed_kernel
 from tgq_jax.core.policy import QuantPolicy
-from tgq_jax.core.quantizers import Quantizer
+from tgq_jax.core.quantizers import PACKED_PREFIX, Quantizer, get_quantizer, packed_name
 
 __all__ = [
   "CANDIDATES",
+  "MODES",
+  "THRESHOLD_PASS",
+  "TRAIN",
+  "UNQUANTIZABLE",
+  "Packed",
   "TernaryConv",
   "TernaryEinsum",
   "TernaryLayer",
@@ -63,14 +88,19 @@ __all__ = [
   "TernaryLinearGeneral",
   "Threshold",
   "joint_step",
+  "kernel_layout",
   "optimizers",
   "output_axes",
+  "pack",
   "sequential_step",
+  "set_mode",
   "ternarize_model",
 ]
 
 #: The layer types whose kernels :func:`ternarize_model` can quantize (their subclasses too).
 CANDIDATES: tuple[type, ...] = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum)
+#: Layers with a kernel that no quantizer takes: reported by ``QuantPolicy.on_unquantized``.
+UNQUANTIZABLE: tuple[type, ...] = (nnx.ConvTranspose, nnx.Embed)
 
 
 class Threshold(nnx.Variable):
@@ -83,20 +113,25 @@ class Threshold(nnx.Variable):
   """
 
 
+class Packed(nnx.Variable):
+  """A packed layer's ``codes`` (uint8, 2-bit planar), ``scale`` or ``neg_scale``: not trained."""
+
+
 # --- the ternary layers --------------------------------------------------------
 
 
-class _QuantizedKernel:
-  """Stands in for a layer's ``kernel`` Variable during one call of a ternary layer.
+class _Standin:
+  """Stands in for a layer's ``kernel`` (or held-back ``bias``) Variable during one call of a ternary layer.
 
-  Reading it (``kernel[...]``, ``.value``, ``.get_value()``) gives the
-  quantized kernel; shape, dtype and metadata are the Variable's. It is never
-  stored: the layer's attribute is the ``nnx.Param`` again when the call returns.
+  Reading it (``kernel[...]``, ``.value``, ``.get_value()``) gives the value the
+  layer computes with; shape, dtype and metadata are the Variable's (a packed
+  layer has none). It is never stored: the layer's attribute is the Variable
+  again when the call returns.
   """
 
   __slots__ = ("_value", "_variable")
 
-  def __init__(self, value: jax.Array, variable: nnx.Variable):
+  def __init__(self, value: jax.Array, variable: nnx.Variable | None):
     object.__setattr__(self, "_value", value)
     object.__setattr__(self, "_variable", variable)
 
@@ -135,6 +170,9 @@ class _QuantizedKernel:
   __setattr__ = __setitem__
 
 
+_MISSING = object()
+
+
 class TernaryLayer(nnx.Module):
   """Mixin that makes a candidate layer ternary (``TernaryLinear`` is ``(TernaryLayer, nnx.Linear)``).
 
@@ -142,19 +180,24 @@ class TernaryLayer(nnx.Module):
   ternary one in place (Python refuses ``__class__`` assignment when a mixin
   outside the Module hierarchy changes the object layout); never made on its own.
 
-  Attributes set by :func:`ternarize_model`:
-    quantizer: the layer's :class:`~tgq_jax.core.quantizers.Quantizer` (per-channel
-      statistics, if any, over the kernel's output-feature axes; see :func:`output_axes`).
+  Attributes set by :func:`ternarize_model` (static ones are part of the graph definition):
+    quantizer: the layer's :class:`~tgq_jax.core.quantizers.Quantizer` (static; per-channel
+      statistics, if any, over the kernel's output-feature axes: :func:`kernel_layout`).
+    mode: :data:`~tgq_jax.core.kernel.TRAIN` or :data:`~tgq_jax.core.kernel.THRESHOLD_PASS` (static;
+      :func:`set_mode`).
     <name> for each of ``quantizer.param_names``: a :class:`Threshold`
       (``quantizer.threshold_params``) or an ``nnx.Param`` (the others).
+    Packed layers (:func:`pack`): no ``kernel`` and no quantizer parameters, but ``codes``,
+      ``scale`` (``neg_scale``) :class:`Packed` variables and the static ``packed_shape``.
 
   ``__call__`` is the layer class's own, with ``self.kernel`` reading as the
-  quantized kernel for the duration of the call. The attribute is swapped, not
-  the Variable's value: nothing is written to any Variable, so the stored
-  kernel stays the full-precision one under ``nnx.jit``/``nnx.grad`` and also
-  under plain ``jax`` transforms, which forbid writing Variables from an inner
-  trace. (A swapped attribute means a layer must not run in two Python
-  threads at once; NNX modules with state do not support that either.)
+  kernel :func:`~tgq_jax.core.kernel.layer_kernel` gives for the call (in the
+  threshold pass also ``self.bias`` as zeros, the bias added after the output
+  scale). The attributes are swapped, not the Variables' values: nothing is
+  written to any Variable, so the stored kernel stays the full-precision one under
+  ``nnx.jit``/``nnx.grad`` and also under plain ``jax`` transforms, which forbid
+  writing Variables from an inner trace. (A swapped attribute means a layer must
+  not run in two Python threads at once; NNX modules with state do not support that either.)
   """
 
   def quantizer_params(self) -> dict[str, jax.Array]:
@@ -162,25 +205,47 @@ class TernaryLayer(nnx.Module):
     return {name: getattr(self, name)[...] for name in self.quantizer.param_names}
 
   def quantized_kernel(self) -> jax.Array:
-    """The kernel the layer computes with (differentiable in the kernel and the quantizer's parameters)."""
-    kernel = vars(self)["kernel"]
-    if isinstance(kernel, _QuantizedKernel):
-      return kernel.value
-    return self.quantizer(kernel[...], self.quantizer_params())
+    """The kernel the layer computes with in TRAIN mode (differentiable in the kernel and the
+    quantizer's parameters; for a packed layer, rebuilt from its codes and scales)."""
+    return self._layer_kernel(TRAIN, None, None).kernel
+
+  def _layer_kernel(self, mode: str, inputs, einsum_str: str | None) -> LayerKernel:
+    if self.quantizer.packed:
+      neg = self.neg_scale[...] if not self.quantizer.symmetric else None
+      codes = after_input(self.codes[...], inputs)
+      return LayerKernel(packed_kernel(codes, self.scale[...], neg, self.packed_shape, self.quantizer.per_channel,
+                                       self.param_dtype), None)
+    layout = kernel_layout(self, einsum_str) if mode == THRESHOLD_PASS else None  # only the threshold pass reads it
+    return layer_kernel(self.quantizer, mode, self.kernel[...], self.quantizer_params(), layout)
 
   def __call__(self, *args, **kwargs):
-    kernel = vars(self)["kernel"]
-    if isinstance(kernel, _QuantizedKernel):  # re-entered from inside its own call: already quantized
+    kernel = vars(self).get("kernel", _MISSING)
+    if isinstance(kernel, _Standin):  # re-entered from inside its own call: already quantized
       return super().__call__(*args, **kwargs)
+    einsum_str = None
     if isinstance(self, nnx.Einsum):
-      _check_einsum_call(self, args, kwargs)
+      einsum_str = _checked_einsum_call(self, args, kwargs)
+    used = self._layer_kernel(check_mode(self.mode), args[0] if args else kwargs.get("inputs"), einsum_str)
+    swaps = {"kernel": _Standin(used.kernel, None if kernel is _MISSING else kernel)}
+    bias = vars(self).get("bias")
+    held_bias = None
+    if used.output_scale is not None and isinstance(bias, nnx.Variable):
+      held_bias = bias[...]  # added after the output scale (finish_output)
+      swaps["bias"] = _Standin(jnp.zeros_like(held_bias), bias)
+    saved = {name: vars(self).get(name, _MISSING) for name in swaps}
     # object.__setattr__, not Module.__setattr__: the latter refuses writes from an inner trace
     # level (a jax.jit or jax.grad closing over the model). Restored in `finally` whatever happens.
-    object.__setattr__(self, "kernel", _QuantizedKernel(self.quantized_kernel(), kernel))
+    for name, value in swaps.items():
+      object.__setattr__(self, name, value)
     try:
-      return super().__call__(*args, **kwargs)
+      y = super().__call__(*args, **kwargs)
     finally:
-      object.__setattr__(self, "kernel", kernel)
+      for name, value in saved.items():
+        if value is _MISSING:
+          object.__delattr__(self, name)
+        else:
+          object.__setattr__(self, name, value)
+    return finish_output(y, used.output_scale, held_bias)
 
 
 class TernaryLinear(TernaryLayer, nnx.Linear):
@@ -211,45 +276,6 @@ def _ternary_class(cls: type) -> type:
   return _TERNARY[cls]
 
 
-def _einsum_output_axes(einsum_str: str) -> tuple[int, ...]:
-  operands, out = einsum_str.replace(" ", "").split("->")
-  kernel = operands.split(",")[1]
-  if "." in kernel:
-    raise NotImplementedError(f"Einsum {einsum_str!r}: per-channel statistics need the kernel's axes "
-                              "spelled out (no '...' in the kernel operand).")
-  return tuple(i for i, letter in enumerate(kernel) if letter in out)
-
-
-def output_axes(layer: nnx.Module) -> tuple[int, ...]:
-  """The kernel axes of a candidate layer that index its output features.
-
-  Per-channel statistics keep one threshold and scale per index of these
-  axes. ``Linear`` ``(in, out)`` and ``Conv`` ``(*window, in, out)``: the last
-  axis. ``LinearGeneral`` ``(*batch, *in, *out)``: its ``out_features`` axes
-  (the trailing ones) and its ``batch_axis`` axes (each batch entry is a
-  kernel of its own). ``Einsum``: the kernel axes whose letters appear in
-  the output of its ``einsum_str``.
-  """
-  ndim = vars(layer)["kernel"].ndim
-  if isinstance(layer, nnx.Einsum):
-    return _einsum_output_axes(layer.einsum_str)
-  if isinstance(layer, nnx.LinearGeneral):
-    n_out = len(layer.out_features)
-    return tuple(range(len(layer.batch_axis))) + tuple(range(ndim - n_out, ndim))
-  return (ndim - 1,)
-
-
-def _check_einsum_call(layer: nnx.Einsum, args, kwargs) -> None:
-  # Einsum accepts an einsum_str per call; per-channel thresholds were shaped for the constructor's.
-  call_str = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
-  per_channel = layer.quantizer.per_channel
-  if call_str is None or per_channel in (False, None, ()):
-    return
-  if _einsum_output_axes(call_str) != _einsum_output_axes(layer.einsum_str):
-    raise ValueError(f"ternary Einsum: the call's einsum_str {call_str!r} has other output axes than "
-                     f"{layer.einsum_str!r}, for which its per-channel thresholds were made.")
-
-
 def _kernel_ndim(layer: nnx.Module) -> int:
   """The kernel rank the layer's own configuration implies (a stacked layer has more)."""
   if isinstance(layer, nnx.LinearGeneral):
@@ -259,6 +285,64 @@ def _kernel_ndim(layer: nnx.Module) -> int:
   return 2
 
 
+def kernel_layout(layer: nnx.Module, einsum_str: str | None = None) -> KernelLayout:
+  """The :class:`~tgq_jax.core.kernel.KernelLayout` of a candidate layer's kernel.
+
+  ``Linear`` ``(in, out)`` and ``Conv`` ``(*window, in, out)``: the last axis.
+  ``LinearGeneral`` ``(*batch, *in, *out)``: its ``out_features`` axes and its
+  ``batch_axis`` axes. ``Einsum``: the kernel axes whose letters appear in the
+  output of ``einsum_str`` (default: the layer's own).
+  """
+  ndim = _kernel_ndim(layer)
+  if isinstance(layer, nnx.Einsum):
+    spec = einsum_str or layer.einsum_str
+    if spec is None:
+      raise ValueError("an nnx.Einsum without its own einsum_str: its kernel's output axes are unknown "
+                       "until it is called (give the layer its einsum_str for per-channel statistics).")
+    return einsum_layout(spec)
+  if isinstance(layer, nnx.LinearGeneral):
+    return general_layout(ndim, len(layer.out_features), len(layer.batch_axis))
+  return dense_layout(ndim)
+
+
+def output_axes(layer: nnx.Module) -> tuple[int, ...]:
+  """The kernel axes of a candidate layer that index its output features (:func:`kernel_layout`)."""
+  return kernel_layout(layer).output_axes
+
+
+def _checked_einsum_call(layer: nnx.Einsum, args, kwargs) -> str | None:
+  """The einsum string of this call; per-channel thresholds were shaped for the constructor's."""
+  call_str = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
+  if call_str is None or layer.quantizer.per_channel in (False, None, ()):
+    return call_str
+  if einsum_layout(call_str).output_axes != kernel_layout(layer).output_axes:
+    raise ValueError(f"ternary Einsum: the call's einsum_str {call_str!r} has other output axes than "
+                     f"{layer.einsum_str!r}, for which its per-channel thresholds were made.")
+  return call_str
+
+
+def set_mode(model: nnx.Module, mode: str) -> nnx.Module:
+  """Sets the mode of every ternary layer of ``model`` in place; returns ``model``.
+
+  The mode is a static attribute of each layer (part of ``nnx.split``'s graph
+  definition), so a function compiled by ``nnx.jit`` (or ``jax.jit`` over
+  ``nnx.split``'s parts) traces each mode separately: it cannot reuse one mode's
+  trace for the other. It may be called inside ``nnx.jit`` (or a ``jax`` transform
+  closing over the model), e.g. around the threshold pass of a training step.
+
+  Args:
+    model: an NNX model with ternary layers (:func:`ternarize_model`).
+    mode: :data:`~tgq_jax.core.kernel.TRAIN` or :data:`~tgq_jax.core.kernel.THRESHOLD_PASS`.
+  """
+  check_mode(mode)
+  for _, node in nnx.iter_graph(model, graph=True):
+    if isinstance(node, TernaryLayer):
+      # object.__setattr__: a static string (never a tracer), so it may also be set from inside a
+      # jax.jit / jax.grad closing over the model, where Module.__setattr__ refuses any write.
+      object.__setattr__(node, "mode", mode)
+  return model
+
+
 # --- selecting the layers ------------------------------------------------------
 
 _CALLS: contextvars.ContextVar = contextvars.ContextVar("tgq_nnx_calls", default=None)
@@ -266,7 +350,8 @@ _RECORDING: dict[type, type] = {}
 
 
 class _Recording(nnx.Module):
-  """Mixin for one abstract run: appends the layer's index to the active call list.
+  """Mixin for one abstract run: appends the layer's index to the active call list (it only
+  observes the call order; what the layer computes does not depend on it).
 
   A Module for the same reason as :class:`TernaryLayer`.
   """
@@ -322,6 +407,10 @@ def _path(keys: tuple) -> str:
   return "/".join(str(k) for k in keys)
 
 
+def _unpacked(policy: QuantPolicy) -> QuantPolicy:
+  return dataclasses.replace(policy, quantizer=policy.quantizer[len(PACKED_PREFIX):]) if policy.packed else policy
+
+
 def ternarize_model(model: nnx.Module, policy: QuantPolicy | None = None, *example_args, **example_kwargs
                     ) -> nnx.Module:
   """Makes the layers of ``model`` that ``policy`` selects ternary; modifies ``model`` in place and returns it.
@@ -334,14 +423,17 @@ def ternarize_model(model: nnx.Module, policy: QuantPolicy | None = None, *examp
   own variable) sees the ternary layer, and no weight is copied. Its ``kernel`` stays the
   full-precision ``nnx.Param``; the quantizer's parameters are added beside it, initialized
   by ``quantizer.init(kernel)`` (TGA: ``delta = 0.05 max|w|``, a :class:`Threshold`). Keep a
-  plain copy with ``nnx.clone(model)`` beforehand if you need one.
+  plain copy with ``nnx.clone(model)`` beforehand if you need one. Layers start in
+  :data:`~tgq_jax.core.kernel.TRAIN` mode (:func:`set_mode`).
 
   Args:
     model: an ``nnx.Module``.
-    policy: quantizer, per-channel statistics (over each layer's :func:`output_axes`),
+    policy: quantizer, per-channel statistics (over each layer's :func:`kernel_layout` axes),
       include/exclude patterns, first/last layer, compute dtype (``policy.dtype``
-      becomes the quantized layers' ``dtype``). Default ``QuantPolicy()``: TGA on every
-      candidate layer, per tensor.
+      becomes the quantized layers' ``dtype``), what to do about layers left out
+      (``policy.on_unquantized``). Default ``QuantPolicy()``: TGA on every candidate
+      layer, per tensor. A packed quantizer (``"packed:tga"``) ternarizes the layers
+      with their initial thresholds, then :func:`pack`s them.
     *example_args, **example_kwargs: a call of ``model`` (arrays or
       ``jax.ShapeDtypeStruct``; other values are passed as they are), needed when
       ``policy.ternary_first`` or ``policy.ternary_last`` is False: the first / last
@@ -354,9 +446,10 @@ def ternarize_model(model: nnx.Module, policy: QuantPolicy | None = None, *examp
 
   Raises:
     ValueError: first or last layer to be excluded but no example call given; a model
-      that already has ternary layers; a layer attribute named like a quantizer parameter.
-    NotImplementedError: a packed quantizer (``"packed:..."``); a stacked layer (made by
-      ``nnx.vmap``/``nnx.scan``, kernel with a leading layer axis).
+      that already has ternary layers; a layer attribute named like a quantizer parameter;
+      layers or patterns left out under ``QuantPolicy(on_unquantized="error")``.
+    NotImplementedError: a stacked layer (made by ``nnx.vmap``/``nnx.scan``, kernel with a
+      leading layer axis).
   """
   policy = QuantPolicy() if policy is None else policy
   if not isinstance(policy, QuantPolicy):
@@ -365,10 +458,6 @@ def ternarize_model(model: nnx.Module, policy: QuantPolicy | None = None, *examp
   if not isinstance(model, nnx.Module):
     raise TypeError(f"ternarize_model takes a flax.nnx Module, got {type(model).__name__} "
                     "(for flax.linen models use the Linen ternarize_model).")
-  if policy.packed:
-    raise NotImplementedError(f"quantizer {policy.quantizer!r}: packed (inference) layers are not "
-                              "available for NNX models yet; use the float quantizer "
-                              f"{policy.quantizer.split(':', 1)[1]!r}.")
   needs_order = not (policy.ternary_first and policy.ternary_last)
   if needs_order and not (example_args or example_kwargs):
     raise ValueError("ternarize_model: policy.ternary_first / ternary_last = False needs an example call "
@@ -376,22 +465,26 @@ def ternarize_model(model: nnx.Module, policy: QuantPolicy | None = None, *examp
                      "with x an input (or jax.ShapeDtypeStruct) of model.")
 
   matched: list[tuple[str, nnx.Module]] = []
+  candidates: list[str] = []
+  unquantizable: dict[str, str] = {}
   for keys, node in nnx.iter_graph(model, graph=True):  # a shared layer is visited once, at its first path
     if isinstance(node, TernaryLayer):
       raise ValueError(f"ternarize_model: layer {_path(keys)!r} is ternary already; ternarize a plain model.")
-    if isinstance(node, CANDIDATES) and policy.matches(_path(keys)):
-      matched.append((_path(keys), node))
+    if isinstance(node, CANDIDATES):
+      candidates.append(_path(keys))
+      if policy.matches(_path(keys)):
+        matched.append((_path(keys), node))
+    elif isinstance(node, UNQUANTIZABLE) and policy.matches(_path(keys)):
+      unquantizable[_path(keys)] = f"{type(node).__module__}.{type(node).__name__}"
+  check_coverage(policy, candidates, unquantizable)
 
   skipped: set[int] = set()
   if needs_order and matched:
     order = _call_order(model, [layer for _, layer in matched], example_args, example_kwargs)
-    if order:
-      if not policy.ternary_first:
-        skipped.add(order[0])
-      if not policy.ternary_last:
-        skipped.add(order[-1])
+    skipped = order_skips(order, policy.ternary_first, policy.ternary_last)
 
   # Everything is checked and initialized before the first layer changes: an error leaves the model as it was.
+  float_policy = _unpacked(policy)
   plans = []
   for i, (path, layer) in enumerate(matched):
     if i in skipped:
@@ -404,8 +497,8 @@ def ternarize_model(model: nnx.Module, policy: QuantPolicy | None = None, *examp
       raise NotImplementedError(f"layer {path!r}: kernel of shape {kernel.shape} has more axes than a "
                                 f"{type(layer).__name__} of its configuration: a stacked layer "
                                 "(nnx.vmap / nnx.scan over layers) cannot be ternarized yet.")
-    quantizer: Quantizer = policy.layer_quantizer(output_axes(layer) if policy.per_channel else ())
-    for name in ("quantizer", *quantizer.param_names):
+    quantizer: Quantizer = float_policy.layer_quantizer(kernel_layout(layer).output_axes if policy.per_channel else ())
+    for name in ("quantizer", "mode", *quantizer.param_names):
       if name in vars(layer):
         raise ValueError(f"layer {path!r} already has an attribute {name!r}.")
     init = quantizer.init(kernel[...])
@@ -416,10 +509,46 @@ def ternarize_model(model: nnx.Module, policy: QuantPolicy | None = None, *examp
   for layer, quantizer, variables in plans:
     layer.__class__ = _ternary_class(type(layer))
     layer.quantizer = quantizer  # static: part of the graph definition, as the layer's other settings
+    layer.mode = TRAIN  # static too: set_mode
     for name, variable in variables.items():
       setattr(layer, name, variable)
     if policy.dtype is not None:
       layer.dtype = policy.dtype
+  return pack(model) if policy.packed else model
+
+
+def pack(model: nnx.Module) -> nnx.Module:
+  """Replaces, in place, each ternary layer's float kernel by its 2-bit codes and scales; returns ``model``.
+
+  For every :class:`TernaryLayer` with a ternary quantizer (``"fp"`` layers stay as
+  they are): the codes and scales of ``quantizer.parts(kernel, qparams)`` become
+  :class:`Packed` variables ``codes`` (``uint8 (ceil(K/4), N)``, the planar layout of
+  :mod:`tgq_jax.core.packing` over the kernel seen as ``(prod(shape[:-1]), shape[-1])``),
+  ``scale`` and, for TTQ, ``neg_scale`` (the quantizer's statistic shape); the kernel and
+  the quantizer's parameters are removed, the quantizer becomes its ``"packed:"`` form
+  and the static ``packed_shape`` keeps the kernel's shape. Each call rebuilds the kernel
+  (in ``param_dtype``) from them: the values the layer computed with before, so the
+  model's outputs are the ternary model's. Runs eagerly (the codes are packed on the host).
+  """
+  plans = []
+  for _, layer in nnx.iter_graph(model, graph=True):
+    if not isinstance(layer, TernaryLayer) or layer.quantizer.packed or not layer.quantizer.ternary:
+      continue
+    quantizer = layer.quantizer
+    kernel = layer.kernel[...]
+    parts = quantizer.parts(kernel, layer.quantizer_params())
+    packed = {"codes": jnp.asarray(pack_planar(np.asarray(parts.codes))), "scale": parts.scale}
+    if not quantizer.symmetric:
+      packed["neg_scale"] = parts.neg_scale
+    plans.append((layer, get_quantizer(packed_name(quantizer.name), per_channel=quantizer.per_channel),
+                  tuple(kernel.shape), packed))
+  for layer, quantizer, shape, packed in plans:
+    for name in ("kernel", *layer.quantizer.param_names):
+      delattr(layer, name)
+    layer.quantizer = quantizer
+    layer.packed_shape = shape
+    for name, value in packed.items():
+      setattr(layer, name, Packed(jnp.asarray(value, jnp.float32) if name != "codes" else value))
   return model
 
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from tgq_jax.frontends.linen_layers import _mismatch_problems, as_leaf
+from tgq_jax.core.trees import as_leaf, mismatch_problems
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
@@ -151,7 +151,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict:
       mismatched.append(f"{key}: got {tuple(state_dict[key].shape)}, expected {_to_torch_shape(leaf.shape)}")
   used = set(sources.values())
   unexpected = [k for k in state_dict if k not in used and not k.endswith(_IGNORED_SUFFIX)]
-  problems = _mismatch_problems(missing, unexpected, mismatched, "keys", "shape mismatches (torch layout)")
+  problems = mismatch_problems(missing, unexpected, mismatched, "keys", "shape mismatches (torch layout)")
   if problems:
     raise ValueError(f"convert_state_dict: the state dict does not match torchvision {arch} "
                      f"({num_classes} classes):\n  " + "\n  ".join(problems))

@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from tgq_jax.frontends.linen_layers import threshold_pass
+from tgq_jax.core.kernel import THRESHOLD_PASS
+from tgq_jax.frontends.linen import with_mode
 
 THRESHOLD, WEIGHT = "threshold", "weight"
 
@@ -197,7 +198,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   if axis_name:
     rngs = {k: jax.random.fold_in(v, lax.axis_index(axis_name)) for k, v in rngs.items()}
 
-  def loss_fn(params, batch_stats):
+  def loss_fn(params, batch_stats, model=model):
     logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
                                    mutable=["batch_stats"], rngs=rngs, **apply_kwargs)
     loss = cross_entropy(logits, batch["label"], label_smoothing)
@@ -207,10 +208,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   params, thr_state = state.params, state.threshold_opt_state
   extra = {}
   if sequential and has_thresholds:
-    # Pass 1: only the threshold gradients are used (averaged). threshold_pass: the layers
+    # Pass 1: only the threshold gradients are used (averaged). THRESHOLD_PASS: the layers
     # scale their outputs instead of their kernels, so no kernel gradient is computed here.
-    with threshold_pass():
-      (extra["threshold_pass_loss"], (_, stats)), grads = grad_fn(params, state.batch_stats)
+    threshold_grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=with_mode(model, THRESHOLD_PASS)),
+                                           has_aux=True)
+    (extra["threshold_pass_loss"], (_, stats)), grads = threshold_grad_fn(params, state.batch_stats)
     grads = _select(grads, labels, THRESHOLD, pmean)
     updates, thr_state = tx_thr.update(grads, thr_state, params)
     params = optax.apply_updates(params, updates)

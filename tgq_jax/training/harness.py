@@ -46,7 +46,8 @@ from tgq_jax.training.algorithm import (THRESHOLD, WEIGHT, TrainState, eval_step
                                step_rngs, threshold_names, train_step)
 from tgq_jax import data as data_lib
 from tgq_jax.training.configs import Config
-from tgq_jax.frontends.linen_layers import init_ternary_from_fp, layer_stats, quantized_layers, threshold_pass
+from tgq_jax.core.trees import layer_stats
+from tgq_jax.frontends.linen_layers import init_ternary_from_fp, quantized_layers
 from tgq_jax.models import create_model, load_torchvision_weights
 # DivergenceError, NonFiniteLossError, nonfinite_scales: re-exported (train.py and callers use them from here).
 from tgq_jax.training.divergence import (DivergenceError, DivergenceGuard, NonFiniteLossError,  # noqa: F401
