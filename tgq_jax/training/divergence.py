@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tgq_jax.frontends.linen_layers import layer_stats
+from tgq_jax.core.trees import layer_stats
 from tgq_jax.training import checkpoints
 from tgq_jax.training.algorithm import TrainState
 from tgq_jax.training.parallel import to_host
