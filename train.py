@@ -16,16 +16,19 @@ from tgq_jax.training import configs
 
 def main(argv=None) -> int:
   cfg = configs.from_args(argv)
-  from tgq_jax.training import parallel, harness  # after parsing: --help stays fast
+  from tgq_jax.training import checkpoints, harness, parallel, workdir  # after parsing: --help stays fast
   try:
     parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     harness.train_and_evaluate(cfg)
-  except harness.DivergenceError as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (harness.DivergenceError, workdir.WriteFailure, checkpoints.CheckpointWriteError) as e:
+    print(f"error: {e}", file=sys.stderr)  # the run stopped; what it saved before is intact
     return 1
-  except ValueError as e:  # bad options: one line, no traceback
+  except ValueError as e:  # bad options or inputs: one line, no traceback
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:  # Ctrl-C before training started, or twice (once: saves, see harness)
+    print("error: interrupted (SIGINT) before a checkpoint could be saved", file=sys.stderr)
+    return 130
   return 0
 
 

@@ -488,6 +488,33 @@ def test_the_state_check_names_what_diverged(field, path, value, message):
     guard.check_state(3, bad)
 
 
+@pytest.mark.parametrize("damage, message", [
+  # One NaN weight among finite ones (ternarize propagates it; the leaf check names it).
+  (lambda k: np.where(np.arange(k.size).reshape(k.shape) == 5, np.nan, k), "non-finite values in params/conv1/kernel;"),
+  # Finite weights whose mean overflows float32: every leaf is finite, the layer's scale is not.
+  (lambda k: np.linspace(-1e37, 1e37, k.size, dtype=k.dtype).reshape(k.shape),
+   r"layer conv1 has non-finite scales \(its weights overflow float32\)"),
+])
+def test_the_state_check_catches_a_nan_weight_and_non_finite_scales(damage, message):
+  guard, state = _guard_and_state()
+  bad = _set(state, "params", ("conv1", "kernel"), damage)
+  with pytest.raises(harness.DivergenceError, match=f"^training diverged at step 3: {message}"):
+    guard.check_state(3, bad)
+
+
+def test_the_scale_check_computes_the_quantizer_s_scales():
+  """The kernel's leaves are finite; the scale the quantizer computes from them (a mean) overflows."""
+  _, state = _guard_and_state()
+  _, layers, *_ = build(quick("unused"))
+  params = _set(state, "params", ("conv1", "kernel"),
+                lambda k: np.linspace(-1e37, 1e37, k.size, dtype=k.dtype).reshape(k.shape)).params
+  assert not checkpoints.nonfinite_leaves(checkpoints.flat_arrays(params))
+  parts = layers[("conv1",)].parts(params["conv1"]["kernel"], {"delta": params["conv1"]["delta"]})
+  assert not np.all(np.isfinite(parts.scale))
+  assert harness.nonfinite_scales(params, layers) == ["conv1"]
+  assert harness.nonfinite_scales(state.params, layers) == []
+
+
 def test_the_state_check_covers_optimizer_states():
   guard, state = _guard_and_state()
   leaves, treedef = jax.tree.flatten(state.weight_opt_state)

@@ -569,6 +569,9 @@ def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num
   """
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+  if data_dir is not None and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise DatasetNotPreparedError(f"data directory {data_dir} is a file, not a directory (--data-dir names "
+                                  "the directory that holds the dataset)")
   recipe = _RECIPES[name]
   if image_shape is not None:
     image_shape = tuple(int(d) for d in image_shape)

@@ -32,7 +32,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
+import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -57,6 +60,10 @@ class CheckpointError(ValueError):
 
 class CorruptCheckpointError(CheckpointError):
   """A checkpoint that cannot be read or fails its integrity check (the message names its path)."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (e.g. a full disk); nothing of it is left, older ones are intact."""
 
 
 class NonFiniteStateError(CheckpointError):
@@ -137,11 +144,49 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict
   arrays = flat_arrays(state_dict)
   if bad := nonfinite_leaves(arrays):
     raise NonFiniteStateError(bad)
-  manager.save(step, args=ocp.args.Composite(**{
+  args = ocp.args.Composite(**{
     STATE: ocp.args.StandardSave(state_dict),
     DATA: ocp.args.JsonSave(data_state),
-    INTEGRITY: ocp.args.JsonSave(integrity_record(arrays, data_state))}), metrics=metrics, force=True)
-  manager.wait_until_finished()
+    INTEGRITY: ocp.args.JsonSave(integrity_record(arrays, data_state))})
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.CRITICAL)  # orbax logs a failed write as ERROR before raising it: said below
+  try:
+    _quietly(lambda: (manager.save(step, args=args, metrics=metrics, force=True), manager.wait_until_finished()))
+  except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise ValueError, OSError, RuntimeError...
+    _remove_partial_save(manager, step)
+    raise CheckpointWriteError(f"cannot save checkpoint {step} in {manager.directory} ({_write_error(e)}); "
+                               "the older checkpoints are intact") from None
+  finally:
+    absl_logger.setLevel(level)
+
+
+def _write_error(e: BaseException) -> str:
+  """The cause of a failed write: the OS error tensorstore names (``[os_error_code='28']``), else the first line."""
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror
+  if code := re.search(r"os_error_code='?(\d+)", str(e)):
+    return os.strerror(int(code.group(1)))
+  return _one_line(e)
+
+
+def _remove_partial_save(manager: ocp.CheckpointManager, step: int, patience: float = 5.0) -> None:
+  """Deletes what a failed save of ``step`` left (orbax's ``<step>.orbax-checkpoint-tmp*`` folder): frees
+  the space it took (the next manager would clean it up too).
+
+  tensorstore writes already in flight when the save failed still land afterwards
+  (recreating folders under a deletion), so this retries until the folder stays gone.
+  """
+  if jax.process_index() != 0:
+    return
+  directory = str(manager.directory)
+  deadline, quiet = time.time() + patience, 0
+  while quiet < 3 and time.time() < deadline:  # gone, and still gone 0.3 s later
+    partial = [n for n in os.listdir(directory) if n.startswith(f"{step}.orbax-checkpoint-tmp")]
+    for name in partial:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    quiet = 0 if partial else quiet + 1
+    time.sleep(0.1)
 
 
 def _one_line(e: BaseException, limit: int = 200) -> str:
@@ -158,20 +203,25 @@ def _drop_closed_loop_errors(previous: Callable, unraisable: Any) -> None:
 
 
 def _restore_quietly(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> Any:
-  """``manager.restore`` without the late "Event loop is closed" tracebacks of a failed restore.
+  """``manager.restore`` without the late "Event loop is closed" tracebacks of a failed restore (:func:`_quietly`)."""
+  return _quietly(lambda: manager.restore(step, args=args))
 
-  orbax runs each restore in a fresh asyncio loop and closes it as soon as
-  one read fails; tensorstore reads still in flight complete afterwards and
+
+def _quietly(operation: Callable[[], Any]) -> Any:
+  """Runs an orbax ``operation`` without the late "Event loop is closed" tracebacks of a failed one.
+
+  orbax runs each restore (and save) in a fresh asyncio loop and closes it as soon as
+  one read (write) fails; tensorstore operations still in flight complete afterwards and
   their callbacks raise ``RuntimeError('Event loop is closed')`` through
   ``sys.unraisablehook``: dozens of tracebacks, at unpredictable times, after
   the one-line report. So a hook that drops exactly that error (every other
-  one reaches the previous hook) is set before the restore, removed after a
+  one reaches the previous hook) is set before the operation, removed after a
   success and kept after a failure, when the stragglers are still to come.
   """
   previous = sys.unraisablehook
   if not isinstance(previous, functools.partial) or previous.func is not _drop_closed_loop_errors:
     sys.unraisablehook = functools.partial(_drop_closed_loop_errors, previous)
-  result = manager.restore(step, args=args)
+  result = operation()
   sys.unraisablehook = previous
   return result
 

@@ -215,6 +215,11 @@ def _problems(cfg: Config) -> list[str]:
   if cfg.lr_schedule == "step" and len(cfg.schedule) != len(cfg.gammas):
     out.append(f"--schedule ({len(cfg.schedule)} epochs) and --gammas ({len(cfg.gammas)} factors) "
                "must have the same length")
+  if cfg.lr_schedule != "step" and (cfg.schedule or cfg.gammas):
+    out.append(f"--schedule and --gammas apply to --lr-schedule step only (got --lr-schedule {cfg.lr_schedule} "
+               "with them)")
+  if any(b <= a for a, b in zip(cfg.schedule, cfg.schedule[1:])):
+    out.append(f"--schedule must list increasing epochs (got {' '.join(map(str, cfg.schedule))})")
   if _is_int(cfg.process_id) and _is_int(cfg.num_processes) and cfg.process_id >= cfg.num_processes:
     out.append(f"--process-id must be below --num-processes ({cfg.num_processes}; got {cfg.process_id})")
   return out
@@ -272,6 +277,8 @@ def from_args(argv: list[str] | None = None) -> Config:
   parser = build_parser()
   args = vars(parser.parse_args(argv))
   preset = PRESETS[args.pop("config")]
+  if args.get("lr_schedule", "step") != "step":  # a preset's step epochs do not carry over to another schedule
+    preset = {k: v for k, v in preset.items() if k not in ("schedule", "gammas")}
   values = {**preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}}
   try:
     return Config(**values).validate()

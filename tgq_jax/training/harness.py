@@ -7,7 +7,12 @@ batch and average gradients, running statistics and metrics explicitly with
 batch's statistics (``Config.bn_cross_device``, default), so a step gives the
 same result on any number of devices. :func:`tgq_jax.training.parallel.map_step` maps them over
 the devices with ``jax.shard_map`` or ``jax.pmap``. :func:`train_and_evaluate`
-is the loop (``train.py`` and the notebooks call it).
+runs it all (``train.py`` and the notebooks call it): :func:`start_run` builds a
+:class:`Run`, :func:`train_loop` drives it, one named action per period (log,
+checkpoint, evaluate; the divergence rule of :mod:`tgq_jax.training.divergence`
+inside them), :meth:`Run.finish` writes the summary. Metrics files are
+:mod:`tgq_jax.training.metrics`; the workdir (lock, ``config.json``) is
+:mod:`tgq_jax.training.workdir`.
 
 The update rules (sequential, joint) and the BatchNorm running-statistics
 rules are described in :mod:`tgq_jax.training.algorithm`; ``Config.bn_running_stats``
@@ -18,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import signal
 import sys
@@ -46,8 +50,13 @@ from tgq_jax.training.configs import Config
 from tgq_jax.core.trees import layer_stats
 from tgq_jax.frontends.linen_layers import init_ternary_from_fp, quantized_layers
 from tgq_jax.models import create_model, load_torchvision_weights
-from tgq_jax.training.parallel import AXIS
-from tgq_jax.training.workdir import check_run_config, prepare_workdir, write_run_config
+# DivergenceError, NonFiniteLossError, nonfinite_scales: re-exported (train.py and callers use them from here).
+from tgq_jax.training.divergence import (DivergenceError, DivergenceGuard, NonFiniteLossError,  # noqa: F401
+                                         nonfinite_scales)
+from tgq_jax.training.metrics import MetricsWriter
+from tgq_jax.training.parallel import AXIS, to_host
+from tgq_jax.training.workdir import (check_resume_config, check_run_config, prepare_workdir, workdir_lock,
+                                      write_json_atomically, write_run_config)
 
 # --- the algorithm, configured from a Config ----------------------------------
 
@@ -206,94 +215,6 @@ def threshold_values(params: Any, layers: Mapping) -> dict[str, float]:
   return out
 
 
-class DivergenceError(RuntimeError):
-  """Training diverged (the rule: :class:`DivergenceGuard`); nothing of the diverged state was saved."""
-
-
-NonFiniteLossError = DivergenceError  # its former name
-
-
-def to_host(tree: Any) -> Any:
-  """Host numpy copies of replicated arrays (works for multi-process global arrays too)."""
-  def get(x):
-    if isinstance(x, jax.Array):
-      return np.asarray(x.addressable_data(0))
-    return np.asarray(x)
-  return jax.tree.map(get, tree)
-
-
-def _read_jsonl(path: str) -> list[dict]:
-  """The rows of a metrics.jsonl; a line cut short by a crash is dropped."""
-  rows = []
-  with contextlib.suppress(FileNotFoundError), open(path) as f:
-    for line in f:
-      with contextlib.suppress(json.JSONDecodeError):
-        rows.append(json.loads(line))
-  return rows
-
-
-def _rewrite_jsonl(path: str, rows: list[dict]) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-  os.replace(tmp, path)  # atomic: a crash leaves the old or the new file
-
-
-class MetricsWriter:
-  """metrics.jsonl (one object per event) and TensorBoard events (tensorboardX, no TensorFlow).
-
-  At most one row per (split, step): a run that starts at step ``start_step``
-  (0, or the step it resumes from) first drops the rows a killed run wrote
-  after that step (the resumed run writes them again, identically), and a row
-  for a (split, step) already there replaces it (an eval-only run's test row).
-  TensorBoard events after ``start_step`` are purged likewise. Only process 0 writes.
-  """
-
-  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
-    self.enabled = enabled
-    self._jsonl = self._tb = None
-    if enabled:
-      self._path = os.path.join(workdir, "metrics.jsonl")
-      kept = [r for r in _read_jsonl(self._path) if r.get("step", 0) <= start_step]
-      if os.path.exists(self._path):  # (also drops a line a crash cut short, which appending would extend)
-        _rewrite_jsonl(self._path, kept)
-      self._keys = {(r.get("split"), r.get("step")) for r in kept}
-      self._jsonl = open(self._path, "a")
-      try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
-      except ImportError:  # optional: metrics.jsonl is the record
-        self._tb = None
-
-  def write(self, record: dict) -> None:
-    if not self.enabled:
-      return
-    key = (record["split"], record["step"])
-    if key in self._keys:  # rare (re-evaluating a finished run): rewrite without the old row
-      self._jsonl.close()
-      _rewrite_jsonl(self._path, [r for r in _read_jsonl(self._path) if (r.get("split"), r.get("step")) != key])
-      self._jsonl = open(self._path, "a")
-    self._keys.add(key)
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
-    if self._tb is not None:
-      for k, v in record.items():
-        if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-          self._tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
-      for name, value in record.get("delta", {}).items():
-        self._tb.add_scalar(f"delta/{name}", value, record["step"])
-      for layer in record.get("layers", []):
-        for k in ("sparsity", "threshold", "scale"):
-          if layer[k] is not None:  # None: a full-precision layer
-            self._tb.add_scalar(f"layers/{layer['name']}/{k}", layer[k], record["step"])
-
-  def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
-
-
 def evaluate(eval_fn: Callable, state: TrainState, dataset, cfg: Config, mesh, kind: str) -> dict:
   """Test metrics over the whole test split (padding masked out)."""
   totals = None
@@ -305,95 +226,84 @@ def evaluate(eval_fn: Callable, state: TrainState, dataset, cfg: Config, mesh, k
   return {k: float(v) / count for k, v in totals.items()}
 
 
-class DivergenceGuard:
-  """The divergence rule (docs/training.md); :meth:`fail` stops the run naming the step and the reason.
-
-  Training has diverged when
-
-  * the loss or the gradient norm is NaN or Inf (checked every step);
-  * the loss exceeds ``LOSS_FACTOR`` x its running level: the larger of
-    ln(num_classes) (the loss of a uniform guess) and the running mean of the
-    loss (an exponential moving average, decay ``LOSS_DECAY``, about the last
-    100 steps, that starts at ln(num_classes) and takes in each step that
-    passed). The floor keeps small, noisy losses late in training from
-    tripping it (with 10 classes only a loss above 23 can); starting at the
-    floor needs no warm-up and lets no early explosion become "the level";
-  * any leaf of the state (parameters, thresholds, BatchNorm statistics,
-    optimizer states) is NaN or Inf, or a ternary layer has sparsity 1.0
-    (every weight zero) or a non-finite threshold (checked at every train log
-    row and before every save, so nothing diverged is ever saved).
-  """
-
-  LOSS_FACTOR = 10.0
-  LOSS_DECAY = 0.99
-
-  def __init__(self, num_classes: int, layers: Mapping, last_saved: int | None):
-    self.layers = layers
-    self._thresholds = {"/".join(("params", *path, name)): "/".join(path)
-                        for path, q in layers.items() for name in q.threshold_params}
-    self.last_saved = last_saved  # the newest checkpoint: what stays when the run stops
-    self._floor = float(np.log(max(num_classes, 2)))
-    self._running = self._floor
-    self._checked = -1
-
-  def fail(self, step: int, reason: str):
-    kept = ("no checkpoint was written" if self.last_saved is None
-            else f"the newest checkpoint, step {self.last_saved}, is kept")
-    raise DivergenceError(f"training diverged at step {step}: {reason}; stopping ({kept}).")
-
-  def check_step(self, step: int, metrics: Mapping) -> None:
-    """The loss and gradient norm of one step (idempotent: each step counts once)."""
-    if step <= self._checked:
-      return
-    self._checked = step
-    loss, grad_norm = (float(to_host(metrics[k])) for k in ("loss", "grad_norm"))
-    if not np.isfinite(loss):
-      self.fail(step, f"non-finite loss ({loss})")
-    if not np.isfinite(grad_norm):
-      self.fail(step, f"non-finite gradient norm ({grad_norm})")
-    level = max(self._running, self._floor)
-    if loss > self.LOSS_FACTOR * level:
-      self.fail(step, f"loss {loss:.4g} is more than {self.LOSS_FACTOR:g}x its running level {level:.4g}")
-    self._running = self.LOSS_DECAY * self._running + (1 - self.LOSS_DECAY) * loss
-
-  def check_state(self, step: int, host_state: TrainState) -> None:
-    """Every leaf finite (thresholds named as such), no ternary layer with every weight zero."""
-    bad = checkpoints.nonfinite_leaves(checkpoints.flat_arrays(flax.serialization.to_state_dict(host_state)))
-    for leaf in bad:  # a threshold first: the likelier cause, and the clearer message
-      if leaf in self._thresholds:
-        self.fail(step, f"layer {self._thresholds[leaf]} has a non-finite threshold ({leaf})")
-    if bad:
-      self.fail(step, str(checkpoints.NonFiniteStateError(bad)))
-    for s in layer_stats(host_state.params, self.layers):
-      if s.scale is not None and s.sparsity >= 1.0:  # (scale None: a full-precision layer)
-        self.fail(step, f"layer {s.name} has sparsity 1.0 (every weight is zero)")
-
-
 class _Preemption:
-  """SIGTERM sets a flag the loop checks after every step (then: save, exit cleanly)."""
+  """SIGTERM and SIGINT (Ctrl-C) set :attr:`signal` (its name), which the loop checks after every step
+  (then: save, summary, exit cleanly). A second SIGINT interrupts at once (KeyboardInterrupt)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signal: str | None = None
+    self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
   def _handle(self, signum, frame):
-    self.requested = True
+    if signum == signal.SIGINT and self.signal == "SIGINT":
+      raise KeyboardInterrupt  # pressed twice: the user does not want to wait for the save
+    self.signal = signal.Signals(signum).name
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
 
 
-def setup(cfg: Config):
-  """Builds everything a run needs; raises ValueError (one line) on bad options, before any work."""
+def check_eval_only(cfg: Config) -> None:
+  """ValueError (one line) if ``--eval-only`` names a workdir without a checkpoint (nothing to evaluate)."""
+  workdir = cfg.resolved_workdir()
+  directory = os.path.join(workdir, "checkpoints")
+  if not (os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))):
+    what = "does not exist" if not os.path.exists(workdir) else "holds no checkpoint"
+    raise ValueError(f"--eval-only: workdir {workdir} {what}; it evaluates a trained run's checkpoint "
+                     "(a mistyped --workdir?)")
+
+
+def check_image_shape(cfg: Config, num_classes: int, image_shape: tuple[int, ...]) -> None:
+  """ValueError (one line) unless a training step of ``cfg``'s model can take images of ``image_shape``.
+
+  Traces (does not run) the gradient of the model in training mode on a batch
+  of such images: too small an image fails in a pooling or slicing op only there.
+  """
+  model = cfg.model_spec(num_classes).build()  # (no BatchNorm axis: traced outside the mapped step)
+  images = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
+  key = jax.random.PRNGKey(0)
+
+  def train_loss(x):
+    variables = model.init({"params": key, "dropout": key}, x, train=False)
+
+    def loss(params):
+      out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                           rngs={"dropout": key})
+      return jnp.sum(out.astype(jnp.float32))
+
+    return jax.grad(loss)(variables["params"])
+
+  try:
+    jax.eval_shape(train_loss, images)
+  except (TypeError, ValueError, IndexError) as e:
+    shape = " ".join(map(str, image_shape))
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"--image-shape {shape} does not fit --arch {cfg.arch}: a training step fails ({first}); "
+                     "use larger images") from None
+
+
+def setup(cfg: Config, cleanup: contextlib.ExitStack | None = None):
+  """Builds everything a run needs; raises ValueError (one line) on bad options, before any work.
+
+  ``cleanup``: where the workdir lock (:func:`tgq_jax.training.workdir.workdir_lock`) is held
+  (None: no lock; only :func:`train_and_evaluate` writes).
+  """
   cfg.validate()
-  prepare_workdir(cfg.resolved_workdir())
-  check_run_config(cfg.resolved_workdir(), cfg)
+  if cfg.eval_only:
+    check_eval_only(cfg)  # before prepare_workdir: a mistyped workdir is not created
+  workdir = cfg.resolved_workdir()
+  prepare_workdir(workdir)
+  if cleanup is not None and jax.process_index() == 0:  # (only the primary host writes)
+    cleanup.enter_context(workdir_lock(workdir))
+  check_run_config(workdir, cfg)
   dataset = data_lib.get_dataset(cfg.dataset, data_dir=cfg.data_dir, image_shape=cfg.image_shape or None,
                                  num_classes=cfg.num_classes, num_train=cfg.num_train, num_test=cfg.num_test)
   info = dataset.info
@@ -402,22 +312,193 @@ def setup(cfg: Config):
     with _init_from_errors():
       check_init_from(cfg.init_from)  # a missing path fails now, before anything starts
   parallel.check_batch_size(cfg.eval_batch_size, "eval batch size")
+  if cfg.image_shape:  # (a dataset's own shape fits every zoo model)
+    check_image_shape(cfg, info.num_classes, info.image_shape)
   model = make_model(cfg, info.num_classes)
   layers = quantized_layers(model, jnp.zeros((1, *info.image_shape)), train=False)
   train_iter = dataset.train_iterator(global_batch_size=cfg.batch_size, seed=cfg.seed, augment=cfg.augment)
   return dataset, model, layers, train_iter
 
 
-def train_and_evaluate(cfg: Config, *, verbose: bool = True) -> dict:
-  """Trains (or resumes, or only evaluates) as ``cfg`` says; returns the summary (also summary.json)."""
-  xla_cpu.configure()  # before the first computation, or it changes nothing
-  with contextlib.ExitStack() as cleanup:  # close the checkpoint manager and writers on any exit
-    return _train_and_evaluate(cfg, verbose, cleanup)
+@dataclasses.dataclass
+class Run:
+  """A run in progress: what the loop changes (state, step, windows) and one method per action.
+
+  :func:`train_loop` drives it: one training step, then each action whose period has
+  come (the ``*_due`` predicates), as flax's examples/imagenet and big_vision's
+  ``itstime`` loops do. The divergence guard checks inside the actions that read
+  the state (:meth:`checked_host_state`), so nothing diverged is logged as good or saved.
+  """
+
+  cfg: Config
+  dataset: Any
+  train_iter: Any
+  layers: Mapping
+  mesh: Any
+  train_fn: Callable
+  eval_fn: Callable
+  lr_fn: optax.Schedule
+  manager: Any  # the orbax CheckpointManager
+  writer: MetricsWriter
+  guard: DivergenceGuard
+  state: TrainState
+  extra: dict  # saved with every checkpoint: best test accuracy, wall seconds before this process
+  started: float  # time.time() when this process started the run
+  total: int  # the last step
+  verbose: bool = True
+  step: int = 0
+  pending: tuple[int, Any] | None = None  # the newest step's (step, metrics), checked one step late
+  window: list = dataclasses.field(default_factory=list)  # metrics since the last train row
+  window_started: float = 0.0
+  checked: tuple[int, TrainState] | None = None  # (step, host state) the guard last checked
+  test: dict | None = None  # the newest test metrics and layer statistics
+  stats: list | None = None
+  interrupted: str | None = None  # the signal that stopped the run, if one did
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.train_iter.steps_per_epoch
+
+  @property
+  def is_main(self) -> bool:
+    return jax.process_index() == 0
+
+  # --- when --------------------------------------------------------------------------------
+
+  def epoch_ends(self) -> bool:
+    """The step just done ends an epoch (or the run)."""
+    return self.step % self.steps_per_epoch == 0 or self.step == self.total
+
+  def log_due(self) -> bool:
+    return self.step % self.cfg.log_every == 0 or self.epoch_ends()
+
+  def checkpoint_due(self) -> bool:
+    """A mid-epoch checkpoint (``--checkpoint-every``); epoch ends save after evaluating."""
+    every = self.cfg.checkpoint_every
+    return bool(every) and self.step % every == 0 and self.step % self.steps_per_epoch != 0
+
+  # --- what --------------------------------------------------------------------------------
+
+  def epoch_bar(self) -> tqdm.tqdm:
+    epoch = self.step // self.steps_per_epoch
+    end = min((epoch + 1) * self.steps_per_epoch, self.total)
+    self.window, self.window_started = [], time.time()
+    return tqdm.tqdm(total=end - self.step, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+                     disable=not (self.verbose and self.is_main and sys.stderr.isatty()))
+
+  def train_step(self) -> None:
+    """One step; the guard checks the previous step's metrics meanwhile (lagged: keeps the device busy)."""
+    batch = parallel.put_batch(next(self.train_iter), self.mesh, self.cfg.parallel)
+    self.state, metrics = self.train_fn(self.state, batch)
+    self.check_pending()
+    self.step += 1
+    self.pending = (self.step, metrics)
+    self.window.append(metrics)
+
+  def check_pending(self) -> None:
+    if self.pending is not None:
+      self.guard.check_step(*self.pending)
+
+  def checked_host_state(self) -> TrainState:
+    """Host copy of the state at this step, checked by the divergence guard (once per step)."""
+    if self.checked is None or self.checked[0] != self.step:
+      host = to_host(self.state)
+      self.guard.check_state(self.step, host)
+      self.checked = (self.step, host)
+    return self.checked[1]
+
+  def log_train(self, bar: tqdm.tqdm) -> None:
+    """A train row: the window's mean metrics, the learning rate, throughput, thresholds."""
+    self.check_pending()
+    host = self.checked_host_state()
+    means = {k: float(np.mean([to_host(m[k]) for m in self.window])) for k in self.window[0]}
+    ips = len(self.window) * self.cfg.batch_size / max(time.time() - self.window_started, 1e-9)
+    deltas = threshold_values(host.params, self.layers) if threshold_names(self.layers) else None
+    self.writer.write({"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": "train", **means,
+                       "lr": float(self.lr_fn(self.step - 1)), "img_per_sec": ips,
+                       **({"delta": deltas} if deltas is not None else {})})
+    bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{ips:.0f}")
+    self.window, self.window_started = [], time.time()
+
+  def save(self, metrics: dict | None = None) -> None:
+    """A checkpoint of this step (host copies, any topology), checked first: nothing diverged is saved."""
+    self.check_pending()
+    state = self.checked_host_state()
+    data_state = {"iterator": self.train_iter.get_state(),
+                  "extra": {**self.extra, "wall_seconds": self.extra["wall_seconds"] + time.time() - self.started}}
+    checkpoints.save(self.manager, self.step, state, data_state, metrics)
+    self.guard.last_saved = self.step
+
+  def log_test(self) -> None:
+    """A test row: metrics over the test split and each quantized layer's statistics."""
+    self.test = evaluate(self.eval_fn, self.state, self.dataset, self.cfg, self.mesh, self.cfg.parallel)
+    self.stats = layer_stats(to_host(self.state.params), self.layers)
+    self.writer.write({"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": "test", **self.test,
+                       "layers": [s.as_dict() for s in self.stats]})
+    best = self.extra["best_test_accuracy"]
+    self.extra["best_test_accuracy"] = self.test["accuracy"] if best is None else max(best, self.test["accuracy"])
+
+  def end_epoch(self) -> None:
+    """Checks the state (a diverged one gets no test row), evaluates, saves with the test accuracy."""
+    self.check_pending()
+    self.checked_host_state()
+    self.log_test()
+    self.save({checkpoints.BEST_METRIC: self.test["accuracy"]})
+    if self.verbose and self.is_main:
+      print(f"epoch {self.step / self.steps_per_epoch:.2f} (step {self.step}): "
+            f"test accuracy {100 * self.test['accuracy']:.2f}%")
+
+  def finish(self) -> dict:
+    """The summary (summary.json; the final report printed): evaluates first if no epoch ended here."""
+    if self.interrupted is None and self.test is None:  # eval-only, or resumed a finished run
+      self.log_test()
+    self.extra["wall_seconds"] += time.time() - self.started
+    summary = {"test_accuracy": None if self.test is None else self.test["accuracy"],
+               "best_test_accuracy": self.extra["best_test_accuracy"], "steps": self.step,
+               "wall_seconds": self.extra["wall_seconds"], "interrupted": self.interrupted is not None,
+               "config": dataclasses.asdict(self.cfg)}
+    if self.test is not None:
+      summary["test_metrics"] = self.test
+      host = to_host({"params": self.state.params, "batch_stats": self.state.batch_stats})
+      summary["report"] = format_report(self.test, self.stats, model_size_bits(host, self.layers))
+    if self.is_main:
+      write_json_atomically(os.path.join(self.cfg.resolved_workdir(), "summary.json"),
+                            {k: v for k, v in summary.items() if k != "report"}, indent=2)
+      if self.verbose and self.interrupted:
+        print(f"interrupted ({self.interrupted}): checkpoint saved at step {self.step}")
+      elif self.verbose:
+        print(summary["report"])
+    return summary
 
 
-def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStack) -> dict:
-  t0 = time.time()
-  dataset, model, layers, train_iter = setup(cfg)
+def train_loop(run: Run, preemption: _Preemption) -> None:
+  """Trains ``run`` up to ``run.total``: a step, then each action that is due, in this order."""
+  bar = None
+  while run.step < run.total:
+    bar = bar or run.epoch_bar()
+    run.train_step()
+    bar.update(1)
+    if run.log_due():
+      run.log_train(bar)
+    if preemption.signal or run.manager.reached_preemption(run.step):
+      run.save()
+      run.interrupted = preemption.signal or "preemption"
+      break
+    if run.checkpoint_due():
+      run.save()
+    if run.epoch_ends():
+      bar.close()
+      bar = None
+      run.end_epoch()
+  if bar is not None:
+    bar.close()
+
+
+def start_run(cfg: Config, cleanup: contextlib.ExitStack, verbose: bool = True) -> Run:
+  """Everything before the first step: setup, the step functions, the state (new, resumed or
+  ``--init-from``), the checkpoint manager and writers (closed by ``cleanup``)."""
+  started = time.time()
+  dataset, model, layers, train_iter = setup(cfg, cleanup)
   info, spe = dataset.info, train_iter.steps_per_epoch
   workdir = cfg.resolved_workdir()
   is_main = jax.process_index() == 0
@@ -425,7 +506,6 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
   labels = param_labels(jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                                        jnp.zeros((1, *info.image_shape)))["params"], layers)
   tga, lr_fn = make_tga(cfg, labels, spe)
-  has_thr = bool(threshold_names(layers))
   train_fn, eval_fn = make_step_fns(model, tga, cfg, info.num_classes)
   train_fn, eval_fn = dataset.wrap_step(train_fn), dataset.wrap_step(eval_fn)  # uint8 "pixels" -> "image" on device
   train_fn, eval_fn = parallel.map_step(train_fn, mesh, kind), parallel.map_step(eval_fn, mesh, kind)
@@ -435,7 +515,9 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
   cleanup.callback(manager.close)
   cleanup.callback(manager.wait_until_finished)  # (callbacks run last-in first-out)
   extra = {"best_test_accuracy": None, "wall_seconds": 0.0}
-  if manager.latest_step() is not None:  # re-running the same command resumes
+  resumed = manager.latest_step() is not None
+  if resumed:  # re-running the same command resumes
+    check_resume_config(workdir, cfg, cfg.model_spec(info.num_classes).to_dict())
     # The newest intact checkpoint; damaged newer ones are reported and moved aside.
     state, restored = checkpoints.restore(manager, to_host(state), quarantine=True,
                                           report=checkpoints.report_to_stderr if is_main else lambda _: None)
@@ -443,112 +525,38 @@ def _train_and_evaluate(cfg: Config, verbose: bool, cleanup: contextlib.ExitStac
     extra = {**extra, **restored.get("extra", {})}
     if verbose and is_main:
       print(f"resuming from step {int(state.step)} in {workdir}")
+  elif cfg.eval_only:  # (check_eval_only saw a step folder, but none is a checkpoint orbax lists)
+    raise ValueError(f"--eval-only: workdir {workdir} holds no checkpoint to evaluate")
   elif cfg.init_from:
     state = init_from_checkpoint(state, cfg.init_from, model, info.image_shape, tga, arch=cfg.arch)
+  step = int(to_host(state.step))
   if is_main:  # only now: a workdir whose checkpoints do not fit this model keeps its record
-    write_run_config(workdir, cfg, info)
+    write_run_config(workdir, cfg, info, resumed_at=step if resumed else None)
   state = parallel.put_state(state, mesh, kind)
 
   total = spe * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, spe * cfg.epochs)
-  step = int(to_host(state.step))
   writer = MetricsWriter(workdir, enabled=is_main, start_step=step)
   cleanup.callback(writer.close)
   guard = DivergenceGuard(info.num_classes, layers, manager.latest_step())
-  interrupted, pending = False, None
-  checked_step, checked_host = None, None  # the state changes only with the step: check each once
+  return Run(cfg, dataset, train_iter, layers, mesh, train_fn, eval_fn, lr_fn, manager, writer, guard, state,
+             extra, started, total=step if cfg.eval_only else total, verbose=verbose, step=step)
 
-  def checked_host_state(step):
-    """Host copy of the state at ``step``, checked by the divergence guard."""
-    nonlocal checked_step, checked_host
-    if checked_step != step:
-      checked_host = to_host(state)
-      guard.check_state(step, checked_host)
-      checked_step = step
-    return checked_host
 
-  def check_pending():
-    if pending is not None:
-      guard.check_step(*pending)
+def train_and_evaluate(cfg: Config, *, verbose: bool = True) -> dict:
+  """Trains (or resumes, or only evaluates) as ``cfg`` says; returns the summary (also summary.json).
 
-  def data_state():
-    return {"iterator": train_iter.get_state(), "extra": {**extra, "wall_seconds": extra["wall_seconds"]
-                                                          + time.time() - t0}}
-
-  def save(step, metrics=None):
-    check_pending()
-    # Host copies (any topology), checked first: nothing diverged is ever saved.
-    checkpoints.save(manager, step, checked_host_state(step), data_state(), metrics)
-    guard.last_saved = step
-
-  def log_test(step):
-    test = evaluate(eval_fn, state, dataset, cfg, mesh, kind)
-    stats = layer_stats(to_host(state.params), layers)
-    writer.write({"step": step, "epoch": step / spe, "split": "test", **test,
-                  "layers": [s.as_dict() for s in stats]})
-    best = extra["best_test_accuracy"]
-    extra["best_test_accuracy"] = test["accuracy"] if best is None else max(best, test["accuracy"])
-    return test, stats
-
-  test = stats = None
-  with _Preemption() as preempt:
-    if cfg.eval_only:
-      total = step
-    while step < total:
-      epoch = step // spe
-      end = min((epoch + 1) * spe, total)
-      bar = tqdm.tqdm(total=end - step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                      disable=not (verbose and is_main and sys.stderr.isatty()))
-      window, t_window, pending = [], time.time(), None
-      while step < end:
-        state, metrics = train_fn(state, parallel.put_batch(next(train_iter), mesh, kind))
-        check_pending()  # lagged one step: keeps the device busy
-        step += 1
-        pending = (step, metrics)
-        window.append(metrics)
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == end:
-          check_pending()
-          host = checked_host_state(step)
-          means = {k: float(np.mean([to_host(m[k]) for m in window])) for k in window[0]}
-          ips = len(window) * cfg.batch_size / max(time.time() - t_window, 1e-9)
-          writer.write({"step": step, "epoch": step / spe, "split": "train", **means,
-                        "lr": float(lr_fn(step - 1)), "img_per_sec": ips,
-                        **({"delta": threshold_values(host.params, layers)} if has_thr else {})})
-          bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{ips:.0f}")
-          window, t_window = [], time.time()
-        if preempt.requested or manager.reached_preemption(step):
-          save(step)
-          interrupted = True
-          break
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % spe:
-          save(step)
-      bar.close()
-      if interrupted:
-        break
-      check_pending()
-      checked_host_state(step)  # before evaluating: a diverged state gets no test row
-      test, stats = log_test(step)
-      save(step, {checkpoints.BEST_METRIC: test["accuracy"]})
-      if verbose and is_main:
-        print(f"epoch {step / spe:.2f} (step {step}): test accuracy {100 * test['accuracy']:.2f}%")
-
-  if not interrupted and test is None:  # eval-only, or resumed a finished run
-    test, stats = log_test(step)
-  extra["wall_seconds"] += time.time() - t0
-  summary = {"test_accuracy": None if test is None else test["accuracy"],
-             "best_test_accuracy": extra["best_test_accuracy"], "steps": step,
-             "wall_seconds": extra["wall_seconds"], "interrupted": interrupted,
-             "config": dataclasses.asdict(cfg)}
-  if test is not None:
-    summary["test_metrics"] = test
-    summary["report"] = format_report(
-      test, stats, model_size_bits(to_host({"params": state.params, "batch_stats": state.batch_stats}), layers))
-  if is_main:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump({k: v for k, v in summary.items() if k != "report"}, f, indent=2)
-    if verbose:
-      print("interrupted (SIGTERM): checkpoint saved at step", step) if interrupted else print(summary["report"])
-  return summary
+  One process per workdir (a second is refused, :class:`~tgq_jax.training.workdir.WorkdirBusyError`).
+  SIGTERM or SIGINT stop it after the current step with a checkpoint and summary. Raises
+  :class:`DivergenceError` (nothing diverged saved), :class:`~tgq_jax.training.workdir.WriteFailure` /
+  :class:`~tgq_jax.training.checkpoints.CheckpointWriteError` (a full disk: the files before intact),
+  ValueError (bad options or inputs, before any work).
+  """
+  xla_cpu.configure()  # before the first computation, or it changes nothing
+  with contextlib.ExitStack() as cleanup:  # the lock, checkpoint manager and writers: released on any exit
+    run = start_run(cfg, cleanup, verbose)
+    with _Preemption() as preemption:
+      train_loop(run, preemption)
+    return run.finish()
 
 
 TORCHVISION_SUFFIXES = (".npz", ".pth", ".pt")
@@ -559,13 +567,37 @@ def is_torchvision_file(path: str) -> bool:
   return os.path.splitext(path)[1].lower() in TORCHVISION_SUFFIXES
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # .npz archives, and .pth/.pt files torch saves since 1.6
+_PICKLE_MAGIC = b"\x80"  # .pth/.pt files of older torch (a pickle protocol >= 2 stream)
+
+
 def check_init_from(path: str) -> None:
-  """Raises CheckpointError (one line) unless ``path`` can be an ``--init-from`` source."""
-  if is_torchvision_file(path):
-    if not os.path.isfile(path):
-      raise checkpoints.CheckpointError(f"no such torchvision state dict file: {path}")
-  else:
+  """Raises CheckpointError (one line) unless ``path`` can be an ``--init-from`` source.
+
+  Says what ``path`` is when it is not what is expected: a file that is no checkpoint
+  directory, or a ``.npz``/``.pth`` whose bytes are no such file (read before numpy or torch
+  sees them: numpy would suggest ``allow_pickle``, which must never be followed for it).
+  """
+  expected = ("--init-from takes a checkpoint of this trainer (a workdir, its checkpoints/ or one step "
+              "directory) or a torchvision state dict (.npz; .pth/.pt with torch)")
+  if not is_torchvision_file(path):
+    if os.path.isfile(path):
+      raise checkpoints.CheckpointError(f"{path} is a file, not a checkpoint directory; {expected}")
     checkpoints.resolve(path)
+    return
+  if os.path.isdir(path):
+    raise checkpoints.CheckpointError(f"{path} is a directory, not a torchvision state dict file; {expected}")
+  if not os.path.isfile(path):
+    raise checkpoints.CheckpointError(f"no such torchvision state dict file: {path}")
+  with open(path, "rb") as f:
+    head = f.read(4)
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix == ".npz" and head != _ZIP_MAGIC:
+    raise checkpoints.CheckpointError(f"{path} is not a .npz archive (no zip header; an .npz is a zip of .npy "
+                                      "arrays, see docs/torchvision.md)")
+  if suffix != ".npz" and head != _ZIP_MAGIC and not head.startswith(_PICKLE_MAGIC):
+    raise checkpoints.CheckpointError(f"{path} is not a torch state dict file (neither a zip archive nor a "
+                                      "pickle stream)")
 
 
 def load_fp_variables(path: str, arch: str) -> dict:

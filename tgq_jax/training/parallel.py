@@ -108,3 +108,12 @@ def put_batch(local_batch: dict, mesh: Mesh, kind: str) -> dict:
     return {k: np.asarray(v).reshape((n, -1) + np.shape(v)[1:]) for k, v in local_batch.items()}
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def to_host(tree: Any) -> Any:
+  """Host numpy copies of replicated arrays (works for multi-process global arrays too)."""
+  def get(x):
+    if isinstance(x, jax.Array):
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+  return jax.tree.map(get, tree)
