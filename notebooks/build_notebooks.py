@@ -201,7 +201,8 @@ for l in final:
     new_markdown_cell("""## Export: 2 bits per weight
 One file: codes packed 4 per byte, one scale per layer, the full-precision leaves (BatchNorm, biases)
 and a JSON header. The packed model's logits equal the trained model's exactly."""),
-    new_code_cell('''from tgq_jax import QuantPolicy, checkpoints
+    new_code_cell('''from tgq_jax import QuantPolicy
+from tgq_jax.training import checkpoints
 from tgq_jax.models import create_model
 
 path = os.path.join(WORKDIR, "small_cnn_tga.safetensors")

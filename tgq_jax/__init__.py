@@ -5,7 +5,7 @@
 it was reached by ``from tgq_jax import ternarize`` or ``import tgq_jax.core.ternarize``.
 """
 from tgq_jax.core import ternarize
-from tgq_jax.frontends.linen import ternarize_model
+from tgq_jax.frontends import ternarize_model
 from tgq_jax.core.policy import QuantPolicy
 from tgq_jax.core.quantizers import QuantizerSpec, register_quantizer
 from tgq_jax.core.ternarize import TernaryParts, dequantize, init_params, ternary_parts
