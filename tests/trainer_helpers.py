@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import pathlib
+import subprocess
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -107,3 +110,14 @@ def run_steps(train_fn, state, batches, mesh, kind):
     state, metrics = step(state, parallel.put_batch(batch, mesh, kind))
     losses.append(float(harness.to_host(metrics["loss"])))
   return harness.to_host(state), losses
+
+
+def popen_until_logged(cmd: list[str], env: dict, metrics: pathlib.Path, rows: int = 2,
+                       timeout: float = 180) -> subprocess.Popen:
+  """``cmd`` (a long train.py run) started, returned once ``metrics`` holds ``rows`` rows (it is training)."""
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + timeout
+  while not (metrics.exists() and metrics.read_text().count("\n") >= rows):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+    time.sleep(0.2)
+  return proc

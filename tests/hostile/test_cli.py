@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -24,7 +23,7 @@ from tgq_jax.training import checkpoints, configs, workdir as workdir_lib
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
            PYTHONPATH=REPO, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
-from trainer_helpers import SYNTH_ARGS  # noqa: E402  (tests/ is on sys.path: conftest)
+from trainer_helpers import SYNTH_ARGS, popen_until_logged  # noqa: E402  (tests/ is on sys.path: conftest)
 
 SYNTH = [*SYNTH_ARGS, "--batch-size", "32", "--eval-batch-size", "64"]
 
@@ -80,12 +79,8 @@ def run_copy(trained, tmp_path):
 def test_a_second_run_is_refused_naming_the_first_and_sigint_stops_the_first_cleanly(tmp_path, capsys):
   cmd = [sys.executable, os.path.join(REPO, "train.py"), *SYNTH, "--epochs", "1000", "--log-every", "1",
          "--workdir", str(tmp_path)]
-  first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = tmp_path / "metrics.jsonl"
-  deadline = time.time() + 180
-  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-    assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
-    time.sleep(0.2)
+  first = popen_until_logged(cmd, ENV, metrics)
   config, rows = (tmp_path / "config.json").read_bytes(), metrics.read_text()
   code, _, err = _main(capsys, "--epochs", "1000", "--log-every", "1", "--workdir", tmp_path)  # (in this process)
   assert code == 2

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -18,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
            PYTHONPATH=REPO, JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # compile fast, as conftest does in-process
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the helpers
-from trainer_helpers import SYNTH_ARGS  # noqa: E402
+from trainer_helpers import SYNTH_ARGS, popen_until_logged  # noqa: E402
 
 SYNTH = [*SYNTH_ARGS, "--batch-size", "32", "--eval-batch-size", "64"]
 
@@ -86,12 +85,8 @@ def test_init_from_another_architecture_is_a_one_line_error(tmp_path, capsys):
 def test_sigterm_saves_exits_cleanly_and_the_same_command_resumes(tmp_path):
   cmd = [sys.executable, os.path.join(REPO, "train.py"), *SYNTH, "--epochs", "1000", "--log-every", "1",
          "--workdir", str(tmp_path)]
-  proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = tmp_path / "metrics.jsonl"
-  deadline = time.time() + 180
-  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-    time.sleep(0.2)
+  proc = popen_until_logged(cmd, ENV, metrics)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-2000:]
