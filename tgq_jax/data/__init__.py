@@ -73,7 +73,7 @@ from tgq_jax.data.imagenet import (box_rows, canvas_batch, center_crop, crop_res
 from tgq_jax.data.idx import (DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_FILES, find_idx_files, load_idx_dataset,
                          missing_idx_files)
 from tgq_jax.data.idx import IdxFormatError, parse_idx, read_idx  # noqa: F401  (re-exported: data.read_idx, ...)
-from tgq_jax.data.tfds import DatasetNotPreparedError, _read_records, open_tfds_split
+from tgq_jax.data.tfds import DatasetNotPreparedError, read_records, open_tfds_split
 
 try:  # optional: see _ordered_map
   import grain
@@ -600,7 +600,7 @@ def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num
   else:  # small TFDS datasets: decode once, keep in memory
     def load(split, n):
       src = open_tfds_split(name, split, data_dir)
-      return _ArraySplit(*_read_records(src, len(src) if n is None else min(n, len(src))))
+      return _ArraySplit(*read_records(src, len(src) if n is None else min(n, len(src))))
     train, test = load("train", num_train), load(recipe.test_split, num_test)
   train = _limit(train, num_train, "num_train", name)
   test = _limit(test, num_test, "num_test", name)

@@ -56,7 +56,7 @@ def open_tfds_split(name: str, split: str, data_dir: str | None, decoders=None) 
     raise
 
 
-def _read_records(source: Sequence[dict], count: int) -> tuple[np.ndarray, np.ndarray]:
+def read_records(source: Sequence[dict], count: int) -> tuple[np.ndarray, np.ndarray]:
   """The first ``count`` records as stacked uint8 images and int32 labels."""
   with futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
     records = list(pool.map(source.__getitem__, range(count), chunksize=256))
