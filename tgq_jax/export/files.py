@@ -11,23 +11,13 @@ import os
 import re
 import tempfile
 
+from tgq_jax.training.workdir import process_alive
+
 TMP_MARK = ".tmp-"
 
 
 def temporary_name(path: str) -> str:
   return f"{path}{TMP_MARK}{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # another user's process: alive
-    return True
-  except OSError:
-    return False
-  return True
 
 
 def remove_stale_temporaries(path: str) -> list[str]:
@@ -42,7 +32,7 @@ def remove_stale_temporaries(path: str) -> list[str]:
     return removed
   for name in names:
     match = pattern.fullmatch(name)
-    if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+    if match and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1))):
       try:
         os.remove(os.path.join(directory, name))
         removed.append(name)

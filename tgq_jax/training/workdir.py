@@ -75,6 +75,19 @@ def prepare_workdir(workdir: str) -> None:
 # --- the lock ---------------------------------------------------------------------------------
 
 
+def process_alive(pid: int) -> bool:
+  """Whether process ``pid`` runs on this host (another user's counts as running)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process: alive
+    return True
+  except OSError:
+    return False
+  return True
+
+
 def _holder(fd: int) -> str:
   """"pid P on host H since T" from a lock file's content (what its holder wrote)."""
   try:
@@ -83,20 +96,10 @@ def _holder(fd: int) -> str:
   except (OSError, ValueError, KeyError, TypeError):
     return "holder unknown: the lock file names none"
   text = f"pid {pid} on host {host} since {since}"
-  if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+  if host == socket.gethostname() and isinstance(pid, int) and not process_alive(pid):
     # The kernel drops a flock with its last descriptor: a process forked from the holder keeps it.
     text += f"; pid {pid} is no longer running, a process it started still holds the lock"
   return text
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # exists, another user's
-    return True
-  return True
 
 
 @contextlib.contextmanager
