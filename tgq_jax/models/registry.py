@@ -17,6 +17,7 @@ from tgq_jax.core.policy import QuantPolicy
 from tgq_jax.frontends.linen import ternarize_model
 from tgq_jax.models.resnet import BasicBlock, Bottleneck, CifarResNet, ResNet
 from tgq_jax.models.small_cnn import SmallCNN
+from tgq_jax.models.llama import LLAMA_CONFIGS, Llama
 from tgq_jax.models.vit import VIT_CONFIGS, ViT
 
 # arch name -> (module class, fixed constructor arguments)
@@ -33,6 +34,8 @@ _ARCHS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
   "resnet56": (CifarResNet, {"depth": 56}),
   # Vision transformers: vit_tiny for 28x28 Fashion-MNIST, vit_s16 (ViT-S/16) for 224x224.
   **{name: (ViT, dict(config)) for name, config in VIT_CONFIGS.items()},
+  # Decoder-only language models (Llama layout; num_classes is the vocabulary size).
+  **{name: (Llama, dict(config)) for name, config in LLAMA_CONFIGS.items()},
 }
 
 # Constructor arguments that are not a model option: Flax's own, and the run-time BatchNorm options.
