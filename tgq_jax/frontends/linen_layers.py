@@ -191,6 +191,10 @@ class QuantizedLayer:
   mode: str
   activation_bits: int | None
 
+  def __post_init__(self):
+    check_activation_bits(self.activation_bits, f"{type(self).__name__}.activation_bits")  # at construction
+    super().__post_init__()
+
   @nn.nowrap
   def quantized_input(self, inputs):
     """``inputs`` as the layer multiplies them: quantized when ``activation_bits`` says so."""
