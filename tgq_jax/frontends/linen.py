@@ -19,6 +19,12 @@ quantizer. Nothing in the user's model is rewritten:
   the variables have exactly the paths the plain model has, plus the
   quantizer leaves. A full-precision checkpoint of the plain model loads
   into the ternarized one (:func:`tgq_jax.frontends.linen_layers.init_ternary_from_fp`).
+* ``QuantPolicy.activation_bits``: a selected layer's input is quantized
+  (:func:`tgq_jax.core.activations.quantize_activations`, over :func:`input_axes`)
+  before the layer's own code runs on it.
+* ``QuantPolicy.embeddings``: an ``nn.Embed``'s ``"embedding"`` table is quantized
+  where the layer creates it (its ``setup``, intercepted like a call), so its
+  lookups and ``attend`` both read the quantized table.
 
 What a selected layer computes is :mod:`tgq_jax.core.kernel`'s, through
 :class:`tgq_jax.frontends.linen_layers.KernelHook` (shared with ``TernaryDense``/``TernaryConv``);

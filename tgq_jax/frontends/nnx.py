@@ -53,6 +53,11 @@ swapped, no weight is copied). To fine-tune a pretrained model, load its
 full-precision weights first, then ternarize: the thresholds start from the
 loaded kernels, as the authors re-initialize them.
 
+``QuantPolicy.activation_bits``: each ternary layer quantizes its input per token
+(:func:`tgq_jax.core.activations.quantize_activations` over :func:`input_axes`) before
+its own ``__call__`` runs. ``QuantPolicy.embeddings``: ``nnx.Embed`` layers become
+:class:`TernaryEmbed` (lookups and ``attend`` read the quantized ``embedding``).
+
 Not yet for NNX: layers stacked by ``nnx.vmap``/``nnx.scan``; the Pallas
 kernel for packed layers (they multiply by the rebuilt kernel).
 """
