@@ -39,6 +39,10 @@ class Config:
   per_channel: bool = False
   ternary_first: bool = True
   ternary_last: bool = True
+  # BitNet b1.58's W1.58A8: the input of every quantized layer quantized to this many bits per token
+  # (8), with any --quantizer; None = full-precision activations (QuantPolicy.activation_bits)
+  activation_bits: int | None = None
+  ternary_embeddings: bool = False  # quantize Embed tables too (QuantPolicy.embeddings); default full precision
   dropout: float | None = None  # the model's dropout rate (models that have one: the ViTs); None = its default
   # schedule
   epochs: int = 5
@@ -92,7 +96,8 @@ class Config:
   def policy(self) -> QuantPolicy:
     """The quantization policy of these options."""
     return QuantPolicy(self.quantizer, per_channel=self.per_channel, ternary_first=self.ternary_first,
-                       ternary_last=self.ternary_last)
+                       ternary_last=self.ternary_last, activation_bits=self.activation_bits,
+                       embeddings=self.ternary_embeddings)
 
   def model_spec(self, num_classes: int) -> ModelSpec:
     """The model these options train (written to config.json and to exported files)."""
@@ -193,6 +198,7 @@ _RULES: tuple[tuple[tuple[str, ...], Any, str], ...] = (
    lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1"),
   (("checkpoint_every", "seed"), lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
   (("process_id",), lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0"),
+  (("activation_bits",), lambda v: v is None or (_is_int(v) and 2 <= v <= 16), "an integer in [2, 16]"),
   (("image_shape",), lambda v: len(v) == 0 or (len(v) == 3 and all(_is_int(d) and d >= 1 for d in v)),
    "three integers >= 1, height width channels"),
   (("schedule",), lambda v: all(_is_real(e) and e >= 0 for e in v), "epochs >= 0"),

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from tgq_jax.core.policy import QuantPolicy
 from tgq_jax.training.configs import Config
 
 RUN_CONFIG = "config.json"
@@ -144,7 +145,8 @@ def workdir_lock(workdir: str) -> Iterator[None]:
 # --- the run record ---------------------------------------------------------------------------
 
 # Fields that define the model: a workdir's checkpoints only fit a run with the same values.
-_MODEL_FIELDS = ("arch", "dataset", "quantizer", "per_channel", "ternary_first", "ternary_last")
+_MODEL_FIELDS = ("arch", "dataset", "quantizer", "per_channel", "ternary_first", "ternary_last", "activation_bits",
+                 "ternary_embeddings")
 # Fields that define what a step computes or what data it sees: a resume with other values would
 # silently continue another recipe from this run's state.
 RECIPE_FIELDS = ("image_shape", "num_train", "num_test", "num_classes", "augment", "dropout", "epochs",
@@ -180,9 +182,15 @@ def read_run_config(workdir: str) -> dict | None:
   return record
 
 
+def _recorded(previous: dict, name: str) -> Any:
+  """A recorded option; one the record predates (written before the option existed) is its default."""
+  field = Config.__dataclass_fields__[name]
+  return previous.get(name, _as_json(field.default) if field.default is not dataclasses.MISSING else None)
+
+
 def _differences(previous: dict, cfg: Config, fields: tuple[str, ...]) -> list[str]:
-  return [f"{_flag(k)} {previous.get(k)!r} there, {_as_json(getattr(cfg, k))!r} now"
-          for k in fields if previous.get(k) != _as_json(getattr(cfg, k))]
+  return [f"{_flag(k)} {_recorded(previous, k)!r} there, {_as_json(getattr(cfg, k))!r} now"
+          for k in fields if _recorded(previous, k) != _as_json(getattr(cfg, k))]
 
 
 def check_run_config(workdir: str, cfg: Config) -> None:
@@ -210,7 +218,9 @@ def check_resume_config(workdir: str, cfg: Config, model: dict) -> None:
   record = read_run_config(workdir)
   if record is None:
     return
-  recorded = record.get("model", {})
+  recorded = dict(record.get("model", {}))
+  if isinstance(recorded.get("policy"), dict):  # policy fields the record predates: their defaults
+    recorded["policy"] = {**_as_json(QuantPolicy().to_dict()), **recorded["policy"]}
   mismatched = sorted(k for k in recorded.keys() & model.keys() if recorded[k] != _as_json(model[k]))
   if mismatched:
     k = mismatched[0]
