@@ -14,9 +14,10 @@ Every run is ``train.py --config shakespeare_char --max-steps STEPS --seed S
     absmean_a8   --quantizer absmean --activation-bits 8  (BitNet b1.58 as trained: W1.58A8)
 
 The runs go one after another (two cores: side by side they only slow each
-other). A run whose ``summary.json`` exists is skipped, so the study resumes
-where it stopped: rerun the same command; a run killed midway resumes from its
-own checkpoint (train.py does that in an existing workdir). Then the report,
+other). A finished run (its ``summary.json`` exists and is not marked
+``interrupted``) is skipped, so the study resumes where it stopped: rerun the
+same command; a run stopped midway resumes from its own checkpoint (train.py
+does that in an existing workdir). Then the report,
 from every finished run under ``--root`` (``--report-only``: only the report):
 ``OUT/lm_study.md`` (per method: each seed's validation loss and their mean, in
 nats per character, the gap to FP, bits per character, the mean sparsity of the
@@ -58,7 +59,9 @@ def train_command(train_py: pathlib.Path, method: str, seed: int, steps: int, co
 
 
 def is_finished(workdir: pathlib.Path) -> bool:
-  return (workdir / "summary.json").is_file()
+  """Whether the run in ``workdir`` ended: a summary.json not marked interrupted (a stopped run writes one too)."""
+  path = workdir / "summary.json"
+  return path.is_file() and not json.loads(path.read_text()).get("interrupted", False)
 
 
 def load_run(workdir: pathlib.Path) -> tuple[dict, list[dict]]:
@@ -213,7 +216,7 @@ def report(root: pathlib.Path, out: pathlib.Path, methods: list[str], seeds: lis
   runs = {run_name(m, s): load_run(root / run_name(m, s)) for m in methods for s in seeds
           if is_finished(root / run_name(m, s))}
   if not runs:
-    raise ValueError(f"no finished run under {root} (no <method>_s<seed>/summary.json)")
+    raise ValueError(f"no finished run under {root} (no <method>_s<seed>/summary.json of a completed run)")
   table = summarize(runs, methods, seeds)
   out.mkdir(parents=True, exist_ok=True)
   (out / "lm_study.md").write_text(markdown(table, seeds, steps, config))

@@ -133,6 +133,8 @@ def read_our_summary(workdir: pathlib.Path) -> dict:
   if not path.is_file():
     raise ValueError(f"{path} is missing (the run did not finish)")
   s = json.loads(path.read_text())
+  if s.get("interrupted"):
+    raise ValueError(f"{path}: the run was interrupted at step {s.get('steps')}")
   return {"val_loss": s["val_loss"], "val_bpc": s.get("val_bpc"), "steps": s.get("steps"),
           "train_wall_s": s.get("wall_seconds"), "sample": s.get("sample")}
 

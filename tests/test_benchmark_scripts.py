@@ -245,9 +245,13 @@ def test_lm_study_reports_failed_and_missing_runs(study, tmp_path, fake_log, mon
   assert "twn_s0: FAILED" in capsys.readouterr().out
   md = (tmp_path / "out" / "lm_study.md").read_text()
   assert "Not finished: TWN (seed 0)." in md and "| TWN | - | - | - | - | - | - |" in md
+  # A run stopped midway writes a summary marked interrupted: it counts as not finished.
+  tga_summary = tmp_path / "runs" / "tga_s0" / "summary.json"
+  tga_summary.write_text(json.dumps({**json.loads(tga_summary.read_text()), "interrupted": True}))
   monkeypatch.delenv("FAKE_FAIL")
   assert _run_study(study, tmp_path, "--seeds", "0", "--methods", "fp", "twn", "tga") == 0
-  assert [c["argv"][c["argv"].index("--quantizer") + 1] for c in fake_log()[3:]] == ["twn"]  # only the failed one
+  rerun = [c["argv"][c["argv"].index("--quantizer") + 1] for c in fake_log()[3:]]
+  assert rerun == ["twn", "tga"]  # the failed and the interrupted one, not the finished FP run
 
 
 def test_lm_study_bad_input_is_one_line(study, tmp_path, capsys):
