@@ -51,7 +51,7 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TEXT = ROOT / "tgq_jax" / "data" / "text" / "tinyshakespeare.txt"
+TEXT = ROOT / "tgq_jax" / "data" / "corpora" / "tinyshakespeare.txt"
 NANOGPT_FILES = ("train.py", "model.py", "configurator.py", "config/train_shakespeare_char.py",
                  "data/shakespeare_char/prepare.py")
 BABY_ITERS = 2000

@@ -140,6 +140,11 @@ def test_compare_computes_ratios_gaps_and_goals(vs):
   assert not c["goal_time"] and not c["goal_fp_loss"] and "goal_tga_loss" not in c
 
 
+def test_default_text_is_the_committed_tiny_shakespeare(vs):
+  text = vs.TEXT.read_text()
+  assert text.startswith("First Citizen:") and len(text) == 1115394  # the length nanoGPT's prepare.py notes
+
+
 def test_missing_nanogpt_clone_is_one_line_error(vs, tmp_path, capsys):
   (tmp_path / "train.py").write_text("")
   assert vs.main(["--nanogpt-dir", str(tmp_path), "--text", __file__]) == 2
