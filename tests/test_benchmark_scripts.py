@@ -5,6 +5,7 @@ real ones print or write (nanoGPT's ``step N: ... val loss`` lines, our summary.
 and metrics.jsonl), so the orchestration, parsing, tables and plots are checked here
 without training anything.
 """
+import dataclasses
 import importlib.util
 import json
 import os
@@ -207,6 +208,17 @@ def test_weighted_sparsity_weights_layers_by_size_and_skips_fp_layers(study):
   # (0.5 * 32768 + 0.2 * 16384) / 49152 = 0.4 (the unweighted mean would be 0.35)
   assert study.weighted_sparsity(layers) == pytest.approx(0.4)
   assert study.weighted_sparsity(layers[2:]) is None
+
+
+def test_lm_study_methods_are_options_our_trainer_accepts(study):
+  from tgq_jax.training import configs
+  if "activation_bits" not in {f.name for f in dataclasses.fields(configs.Config)}:
+    pytest.skip("--activation-bits is not in this checkout's trainer yet")
+  for name, (_, flags) in study.METHODS.items():
+    cfg = configs.from_args(["--config", "demo", *flags, "--max-steps", "3"])
+    assert cfg.quantizer == flags[flags.index("--quantizer") + 1] and cfg.max_steps == 3
+    assert cfg.activation_bits == (8 if name == "absmean_a8" else None)
+    assert cfg.update == "sequential"  # TGA's sequential update, named explicitly for "tga"
 
 
 def _run_study(study, tmp_path, *extra):
