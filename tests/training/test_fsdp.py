@@ -191,14 +191,16 @@ def _mesh_of(devices: int) -> Mesh:
   return Mesh(np.asarray(jax.devices()[:devices]).reshape(1, devices), ("data", "fsdp"))
 
 
-def _trained_sharded_state():
+@pytest.fixture(scope="module")
+def trained():
+  """(Built, a state sharded on 4 devices after one step) of small_cnn."""
   built = build(Config(arch="small_cnn", parallel="fsdp", optimizer="adam", lr=1e-3))
   state, _ = _run_fsdp(built, synthetic_batches(1, 16))
   return built, state
 
 
-def test_checkpoint_saved_sharded_on_4_devices_restores_on_2_and_replicated(tmp_path):
-  built, state = _trained_sharded_state()
+def test_checkpoint_saved_sharded_on_4_devices_restores_on_2_and_replicated(tmp_path, trained):
+  built, state = trained
   host = parallel.to_host(state)
   manager = checkpoints.make_manager(str(tmp_path / "ck"))
   checkpoints.save(manager, 1, state, {"iterator": 1}, host_state=host)  # the sharded arrays as they are
@@ -219,8 +221,8 @@ def test_checkpoint_saved_sharded_on_4_devices_restores_on_2_and_replicated(tmp_
   chex.assert_trees_all_equal(checkpoints.load_variables(str(tmp_path / "ck"))["params"], host.params)
 
 
-def test_replicated_checkpoint_restores_under_fsdp(tmp_path):
-  built, state = _trained_sharded_state()
+def test_replicated_checkpoint_restores_under_fsdp(tmp_path, trained):
+  _, state = trained
   host = parallel.to_host(state)
   manager = checkpoints.make_manager(str(tmp_path / "ck"))
   checkpoints.save(manager, 1, host, {"iterator": 1})  # host arrays, as shard_map / pmap runs save
@@ -230,8 +232,8 @@ def test_replicated_checkpoint_restores_under_fsdp(tmp_path):
   chex.assert_trees_all_equal(parallel.to_host(restored), host)
 
 
-def test_nothing_non_finite_is_saved_from_sharded_arrays(tmp_path):
-  _, state = _trained_sharded_state()
+def test_nothing_non_finite_is_saved_from_sharded_arrays(tmp_path, trained):
+  _, state = trained
   kernel = state.params["conv3"]["kernel"]
   poisoned = kernel.at[0, 0, 0, -1].set(jnp.nan)  # in the last device's shard
   assert poisoned.sharding.is_equivalent_to(kernel.sharding, 4)
@@ -261,6 +263,7 @@ def test_fsdp_resume_2_plus_2_equals_4_bitwise_and_matches_shard_map(tmp_path):
   np.testing.assert_allclose([r["loss"] for r in _train_rows(a)], [r["loss"] for r in _train_rows(c)], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_train_py_parallel_fsdp_runs_and_resumes(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
              PYTHONPATH=REPO, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
@@ -276,3 +279,23 @@ def test_train_py_parallel_fsdp_runs_and_resumes(tmp_path):
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["steps"] == 3 and summary["config"]["parallel"] == "fsdp"
   assert [r["step"] for r in _train_rows(tmp_path)] == [1, 2, 3]
+
+
+def test_fsdp_memory_benchmark_counts_what_placement_holds(capsys):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("fsdp_memory", os.path.join(REPO, "benchmarks", "fsdp_memory.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  bench.main(["--arch", "small_cnn", "--input-shape", "28", "28", "1", "--num-classes", "10"])
+  row = capsys.readouterr().out.splitlines()[-1].split()
+  assert row[0] == "small_cnn" and float(row[-1]) <= 0.3
+  # Its abstract count equals the bytes device 0 really holds once the state is placed.
+  cfg = Config(arch="small_cnn", parallel="fsdp", optimizer="adam")
+  abstract = bench.abstract_state("small_cnn", cfg, 10, (28, 28, 1), "float32")
+  mesh = parallel.make_mesh("fsdp")
+  placed = parallel.put_state(build(cfg).state, mesh, "fsdp")
+  part = (placed.params, placed.threshold_opt_state, placed.weight_opt_state)
+  abstract_part = (abstract.params, abstract.threshold_opt_state, abstract.weight_opt_state)
+  assert bench.bytes_per_device(abstract_part, parallel.state_shardings(abstract_part, mesh, "fsdp")) == \
+    parallel.device_bytes(part, jax.devices()[0])
