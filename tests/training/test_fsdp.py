@@ -252,7 +252,7 @@ def _train_rows(workdir):
   return [{k: v for k, v in r.items() if k != "img_per_sec"} for r in rows if r["split"] == "train"]
 
 
-def test_fsdp_resume_2_plus_2_equals_4_bitwise_and_matches_shard_map(tmp_path):
+def test_fsdp_resume_2_plus_2_equals_4_bitwise_and_matches_shard_map_either_way(tmp_path):
   a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
   harness.train_and_evaluate(quick(a, parallel="fsdp", max_steps=2), verbose=False)
   harness.train_and_evaluate(quick(a, parallel="fsdp", max_steps=4), verbose=False)
@@ -261,6 +261,10 @@ def test_fsdp_resume_2_plus_2_equals_4_bitwise_and_matches_shard_map(tmp_path):
   chex.assert_trees_all_equal(*(checkpoints.load_variables(str(d)) for d in (a, b)))
   harness.train_and_evaluate(quick(c, max_steps=4), verbose=False)  # data parallel (shard_map)
   np.testing.assert_allclose([r["loss"] for r in _train_rows(a)], [r["loss"] for r in _train_rows(c)], rtol=1e-5)
+  d = tmp_path / "d"  # a replicated run's checkpoint resumed under fsdp
+  harness.train_and_evaluate(quick(d, max_steps=2), verbose=False)
+  harness.train_and_evaluate(quick(d, parallel="fsdp", fsdp_devices=2, max_steps=4), verbose=False)
+  np.testing.assert_allclose([r["loss"] for r in _train_rows(d)], [r["loss"] for r in _train_rows(c)], rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -4,7 +4,11 @@ Layout: ``<workdir>/checkpoints/<step>/{state,data,integrity}`` managed by one
 ``ocp.CheckpointManager``. ``state`` is the train state (params, batch
 statistics, both optimizer states, step, RNG) as a ``StandardSave`` pytree;
 ``data`` is the iterator position as JSON; ``integrity`` is JSON with the
-shape, dtype and SHA-256 of every saved array and of ``data``.
+shape, dtype and SHA-256 of every saved array and of ``data``. The state's
+arrays are host arrays (replicated runs) or global device arrays saved as they
+are (``--parallel fsdp``: each process writes its shards); :func:`restore`
+reads any of them into host arrays or into the shardings it is given, on any
+device count.
 
 Retention: orbax preservation policies combine ``LatestN(keep)`` with
 ``BestN(n=1)`` on the ``test_accuracy`` metric (``AnyPreservationPolicy``): the

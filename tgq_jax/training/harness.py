@@ -6,7 +6,9 @@ batch and average gradients, running statistics and metrics explicitly with
 ``lax.pmean(..., "data")``; BatchNorm itself normalizes with the global
 batch's statistics (``Config.bn_cross_device``, default), so a step gives the
 same result on any number of devices. :func:`tgq_jax.training.parallel.map_step` maps them over
-the devices with ``jax.shard_map`` or ``jax.pmap``. :func:`train_and_evaluate`
+the devices with ``jax.shard_map`` or ``jax.pmap``; under ``--parallel fsdp`` the steps are
+the global-view functions (no axis), jitted with the state sharded
+(:func:`tgq_jax.training.parallel.map_steps`). :func:`train_and_evaluate`
 runs it all (``train.py`` and the notebooks call it): :func:`start_run` builds a
 :class:`Run`, :func:`train_loop` drives it, one named action per period (log,
 checkpoint, evaluate; the divergence rule of :mod:`tgq_jax.training.divergence`
@@ -425,7 +427,8 @@ class Run:
     self.window, self.window_started = [], time.time()
 
   def save(self, metrics: dict | None = None) -> None:
-    """A checkpoint of this step (host copies, any topology), checked first: nothing diverged is saved."""
+    """A checkpoint of this step (host copies, or the sharded arrays under fsdp; any topology restores it),
+    checked first: nothing diverged is saved."""
     self.check_pending()
     host = self.checked_host_state()
     # Under fsdp the sharded arrays are saved as they are (each process writes its shards).
