@@ -134,9 +134,9 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = MIN_SHARDED_
               axis_name: str = FSDP_AXIS) -> P:
   """The PartitionSpec of one state leaf of ``shape`` under fsdp over ``fsdp_size`` devices.
 
-  The rule of big_vision's ``fsdp`` sharding (``big_vision/sharding.py``): the
-  largest axis whose length ``fsdp_size`` divides is split over ``axis_name``
-  (on a tie, the first such axis); a leaf with fewer than ``min_size``
+  The rule of big_vision's ``fsdp`` sharding (``big_vision/sharding.py``, whose
+  threshold is 4 MiB): the largest axis whose length ``fsdp_size`` divides is
+  split over ``axis_name`` (on a tie, here the first such axis); a leaf with fewer than ``min_size``
   elements (biases, norms, scalars such as the step, the RNG key, per-channel
   thresholds) or without such an axis is replicated (``P()``). The rule only
   reads the shape, so an optimizer-state leaf that mirrors a parameter (Adam's
