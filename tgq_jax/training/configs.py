@@ -82,7 +82,8 @@ class Config:
   init_from: str | None = None
   eval_only: bool = False
   half_precision: bool = False  # bf16 activations; parameters and statistics stay float32
-  parallel: str = "shard_map"  # shard_map | pmap
+  parallel: str = "shard_map"  # shard_map | pmap | fsdp (parameters and optimizer state sharded)
+  fsdp_devices: int = 0  # --parallel fsdp: devices on the fsdp axis (0: all); the data axis is the rest
   seed: int = 0
   # logging and checkpoints
   log_every: int = 50
@@ -162,7 +163,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
   "update": ("sequential", "joint"), "optimizer": ("sgd", "adam", "adamw"),
   "threshold_optimizer": ("auto", "sgd", "adam"), "lr_schedule": ("step", "cosine"),
   "bn_running_stats": ("once", "authors"),
-  "parallel": ("shard_map", "pmap"),
+  "parallel": ("shard_map", "pmap", "fsdp"),
 }
 
 
@@ -196,7 +197,7 @@ _RULES: tuple[tuple[tuple[str, ...], Any, str], ...] = (
    lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
   (("max_steps", "num_train", "num_test", "num_classes", "num_processes"),
    lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1"),
-  (("checkpoint_every", "seed"), lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+  (("checkpoint_every", "seed", "fsdp_devices"), lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
   (("process_id",), lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0"),
   (("activation_bits",), lambda v: v is None or (_is_int(v) and 2 <= v <= 16), "an integer in [2, 16]"),
   (("image_shape",), lambda v: len(v) == 0 or (len(v) == 3 and all(_is_int(d) and d >= 1 for d in v)),
@@ -226,6 +227,11 @@ def _problems(cfg: Config) -> list[str]:
                "with them)")
   if any(b <= a for a, b in zip(cfg.schedule, cfg.schedule[1:])):
     out.append(f"--schedule must list increasing epochs (got {' '.join(map(str, cfg.schedule))})")
+  if cfg.parallel == "fsdp" and not cfg.bn_cross_device:
+    out.append("--no-bn-cross-device does not apply to --parallel fsdp (its step sees the global batch: "
+               "BatchNorm statistics are always over all devices)")
+  if cfg.parallel != "fsdp" and cfg.fsdp_devices:
+    out.append(f"--fsdp-devices applies to --parallel fsdp only (got --parallel {cfg.parallel})")
   if _is_int(cfg.process_id) and _is_int(cfg.num_processes) and cfg.process_id >= cfg.num_processes:
     out.append(f"--process-id must be below --num-processes ({cfg.num_processes}; got {cfg.process_id})")
   return out

@@ -6,7 +6,9 @@ batch and average gradients, running statistics and metrics explicitly with
 ``lax.pmean(..., "data")``; BatchNorm itself normalizes with the global
 batch's statistics (``Config.bn_cross_device``, default), so a step gives the
 same result on any number of devices. :func:`tgq_jax.training.parallel.map_step` maps them over
-the devices with ``jax.shard_map`` or ``jax.pmap``. :func:`train_and_evaluate`
+the devices with ``jax.shard_map`` or ``jax.pmap``; under ``--parallel fsdp`` the steps are
+the global-view functions (no axis), jitted with the state sharded
+(:func:`tgq_jax.training.parallel.map_steps`). :func:`train_and_evaluate`
 runs it all (``train.py`` and the notebooks call it): :func:`start_run` builds a
 :class:`Run`, :func:`train_loop` drives it, one named action per period (log,
 checkpoint, evaluate; the divergence rule of :mod:`tgq_jax.training.divergence`
@@ -54,7 +56,7 @@ from tgq_jax.models import create_model, load_torchvision_weights
 from tgq_jax.training.divergence import (DivergenceError, DivergenceGuard, NonFiniteLossError,  # noqa: F401
                                          nonfinite_scales)
 from tgq_jax.training.metrics import MetricsWriter
-from tgq_jax.training.parallel import AXIS, to_host
+from tgq_jax.training.parallel import to_host
 from tgq_jax.training.workdir import (check_resume_config, check_run_config, prepare_workdir, workdir_lock,
                                       write_json_atomically, write_run_config)
 
@@ -140,12 +142,13 @@ def make_model(cfg: Config, num_classes: int, dtype: Any = None) -> nn.Module:
   ``half_precision``, else float32). BatchNorm gets the ``cfg.bn_*`` options:
   with ``bn_cross_device`` its training-mode statistics are averaged over the
   data axis, so training-mode calls must run inside the mapped step
-  (evaluation and initialization run anywhere).
+  (evaluation and initialization run anywhere); under ``--parallel fsdp`` the
+  step sees the global batch, so BatchNorm needs no axis.
   """
   spec = cfg.model_spec(num_classes)
   if dtype is not None:
     spec = dataclasses.replace(spec, dtype=jnp.dtype(dtype).name)
-  return spec.build(bn_axis_name=AXIS if cfg.bn_cross_device else None,
+  return spec.build(bn_axis_name=parallel.step_axis_name(cfg.parallel) if cfg.bn_cross_device else None,
                     bn_unbiased_running_var=cfg.bn_running_stats == "authors")
 
 
@@ -159,11 +162,13 @@ def create_state(model: nn.Module, image_shape: tuple[int, ...], tga: TGA, seed:
 
 
 def make_step_fns(model: nn.Module, tga: TGA, cfg: Config, num_classes: int) -> tuple[Callable, Callable]:
-  """The per-device (train_step, eval_step) of ``cfg`` (mapped over AXIS)."""
+  """The (train_step, eval_step) of ``cfg``: per device (reducing over the data axis), or global-view
+  under fsdp (:func:`tgq_jax.training.parallel.step_axis_name`)."""
   if cfg.bn_running_stats not in ("once", "authors"):
     raise ValueError(f"unknown bn running stats rule {cfg.bn_running_stats!r}; valid: once, authors.")
   step = ClassificationStep(model=model, tga=tga, num_classes=num_classes, label_smoothing=cfg.label_smoothing,
-                            bn_both_passes=cfg.bn_running_stats == "authors", axis_name=AXIS)
+                            bn_both_passes=cfg.bn_running_stats == "authors",
+                            axis_name=parallel.step_axis_name(cfg.parallel))
   return step.train, step.evaluate
 
 
@@ -308,6 +313,7 @@ def setup(cfg: Config, cleanup: contextlib.ExitStack | None = None):
                                  num_classes=cfg.num_classes, num_train=cfg.num_train, num_test=cfg.num_test)
   info = dataset.info
   parallel.check_batch_size(cfg.batch_size)
+  parallel.mesh_shape(cfg.parallel, cfg.fsdp_devices)  # --fsdp-devices must divide the device count
   if cfg.init_from:
     with _init_from_errors():
       check_init_from(cfg.init_from)  # a missing path fails now, before anything starts
@@ -421,12 +427,15 @@ class Run:
     self.window, self.window_started = [], time.time()
 
   def save(self, metrics: dict | None = None) -> None:
-    """A checkpoint of this step (host copies, any topology), checked first: nothing diverged is saved."""
+    """A checkpoint of this step (host copies, or the sharded arrays under fsdp; any topology restores it),
+    checked first: nothing diverged is saved."""
     self.check_pending()
-    state = self.checked_host_state()
+    host = self.checked_host_state()
+    # Under fsdp the sharded arrays are saved as they are (each process writes its shards).
+    state = self.state if self.cfg.parallel == "fsdp" else host
     data_state = {"iterator": self.train_iter.get_state(),
                   "extra": {**self.extra, "wall_seconds": self.extra["wall_seconds"] + time.time() - self.started}}
-    checkpoints.save(self.manager, self.step, state, data_state, metrics)
+    checkpoints.save(self.manager, self.step, state, data_state, metrics, host_state=host)
     self.guard.last_saved = self.step
 
   def log_test(self) -> None:
@@ -502,15 +511,14 @@ def start_run(cfg: Config, cleanup: contextlib.ExitStack, verbose: bool = True) 
   info, spe = dataset.info, train_iter.steps_per_epoch
   workdir = cfg.resolved_workdir()
   is_main = jax.process_index() == 0
-  mesh, kind = parallel.make_mesh(), cfg.parallel
+  mesh, kind = parallel.make_mesh(cfg.parallel, cfg.fsdp_devices), cfg.parallel
   labels = param_labels(jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                                        jnp.zeros((1, *info.image_shape)))["params"], layers)
   tga, lr_fn = make_tga(cfg, labels, spe)
   train_fn, eval_fn = make_step_fns(model, tga, cfg, info.num_classes)
   train_fn, eval_fn = dataset.wrap_step(train_fn), dataset.wrap_step(eval_fn)  # uint8 "pixels" -> "image" on device
-  train_fn, eval_fn = parallel.map_step(train_fn, mesh, kind), parallel.map_step(eval_fn, mesh, kind)
-
   state = create_state(model, info.image_shape, tga, cfg.seed)
+  train_fn, eval_fn = parallel.map_steps(train_fn, eval_fn, mesh, kind, state)
   manager = checkpoints.make_manager(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
   cleanup.callback(manager.close)
   cleanup.callback(manager.wait_until_finished)  # (callbacks run last-in first-out)
@@ -520,6 +528,7 @@ def start_run(cfg: Config, cleanup: contextlib.ExitStack, verbose: bool = True) 
     check_resume_config(workdir, cfg, cfg.model_spec(info.num_classes).to_dict())
     # The newest intact checkpoint; damaged newer ones are reported and moved aside.
     state, restored = checkpoints.restore(manager, to_host(state), quarantine=True,
+                                          shardings=parallel.state_shardings(state, mesh, kind),
                                           report=checkpoints.report_to_stderr if is_main else lambda _: None)
     train_iter.set_state(restored["iterator"])
     extra = {**extra, **restored.get("extra", {})}
