@@ -60,7 +60,7 @@ def _cross_entropy(logits, tokens):
 def test_the_step_s_loss_is_the_next_token_cross_entropy_and_evaluate_sums_it():
   model, state, step = _setup(sequential=False)
   tokens = _tokens()
-  logits = model.apply({"params": state.params}, tokens[:, :-1])
+  logits = jax.jit(model.apply)({"params": state.params}, tokens[:, :-1])
   expected = _cross_entropy(logits, tokens)  # (4, 16)
   _, metrics = jax.jit(step.train)(state, {"tokens": tokens})
   assert float(metrics["loss"]) == pytest.approx(expected.mean(), rel=1e-5)  # joint: the loss before the step
@@ -133,14 +133,15 @@ def test_the_presets_are_the_recipe():
   assert (model_context("llama_baby"), model_context("llama_256")) == (64, 128)  # context None: the model's
 
 
-def test_the_plain_sampling_loop_is_deterministic_and_greedy_follows_the_pattern():
-  model, state, step = _setup("fp", lr=3e-2)
-  train = jax.jit(step.train)
-  for i in range(60):
-    state, _ = train(state, {"tokens": _tokens(8, seed=i)})
-  vocab = Vocabulary("chars", "abcdefghijkl")  # id i is letter i: the pattern is the alphabet, cyclically
-  greedy = sample_text(model, state.params, vocab, "abc", 30, context=16, temperature=0)
-  assert greedy == ("abcdefghijkl" * 4)[:33]  # longer than the context: the window slides
+def test_the_plain_sampling_loop_is_the_cropped_forward_pass_and_deterministic():
+  model, state, _ = _setup("fp")
+  vocab = Vocabulary("chars", "abcdefghijkl")
+  greedy = sample_text(model, state.params, vocab, "abc", 5, context=4, temperature=0)
+  ids = list(vocab.encode("abc"))  # the reference: argmax of a forward pass over the last 4 tokens, no padding
+  forward = jax.jit(lambda x: model.apply({"params": state.params}, x))
+  for _ in range(5):
+    ids.append(int(jnp.argmax(forward(jnp.asarray([ids[-4:]], jnp.int32))[0, -1])))
+  assert greedy == vocab.decode(ids)  # left padding masked out; past 4 tokens the window slides
   a = sample_text(model, state.params, vocab, "a", 10, context=16, seed=1)
   assert a == sample_text(model, state.params, vocab, "a", 10, context=16, seed=1) and len(a) == 11
 
@@ -166,8 +167,18 @@ def _rows(workdir):
   return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
-def test_an_lm_run_logs_train_and_val_rows_keeps_the_lowest_loss_and_records_the_vocabulary(tmp_path, small_text):
-  summary = harness.train_and_evaluate(_lm_config(tmp_path, small_text, max_steps=6), verbose=False)
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory, small_text):
+  """A 6-step LM run of the tiny model on its own copy of the small text: (workdir, text file, summary)."""
+  root = tmp_path_factory.mktemp("lm_run")
+  text = root / "text.txt"
+  text.write_text(open(small_text, encoding="utf-8").read(), encoding="utf-8")
+  summary = harness.train_and_evaluate(_lm_config(root / "run", str(text), max_steps=6), verbose=False)
+  return root / "run", text, summary
+
+
+def test_an_lm_run_logs_train_and_val_rows_keeps_the_lowest_loss_and_records_the_vocabulary(lm_run, small_text):
+  tmp_path, _, summary = lm_run
   rows = _rows(tmp_path)
   assert [(r["split"], r["step"]) for r in rows] == [("train", 2), ("val", 3), ("train", 4), ("train", 6),
                                                       ("val", 6)]
@@ -194,15 +205,13 @@ def test_the_best_lm_checkpoint_is_the_lowest_validation_loss(tmp_path):
   manager.close()
 
 
-def test_resuming_an_lm_run_on_another_text_is_refused(tmp_path, small_text):
-  text = tmp_path / "text.txt"
-  text.write_text(open(small_text, encoding="utf-8").read(), encoding="utf-8")
-  harness.train_and_evaluate(_lm_config(tmp_path / "run", str(text), max_steps=3), verbose=False)
+def test_resuming_an_lm_run_on_another_text_is_refused(lm_run, small_text):
+  run, text, _ = lm_run
   with pytest.raises(ValueError, match="--data-file"):  # another file: another recipe
-    harness.train_and_evaluate(_lm_config(tmp_path / "run", small_text, max_steps=6), verbose=False)
+    harness.train_and_evaluate(_lm_config(run, small_text, max_steps=8), verbose=False)
   text.write_text(text.read_text(encoding="utf-8") + "~", encoding="utf-8")  # the same file, edited
   with pytest.raises(ValueError, match="records another vocabulary than this run's data has"):
-    harness.train_and_evaluate(_lm_config(tmp_path / "run", str(text), max_steps=6), verbose=False)
+    harness.train_and_evaluate(_lm_config(run, str(text), max_steps=8), verbose=False)
 
 
 # --- train.py, end to end -----------------------------------------------------------------------------
