@@ -394,12 +394,12 @@ def setup(cfg: Config, cleanup: contextlib.ExitStack | None = None):
   cfg.validate()
   if cfg.eval_only:
     check_eval_only(cfg)  # before prepare_workdir: a mistyped workdir is not created
+  check_task_fits(cfg.arch, cfg.dataset)
   workdir = cfg.resolved_workdir()
   prepare_workdir(workdir)
   if cleanup is not None and jax.process_index() == 0:  # (only the primary host writes)
     cleanup.enter_context(workdir_lock(workdir))
   check_run_config(workdir, cfg)
-  check_task_fits(cfg.arch, cfg.dataset)
   if cfg.dataset == "text":
     if cfg.init_from:
       raise ValueError("--init-from is not supported for language models (--dataset text) yet")
