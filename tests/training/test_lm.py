@@ -2,6 +2,7 @@
 harness's LM task (rows, summary, best checkpoint), and train.py end to end with a resume after kill -9."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -116,10 +117,13 @@ def test_the_recipe_schedule_is_nanogpt_s_and_decay_skips_norms():
   assert float(lr(mid)) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4), rel=1e-4)
   assert float(lr(2000)) == pytest.approx(1e-4)
   # AdamW's decay (zero gradient: the update is the decay alone) on kernels and embeddings, not on norms.
-  tx = harness._base_optimizer("adamw", 1.0, 0.1, cfg, harness.decay_mask("matrices"))
   params = {"kernel": jnp.ones((2, 3)), "embedding": jnp.ones((4, 2)), "scale": jnp.ones((3,))}
+  tga, _ = harness.make_tga(dataclasses.replace(cfg, warmup_steps=0), jax.tree.map(lambda _: algorithm.WEIGHT, params),
+                            steps_per_epoch=1307)
+  tx = tga.weight_tx
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
-  assert float(updates["kernel"][0, 0]) == pytest.approx(-0.1) and float(updates["embedding"][0, 0]) == pytest.approx(-0.1)
+  decay = -1e-3 * 0.1  # -lr * wd * w at step 0
+  assert float(updates["kernel"][0, 0]) == pytest.approx(decay) and float(updates["embedding"][0, 0]) == pytest.approx(decay)
   assert float(jnp.abs(updates["scale"]).max()) == 0.0
 
 
