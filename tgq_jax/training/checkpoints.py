@@ -87,11 +87,15 @@ def report_to_stderr(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
-def make_manager(directory: str, keep: int = 2) -> ocp.CheckpointManager:
+def make_manager(directory: str, keep: int = 2, *, best_metric: str = BEST_METRIC,
+                 best_lower: bool = False) -> ocp.CheckpointManager:
+  """The run's checkpoint manager: keeps the last ``keep`` and the best by ``best_metric`` (the highest, or
+  with ``best_lower`` the lowest: a validation loss) among those saved with metrics."""
   cm = ocp.checkpoint_managers
   policy = cm.AnyPreservationPolicy(policies=[
     cm.LatestN(n=keep),
-    cm.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1, keep_checkpoints_without_metrics=False),
+    # BestN sorts ascending (descending with reverse) and keeps the last n.
+    cm.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_lower, n=1, keep_checkpoints_without_metrics=False),
   ])
   # Synchronous saves: the SIGTERM / divergence paths exit right after saving, and a
   # few small arrays do not need a background thread.
