@@ -4,7 +4,7 @@
         [--seeds 0 1] [--methods fp tga absmean twn absmean_a8] [--config shakespeare_char]
         [--report-only] [-- EXTRA TRAIN.PY FLAGS]
 
-Every run is ``train.py --config shakespeare_char --max-steps STEPS --seed S
+Every run is ``train.py --config shakespeare_char --train-steps STEPS --seed S
 --workdir ROOT/<method>_s<S>`` plus the method's flags:
 
     fp           --quantizer fp
@@ -54,7 +54,7 @@ def run_name(method: str, seed: int) -> str:
 def train_command(train_py: pathlib.Path, method: str, seed: int, steps: int, config: str,
                   workdir: pathlib.Path, extra: list[str]) -> list[str]:
   """The train.py command line of one run of the study."""
-  return [sys.executable, str(train_py), "--config", config, *METHODS[method][1], "--max-steps", str(steps),
+  return [sys.executable, str(train_py), "--config", config, *METHODS[method][1], "--train-steps", str(steps),
           "--seed", str(seed), "--workdir", str(workdir), *extra]
 
 

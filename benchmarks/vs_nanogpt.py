@@ -31,7 +31,7 @@ Goals (issue 24): ours FP / nanoGPT whole-run time <= 1.0; our FP val loss <=
 nanoGPT's + 0.03; TGA within 0.1 nats of our FP. nanoGPT's val loss is a
 20-batch random estimate (about 15k tokens, noise ~0.01), ours is over a fixed
 set of validation windows. ``--iters N`` shortens every run (a smoke test;
-nanoGPT then evaluates at N, and our runs get ``--max-steps N``).
+nanoGPT then evaluates at N, and our runs get ``--train-steps N``: the schedule over N steps, as nanoGPT's).
 Writes the numbers to ``--out`` (JSON) and prints a table; figures for
 RESULTS.md are copied from it by hand.
 """
@@ -93,7 +93,7 @@ def our_command(train_py: pathlib.Path, quantizer: str, iters: int, workdir: pat
   if quantizer == "tga":
     flags += ["--update", "sequential"]
   if iters != BABY_ITERS:
-    flags += ["--max-steps", str(iters)]
+    flags += ["--train-steps", str(iters)]
   return [sys.executable, str(train_py), *flags]
 
 

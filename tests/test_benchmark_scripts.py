@@ -19,14 +19,14 @@ import pytest
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
 # Our fake train.py: logs its argv (one JSON line per call to $FAKE_LOG), fails for the quantizers in
-# $FAKE_FAIL, otherwise writes metrics.jsonl (val rows at steps 0 and --max-steps) and summary.json.
+# $FAKE_FAIL, otherwise writes metrics.jsonl (val rows at steps 0 and --train-steps) and summary.json.
 FAKE_OURS = textwrap.dedent("""
   import json, os, pathlib, sys
   argv = sys.argv[1:]
   flag = lambda name, default=None: argv[argv.index(name) + 1] if name in argv else default
   with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(json.dumps({"argv": argv, "omp": os.environ.get("OMP_NUM_THREADS")}) + "\\n")
-  q, seed, steps = flag("--quantizer"), int(flag("--seed", 0)), int(flag("--max-steps", 2000))
+  q, seed, steps = flag("--quantizer"), int(flag("--seed", 0)), int(flag("--train-steps", 2000))
   if q in os.environ.get("FAKE_FAIL", "").split(","):
     sys.exit(1)
   loss = {"fp": 1.50, "tga": 1.58, "absmean": 1.62, "twn": 1.61}[q] + 0.02 * seed
@@ -171,7 +171,7 @@ def test_vs_nanogpt_end_to_end_with_fakes(vs, tmp_path, fake_log, capsys):
   assert theirs_call["nanogpt"] == vs.nanogpt_command(20, str(tmp_path / "work" / "nanogpt_out"))[2:]
   assert theirs_call["omp"] == fp_call["omp"] == tga_call["omp"] == "1"  # one core pinned: one thread
   assert fp_call["argv"][fp_call["argv"].index("--quantizer") + 1] == "fp"
-  assert "--max-steps" in fp_call["argv"] and fp_call["argv"][fp_call["argv"].index("--max-steps") + 1] == "20"
+  assert "--train-steps" in fp_call["argv"] and fp_call["argv"][fp_call["argv"].index("--train-steps") + 1] == "20"
   assert "shakespeare_char_baby" in tga_call["argv"] and "sequential" in tga_call["argv"]
   report = json.loads(out.read_text())
   assert report["nanogpt"]["val_loss"] == 1.54 and report["ours"]["fp"]["val_loss"] == 1.50
@@ -232,7 +232,7 @@ def test_lm_study_runs_every_method_and_seed_then_reports(study, tmp_path, fake_
   assert _run_study(study, tmp_path) == 0
   calls = [c["argv"] for c in fake_log()]
   assert len(calls) == 10 and all(c[:2] == ["--config", "shakespeare_char"] for c in calls)
-  assert all(c[c.index("--max-steps") + 1] == "3" for c in calls)
+  assert all(c[c.index("--train-steps") + 1] == "3" for c in calls)
   a8 = [c for c in calls if "--activation-bits" in c]
   assert len(a8) == 2 and all(c[c.index("--quantizer") + 1] == "absmean" for c in a8)
   assert sum("sequential" in c for c in calls) == 2
