@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import chex
 import jax
@@ -18,8 +19,10 @@ from jax.sharding import PartitionSpec as P
 
 from trainer_helpers import SYNTH_ARGS, build, quick, synthetic_batches
 from tgq_jax import models
+from tgq_jax.frontends.linen_layers import quantized_layers
+from tgq_jax.models.llama import Llama
 from tgq_jax.models.vit import ViT
-from tgq_jax.training import checkpoints, harness, parallel
+from tgq_jax.training import algorithm, checkpoints, harness, parallel
 from tgq_jax.training.configs import Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -303,3 +306,39 @@ def test_fsdp_memory_benchmark_counts_what_placement_holds(capsys):
   abstract_part = (abstract.params, abstract.threshold_opt_state, abstract.weight_opt_state)
   assert bench.bytes_per_device(abstract_part, parallel.state_shardings(abstract_part, mesh, "fsdp")) == \
     parallel.device_bytes(part, jax.devices()[0])
+
+
+# --- the decoder LM -----------------------------------------------------------------------------------
+
+# One block of the Llama layout whose 64 x 64 / 64 x 128 kernels reach the fsdp size threshold.
+models.register("fsdp_llama", Llama, width=64, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=128, context=16)
+
+
+@pytest.mark.parametrize("update", ["sequential", "joint"])
+def test_fsdp_language_model_equals_one_device(update):
+  """The LM step (TGA on every projection, head full precision) under fsdp on 4 devices = one device."""
+  cfg = Config(arch="fsdp_llama", dataset="text", parallel="fsdp", optimizer="adamw", lr=3e-3, update=update,
+               ternary_last=False)
+  with jax.enable_x64(True):
+    model = harness.make_model(cfg, 11, jnp.float64)
+    tokens = jnp.zeros((1, 16), jnp.int32)
+    layers = quantized_layers(model, tokens, train=False)
+    params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    tga, _ = harness.make_tga(cfg, algorithm.param_labels(params, layers), 100)
+    state = harness.init_state(model, tokens, tga, 0)
+    state = jax.tree.map(lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    step = algorithm.LanguageModelStep(model=model, tga=tga, axis_name=parallel.step_axis_name("fsdp"))
+    rng = np.random.default_rng(0)
+    batches = [{"tokens": rng.integers(0, 11, (8, 17)).astype(np.int32)}] * 3  # one batch: its loss falls
+    built = types.SimpleNamespace(state=state, train_fn=step.train, eval_fn=step.evaluate)
+    one, l1 = _run_one_device(built, batches)
+    sharded, l4 = _run_fsdp(built, batches)
+    assert _sharded_leaves(sharded.params) >= 5  # q, o, gate, up, down (k, v: 64 x 32 stay replicated)
+    host = parallel.to_host(sharded)
+  assert "delta" in host.params["layers_0"]["attn"]["q"]
+  # float32 tolerances: the attention scores, softmax and rotary angles are computed in float32 whatever the
+  # model's dtype (models/llama.py), so another summation order moves their last float32 bits.
+  np.testing.assert_allclose(l4, l1, rtol=1e-5)
+  chex.assert_trees_all_close(host.params, one.params, rtol=1e-4, atol=1e-5)  # (Adam on near-zero gradients)
+  chex.assert_trees_all_close(host.weight_opt_state, one.weight_opt_state, rtol=1e-4, atol=1e-5)
+  assert l1[-1] < l1[0]  # it trained (the same batch three times)
