@@ -60,8 +60,8 @@ from tgq_jax.frontends.linen_layers import quantized_layers
 from tgq_jax.models import ModelSpec
 from tgq_jax.models.llama import RMS_EPSILON, ROPE_THETA, Llama
 
-__all__ = ["FLOAT_TYPES", "GGUFReport", "GGUFTensor", "SUFFIX", "TERNARY_TYPES", "UNALIGNED", "export_gguf",
-           "gguf_tensor_name", "token_texts"]
+__all__ = ["FLOAT_TYPES", "GGUFReport", "GGUFTensor", "SUFFIX", "TERNARY_TYPES", "UNALIGNED", "check_llama",
+           "export_gguf", "gguf_tensor_name", "token_texts"]
 
 SUFFIX = ".gguf"
 TERNARY_TYPES = ("TQ2_0", "F16", "F32")  # how ternary kernels are stored
@@ -71,13 +71,23 @@ BLOCK = 256  # TQ2_0's block (ggml's QK_K): inputs per float16 scale
 TOKENIZER = "rwkv"
 
 # A block's params path below layers_{i} -> its GGUF tensor (blk.{i}.<name>.weight).
+# In the model's order (the file's and the report's order).
 _BLOCK_TENSORS = {
-  ("attn_norm", "scale"): "attn_norm", ("mlp_norm", "scale"): "ffn_norm",
+  ("attn_norm", "scale"): "attn_norm",
   ("attn", "q", "kernel"): "attn_q", ("attn", "k", "kernel"): "attn_k", ("attn", "v", "kernel"): "attn_v",
   ("attn", "o", "kernel"): "attn_output",
+  ("mlp_norm", "scale"): "ffn_norm",
   ("mlp", "gate", "kernel"): "ffn_gate", ("mlp", "up", "kernel"): "ffn_up", ("mlp", "down", "kernel"): "ffn_down",
 }
 _TOP_TENSORS = {("embed", "embedding"): "token_embd", ("norm", "scale"): "output_norm", ("head", "kernel"): "output"}
+
+
+def _model_order(path: tuple[str, ...]) -> tuple:
+  """Sort key of a params leaf: embedding, blocks in order (each as :data:`_BLOCK_TENSORS`), final norm, head."""
+  if path[0].startswith("layers_") and path[0][len("layers_"):].isdigit():
+    block = list(_BLOCK_TENSORS)
+    return (1, int(path[0][len("layers_"):]), block.index(path[1:]) if path[1:] in block else len(block), path)
+  return ({"embed": 0, "norm": 2, "head": 3}.get(path[0], 4), 0, 0, path)
 
 
 def gguf_tensor_name(path: tuple[str, ...]) -> str | None:
@@ -160,8 +170,8 @@ def _check_choice(value: Any, choices: tuple[str, ...], what: str) -> str:
   return value
 
 
-def _llama_of(spec: ModelSpec) -> tuple[Any, Llama]:
-  """The built model and its :class:`Llama` (ValueError, one line, for any other architecture)."""
+def check_llama(spec: ModelSpec) -> tuple[Any, Llama]:
+  """The model ``spec`` builds and its :class:`Llama` (ValueError, one line, for any other architecture)."""
   model = spec.build()
   inner = getattr(model, "module", model)
   if not isinstance(inner, Llama):
@@ -181,14 +191,16 @@ def _tq2_0_problem(weight: np.ndarray) -> str | None:
   if not np.all((magnitude == 0) | (magnitude == d)):
     return ("its scale varies within a block of 256 inputs (TQ2_0 has one scale per block: per-input-channel "
             "scales or a quantizer's two magnitudes do not fit)")
-  d16 = d.astype(np.float16)
+  with np.errstate(over="ignore"):  # an overflow is what is checked for
+    d16 = d.astype(np.float16)
   if not np.all(np.isfinite(d16)) or np.any((d > 0) & (d16 == 0)):
     return f"a scale ({float(d.max()):.3g} or {float(d[d > 0].min()):.3g}) is outside float16's range"
   return None
 
 
 def _float_array(array: np.ndarray, ggml_type: str, name: str) -> np.ndarray:
-  out = np.ascontiguousarray(array, dtype=np.float16 if ggml_type == "F16" else np.float32)
+  with np.errstate(over="ignore"):  # an overflow is what is checked for
+    out = np.ascontiguousarray(array, dtype=np.float16 if ggml_type == "F16" else np.float32)
   if not np.all(np.isfinite(out)):
     raise ValueError(f"{name}: a value beyond float16's range ({float(np.abs(array).max()):.3g}); "
                      "export with F32.")
@@ -221,7 +233,7 @@ def _gguf_tensors(variables: Mapping, model: Any, llama: Llama, ternary_type: st
   quantizer_leaves = {(*p, name) for p, q in quantizers.items() for name in q.param_names}
 
   out, fallback, refused = [], [], []
-  for path, value in leaves(params):
+  for path, value in sorted(leaves(params), key=lambda leaf: _model_order(leaf[0])):
     name = gguf_tensor_name(path)
     if name is None:
       if path in quantizer_leaves:
@@ -313,7 +325,7 @@ def export_gguf(path: str | os.PathLike, variables: Mapping, spec: ModelSpec | M
   spec = as_spec(spec)
   if not isinstance(vocabulary, Vocabulary):
     vocabulary = Vocabulary.from_dict(vocabulary)
-  model, llama = _llama_of(spec)
+  model, llama = check_llama(spec)
   if vocabulary.size != llama.num_classes:
     raise ValueError(f"the vocabulary has {vocabulary.size} tokens but the model's output has {llama.num_classes}: "
                      "not this model's vocabulary.")
