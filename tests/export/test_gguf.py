@@ -291,3 +291,53 @@ def test_other_models_vocabularies_and_values_are_refused(tmp_path, per_channel_
   _refused(tmp_path, "do not match the model spec at params/layers_1", variables, other, VOCAB)
   for option, value in [("ternary_type", "Q4_0"), ("float_type", "BF16"), ("unaligned", "drop")]:
     _refused(tmp_path, f"{option} must be one of", variables, spec, VOCAB, **{option: value})
+
+
+def _lm_workdir(path, spec: ModelSpec, variables: dict | None, record_extra: dict) -> str:
+  """A train.py workdir as the language-model trainer leaves it: config.json and (optionally) a checkpoint."""
+  from tgq_jax.training import checkpoints
+
+  path.mkdir()
+  record = {"model": spec.to_dict(), "dataset_info": {"name": "text", "num_classes": spec.num_classes,
+                                                      "image_shape": [LM["context"]]}, **record_extra}
+  (path / "config.json").write_text(json.dumps(record))
+  if variables is not None:
+    with checkpoints.make_manager(str(path / "checkpoints")) as manager:
+      checkpoints.save(manager, 1, {"params": variables["params"]}, {"step": 1})
+  return str(path)
+
+
+def _cli_error(capsys, *argv) -> str:
+  from tgq_jax.export import main
+
+  assert main(list(argv)) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error:") and err.count("\n") == 1, err
+  return err
+
+
+def test_export_command_writes_the_gguf_of_an_lm_workdir(tmp_path, capsys, per_channel_gqa):
+  from tgq_jax.export import main
+  from tgq_jax.models import register
+
+  register("gguf_test_lm", Llama, **LM)
+  _, variables = per_channel_gqa
+  spec = ModelSpec("gguf_test_lm", VOCAB.size, QuantPolicy("tga", per_channel=True))
+  workdir = _lm_workdir(tmp_path / "run", spec, variables, {"vocabulary": VOCAB.to_dict()})
+  out = tmp_path / "model.gguf"
+  assert main(["--workdir", workdir, "--out", str(out), "--report-json", str(tmp_path / "r.json")]) == 0
+  assert "wrote" in capsys.readouterr().out
+  export_gguf(tmp_path / "direct.gguf", variables, spec, VOCAB)
+  assert out.read_bytes() == (tmp_path / "direct.gguf").read_bytes()
+  report = json.loads((tmp_path / "r.json").read_text())
+  assert report["file_bytes"] == os.path.getsize(out) and report["tensors"][1]["name"] == "blk.0.attn_norm.weight"
+  assert main(["--workdir", workdir, "--out", str(out), "--gguf-type", "F16"]) == 0
+  _, types, _ = _read(out)
+  assert types["blk.0.ffn_up.weight"] == "F16" and types["token_embd.weight"] == "F16"
+
+  no_vocabulary = _lm_workdir(tmp_path / "old", spec, None, {})
+  assert "needs the run's vocabulary" in _cli_error(capsys, "--workdir", no_vocabulary, "--out", str(out))
+  cnn = _lm_workdir(tmp_path / "cnn", ModelSpec("small_cnn", 10), None, {})
+  assert "writes the decoder LM" in _cli_error(capsys, "--workdir", cnn, "--out", str(tmp_path / "c.gguf"))
+  assert "must end in .safetensors" in _cli_error(capsys, "--workdir", workdir, "--out", str(tmp_path / "m.bin"))
+  assert not (tmp_path / "c.gguf").exists() and not any(".tmp-" in p.name for p in tmp_path.iterdir())
