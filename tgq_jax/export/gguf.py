@@ -194,7 +194,8 @@ def _tq2_0_problem(weight: np.ndarray) -> str | None:
   with np.errstate(over="ignore"):  # an overflow is what is checked for
     d16 = d.astype(np.float16)
   if not np.all(np.isfinite(d16)) or np.any((d > 0) & (d16 == 0)):
-    return f"a scale ({float(d.max()):.3g} or {float(d[d > 0].min()):.3g}) is outside float16's range"
+    return (f"its scales ({float(d[d > 0].min()):.3g} to {float(d.max()):.3g}) leave float16's range "
+            "(6e-8 to 65504)")
   return None
 
 
@@ -254,7 +255,8 @@ def _gguf_tensors(variables: Mapping, model: Any, llama: Llama, ternary_type: st
                - np.where(codes < 0, np.asarray(parts.neg_scale, np.float32), np.float32(0))).astype(np.float32)
       if not np.all(np.isfinite(array)):
         raise ValueError(f"refusing to export: layer {'/'.join(layer_path)} has a non-finite scale.")
-    # ggml stores a matrix as rows of its input axis: torch's (out, in), our kernel transposed.
+    # ggml stores a matrix as one row per output feature, each row along the inputs (torch's (out, in)): our
+    # kernels transposed; the embedding is one row per token already.
     weight = array if path[-1] in ("embedding", "scale") else array.T
     source = "/".join(path)
     if path[-1] == "scale":
