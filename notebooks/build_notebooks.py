@@ -329,7 +329,81 @@ print("conv1 delta:", float(net.conv1.delta.get_value()), "| head has a delta:",
                                              "language_info": {"name": "python"}})
 
 
-NOTEBOOKS = {"01_quickstart.ipynb": quickstart, "02_train.ipynb": train, "03_your_model.ipynb": your_model}
+def ternary_lm():
+  params = new_code_cell('''# Parameters (CI overrides them with a smaller budget).
+STEPS = 300           # training steps (the preset's full run is 2,000)
+EVAL_EVERY = 50       # validation loss every N steps
+EVAL_WINDOWS = 240    # fixed validation windows
+SAMPLE_TOKENS = 300   # characters sampled at the end
+WORKDIR = "runs/notebook_lm"   # re-running resumes (or just re-evaluates) the run found here''')
+  params.metadata["tags"] = ["parameters"]
+  cells = [
+    new_markdown_cell(f"""# A ternary language model with TGA
+
+{badge("04_ternary_lm.ipynb")}
+
+Trains a small decoder LM (Llama layout: RMSNorm, rotary positions, SwiGLU) on Tiny Shakespeare,
+character by character, with every projection of every block ternary (TGA's trainable thresholds,
+the paper's sequential update) and the embedding and output head in full precision. The recipe is
+nanoGPT's CPU "baby" run (`--config shakespeare_char_baby`), here shortened. The text ships with
+the package: nothing is downloaded. All the code lives in `tgq_jax`; this notebook only calls it."""),
+    new_code_cell(INSTALL),
+    params,
+    new_code_cell('''import json, os
+import jax
+import matplotlib.pyplot as plt
+
+from tgq_jax import data
+from tgq_jax.training import harness
+from tgq_jax.training.configs import PRESETS, Config
+from tgq_jax.training.lm import sample_text
+
+print("backend:", jax.default_backend(), "| devices:", jax.devices())'''),
+    new_markdown_cell("""## The text
+The vocabulary is the file's distinct characters; the first 90% of the text trains, the last 10%
+validates. A training batch is random windows of 65 characters (the model sees 64 and predicts
+each next one), drawn from the seed and the step, so a resumed run sees the same batches."""),
+    new_code_cell('''text = data.get_dataset("text", context=64, eval_windows=EVAL_WINDOWS)
+print(text.info)
+print(repr(text.vocabulary.chars))
+print(text.vocabulary.decode(text.train_tokens[:200]))'''),
+    new_markdown_cell("""## Train
+AdamW 1e-3 (beta2 0.99), warm-up then cosine to 1e-4, weight decay on matrices only, gradient
+clipping; the thresholds on the authors' Nesterov SGD. Batch size must divide by the device count."""),
+    new_code_cell('''cfg = Config(**{**PRESETS["shakespeare_char_baby"], "train_steps": STEPS, "eval_every": EVAL_EVERY,
+                "eval_windows": EVAL_WINDOWS, "sample_tokens": 0, "workdir": WORKDIR})
+summary = harness.train_and_evaluate(cfg, verbose=False)
+print(f"{summary['steps']} steps in {summary['wall_seconds']:.0f} s")
+print(summary["report"])'''),
+    new_code_cell('''with open(os.path.join(WORKDIR, "metrics.jsonl")) as f:
+  rows = [json.loads(line) for line in f]
+train = [r for r in rows if r["split"] == "train"]
+val = [r for r in rows if r["split"] == "val"]
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.5))
+a1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+a1.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation")
+a1.set_xlabel("step"); a1.set_ylabel("loss (nats per character)"); a1.legend()
+for name in train[-1]["delta"]:
+  if name.startswith("layers_0"):
+    a2.plot([r["step"] for r in train], [r["delta"][name] for r in train], label=name)
+a2.set_xlabel("step"); a2.set_ylabel("delta"); a2.set_title("block 0's trainable thresholds"); a2.legend(fontsize=7)
+print(f"validation: {val[-1]['loss']:.3f} nats/char = {val[-1]['bpc']:.3f} bits/char")'''),
+    new_markdown_cell("""## Sample
+The trained ternary model continues a prompt, one character at a time (temperature 0 is greedy)."""),
+    new_code_cell('''model = harness.make_model(cfg, text.info.num_classes)
+from tgq_jax.training import checkpoints
+variables = checkpoints.load_variables(WORKDIR)
+for temperature in (0.8, 0.0):
+  print(f"--- temperature {temperature}")
+  print(sample_text(model, variables["params"], text.vocabulary, "ROMEO:", SAMPLE_TOKENS, context=64,
+                    temperature=temperature))'''),
+  ]
+  return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"},
+                                             "language_info": {"name": "python"}})
+
+
+NOTEBOOKS = {"01_quickstart.ipynb": quickstart, "02_train.ipynb": train, "03_your_model.ipynb": your_model,
+             "04_ternary_lm.ipynb": ternary_lm}
 
 if __name__ == "__main__":
   for name, build in NOTEBOOKS.items():

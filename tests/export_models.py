@@ -48,3 +48,20 @@ class ConvHead(nn.Module):
     x = nn.Conv(4, (3, 3), dtype=self.dtype, name="conv")(x)
     x = jnp.mean(nn.relu(x), axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+
+
+class TokenNet(nn.Module):
+  """token embedding -> dense -> relu -> dense over the mean: a ternary ``Embed`` under
+  ``QuantPolicy(embeddings=True)``. The export traces models on float inputs, so the token ids
+  come as floats holding integers (``image_shape`` = ``(length,)``)."""
+
+  num_classes: int
+  vocab: int = 11
+  features: int = 8
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Embed(self.vocab, self.features, name="embed")(x.astype(jnp.int32))
+    h = nn.relu(nn.Dense(2 * self.features, dtype=self.dtype, name="mid")(h))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(jnp.mean(h, axis=1))

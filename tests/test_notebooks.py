@@ -15,6 +15,7 @@ from run_notebooks import execute  # noqa: E402
 CI_PARAMETERS = {
   "02_train.ipynb": 'EPOCHS = 1\nNUM_TRAIN = 2048\nBATCH_SIZE = 128\nWORKDIR = {workdir!r}\n',
   "03_your_model.ipynb": 'STEPS = 3\n',
+  "04_ternary_lm.ipynb": 'STEPS = 4\nEVAL_EVERY = 2\nEVAL_WINDOWS = 8\nSAMPLE_TOKENS = 20\nWORKDIR = {workdir!r}\n',
 }
 
 
@@ -27,7 +28,8 @@ def _with_parameters(notebook, source):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_train.ipynb", "03_your_model.ipynb"])
+@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_train.ipynb", "03_your_model.ipynb",
+                                  "04_ternary_lm.ipynb"])
 def test_notebook_runs(name, tmp_path, monkeypatch):
   # The kernel must import this checkout's tgq_jax, and see one CPU device like a reader's machine.
   root = str(NOTEBOOKS.parent)
@@ -40,6 +42,8 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
   outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
   if name == "02_train.ipynb":
     assert "tga: test accuracy" in outputs and "identical logits: True" in outputs
+  elif name == "04_ternary_lm.ipynb":
+    assert "validation loss: " in outputs and "bits/char" in outputs and "--- temperature 0.0\nROMEO:" in outputs
   elif name == "03_your_model.ipynb":
     assert "tga: test accuracy" in outputs and "NNX, TGA" in outputs and "head has a delta: False" in outputs
   else:

@@ -104,11 +104,11 @@ def test_finish_output_closed_form():
 
 def test_check_coverage_warn_error_ignore():
   paths = ["stem", "block/conv", "head"]
-  unquantizable = {"embed": "flax.linen.linear.Embed"}
+  unquantizable = {"up": "flax.linen.linear.ConvTranspose"}
   with pytest.warns(qk.UnquantizedLayerWarning) as record:
     qk.check_coverage(QuantPolicy(exclude=("nothing_.*",)), paths, unquantizable)
   message = str(record[0].message)
-  assert "'embed'" in message and "Embed" in message and "'nothing_.*' matches no" in message
+  assert "'up'" in message and "ConvTranspose" in message and "'nothing_.*' matches no" in message
   with pytest.raises(ValueError, match=r"include pattern 'blocks/.\*' matches no quantizable layer"):
     qk.check_coverage(QuantPolicy(include=("blocks/.*",), on_unquantized="error"), paths, {})
   with warnings.catch_warnings():

@@ -180,6 +180,41 @@ def test_a_users_linen_model_exports_and_loads_with_identical_logits(tmp_path, p
     export.load_packed(path, model=export_models.ConvHead)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_ternary_embedding_and_a8_export_and_load_with_identical_outputs(tmp_path, per_channel):
+  """QuantPolicy(embeddings=True, activation_bits=8): the Embed table is packed planar like a kernel, and
+  both loaded forms (float twin, packed) compute the trained model's outputs."""
+  import export_models
+  from tgq_jax import ternarize
+  from tgq_jax.core.packing import unpack_planar
+
+  policy = QuantPolicy("tga", per_channel=per_channel, embeddings=True, activation_bits=8)
+  model = tgq_jax.ternarize_model(export_models.TokenNet(num_classes=5), policy)
+  x = jax.random.randint(jax.random.key(3), (4, 7), 0, 11).astype(jnp.float32)
+  variables = model.init(jax.random.key(0), x, train=False)
+  layers = quantized_layers(model, x, train=False)
+  assert list(layers) == [("embed",), ("mid",), ("head",)] and all(q.ternary for q in layers.values())
+  want = np.asarray(model.apply(variables, x, train=False))
+  spec = ModelSpec.for_model(export_models.TokenNet, 5, policy)
+  path = tmp_path / "m.safetensors"
+  report = export.export_variables(path, variables, spec, (7,))
+  rows = {l.name: l for l in report.layers}
+  scale_bytes = 4 * (8 if per_channel else 1)
+  assert rows["embed"].ternary and rows["embed"].packed_bytes == 3 * 8 + scale_bytes  # (ceil(11 / 4), 8) codes
+  for packed in (False, True):
+    loaded_model, loaded, header = export.load_packed(path, model=export_models.TokenNet, packed=packed)
+    assert ModelSpec.from_dict(header["spec"]) == spec
+    np.testing.assert_array_equal(np.asarray(loaded_model.apply(loaded, x, train=False)), want)
+  embed = loaded["params"]["embed"]  # the packed form
+  assert sorted(embed) == ["codes", "scale"] and embed["codes"].dtype == jnp.uint8
+  p = variables["params"]["embed"]
+  table = ternarize(p["embedding"], {"delta": p["delta"]}, per_channel=(1,) if per_channel else False)
+  np.testing.assert_array_equal(unpack_planar(np.asarray(embed["codes"]), (11, 8)), np.sign(np.asarray(table)))
+  fp_model, fp_loaded, _ = export.load_packed(path, model=export_models.TokenNet)
+  np.testing.assert_array_equal(fp_loaded["params"]["embed"]["embedding"], table)
+  assert fp_model.policy.activation_bits == 8  # the float twin quantizes the same activations
+
+
 @pytest.mark.parametrize("quantizer,per_channel", [("tga", True), ("ttq", False)])
 def test_end_of_run_sizes_and_the_export_report_agree(tmp_path, quantizer, per_channel):
   """harness's end-of-run size line and export's SizeReport are one function's numbers, and they are

@@ -130,9 +130,14 @@ def test_linen_layers_and_patterns_left_out_warn_error_or_pass():
   with pytest.warns(UnquantizedLayerWarning) as record:
     tgq_jax.ternarize_model(Embedder(), QuantPolicy(exclude=("tail",))).init(jax.random.key(0), tokens)
   message = str(record[0].message)
-  assert "'embed' (flax.linen" in message and "'up' (flax.linen" in message and "'tail' matches no" in message
-  with pytest.raises(ValueError, match="'embed'"):
+  assert "'up' (flax.linen" in message and "'tail' matches no" in message
+  assert "embed" not in message  # an Embed left full precision is the policy's choice (embeddings=False)
+  with pytest.raises(ValueError, match="'up'"):
     tgq_jax.ternarize_model(Embedder(), QuantPolicy(on_unquantized="error")).init(jax.random.key(0), tokens)
+  with pytest.warns(UnquantizedLayerWarning) as record:  # quantized now, so not reported; 'up' still is
+    variables = tgq_jax.ternarize_model(Embedder(), QuantPolicy(embeddings=True)).init(jax.random.key(0), tokens)
+  assert "embed" not in str(record[0].message) and "'up'" in str(record[0].message)
+  assert "delta" in variables["params"]["embed"]
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     tgq_jax.ternarize_model(Embedder(), QuantPolicy(on_unquantized="ignore")).init(jax.random.key(0), tokens)

@@ -362,10 +362,14 @@ def test_layers_and_patterns_left_out_warn_error_or_pass():
   with pytest.warns(UnquantizedLayerWarning) as record:
     model = tnnx.ternarize_model(WithEmbedding(nnx.Rngs(0)), QuantPolicy(exclude=("tail",)))
   message = str(record[0].message)
-  assert "'embed' (flax.nnx" in message and "'up' (flax.nnx" in message and "'tail' matches no" in message
-  assert isinstance(model.head, tnnx.TernaryLayer)
+  assert "'up' (flax.nnx" in message and "'tail' matches no" in message
+  assert "embed" not in message  # an Embed left full precision is the policy's choice (embeddings=False)
+  assert isinstance(model.head, tnnx.TernaryLayer) and type(model.embed) is nnx.Embed
+  with pytest.warns(UnquantizedLayerWarning) as record:  # quantized now, so not reported; 'up' still is
+    model = tnnx.ternarize_model(WithEmbedding(nnx.Rngs(0)), QuantPolicy(embeddings=True))
+  assert "embed" not in str(record[0].message) and isinstance(model.embed, tnnx.TernaryEmbed)
   plain = WithEmbedding(nnx.Rngs(0))
-  with pytest.raises(ValueError, match="'embed'"):
+  with pytest.raises(ValueError, match="'up'"):
     tnnx.ternarize_model(plain, QuantPolicy(on_unquantized="error"))
   assert type(plain.head) is nnx.Linear  # the error left the model as it was
   with warnings.catch_warnings():

@@ -192,7 +192,7 @@ def check_coverage(policy: Any, candidate_paths: Iterable[str], unquantizable: M
     policy: a :class:`tgq_jax.core.policy.QuantPolicy`.
     candidate_paths: the ``"/"``-joined paths of every layer whose kernel a quantizer can take.
     unquantizable: ``{path: layer type name}`` of the layers with a kernel that no quantizer
-      takes (a transposed or unshared conv, an embedding) whose path the policy matches.
+      takes (a transposed or unshared conv) whose path the policy matches.
 
   Raises:
     ValueError: with ``on_unquantized="error"``, naming every such layer and pattern.

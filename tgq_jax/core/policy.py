@@ -14,9 +14,17 @@ a layer is quantized when its path matches one of ``include`` and none of
 call order (a network's stem and classifier), when ``ternary_first`` /
 ``ternary_last`` allow it. Candidate layers are those whose kernel a
 quantizer can take: Linen ``Dense``, ``Conv``, ``DenseGeneral``, ``Einsum``;
-NNX ``Linear``, ``Conv``, ``LinearGeneral``, ``Einsum``. Other layers with a
-kernel (``ConvTranspose``, ``ConvLocal``, ``Embed``) stay full precision, and
-``on_unquantized`` says whether that is reported.
+NNX ``Linear``, ``Conv``, ``LinearGeneral``, ``Einsum``; and, with ``embeddings=True``,
+``Embed`` tables (Linen and NNX). Other layers with a kernel (``ConvTranspose``,
+``ConvLocal``) stay full precision, and ``on_unquantized`` says whether that is
+reported; an ``Embed`` left full precision (``embeddings=False``, the default) is a
+choice of the policy and is not reported.
+
+``activation_bits`` adds BitNet b1.58's activation quantization (W1.58A8 with 8):
+the input of every layer the policy selects is quantized per token
+(:func:`tgq_jax.core.activations.quantize_activations`) before the layer multiplies it
+by its kernel, whatever the weight quantizer ("fp" too: W32A8), in every mode and
+in the packed inference form. Never at an ``Embed`` (a lookup has no matmul input).
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from tgq_jax.core.activations import check_activation_bits
 from tgq_jax.core.quantizers import PACKED_PREFIX, Quantizer, get_quantizer, packed_name
 
 
@@ -55,11 +64,21 @@ class QuantPolicy:
       keeps each layer's own. Kernels and thresholds stay in their param dtype.
     on_unquantized: what ``ternarize_model`` does (Linen and NNX alike, see
       :func:`tgq_jax.core.kernel.check_coverage`) about a layer the patterns select
-      whose kernel no quantizer takes (a transposed or unshared conv, an embedding)
+      whose kernel no quantizer takes (a transposed or unshared conv)
       and about an include/exclude pattern that matches no quantizable layer:
       "warn" (an :class:`~tgq_jax.core.kernel.UnquantizedLayerWarning`), "error"
       (ValueError) or "ignore". Nothing is reported for a policy that quantizes
       nothing (``"fp"``).
+    activation_bits: None (default): the layers' inputs stay full precision. An integer
+      in [2, 16]: the input of each layer the policy selects is quantized to that many
+      bits per token (absmax scale over the axes the layer contracts: the last for
+      Dense and Conv, ``axis`` for DenseGeneral, the contracted letters of an Einsum),
+      straight-through gradient; 8 is BitNet b1.58's A8
+      (:func:`tgq_jax.core.activations.quantize_activations`).
+    embeddings: quantize ``Embed`` tables too (Linen ``nn.Embed``, NNX ``nnx.Embed``): they
+      become candidate layers like Dense (include/exclude, first/last in call order;
+      the table's feature axis, the last, is its output-feature axis). Default False:
+      embeddings stay full precision, unreported.
   """
 
   quantizer: str = "tga"
@@ -70,6 +89,8 @@ class QuantPolicy:
   ternary_last: bool = True
   dtype: Any = None
   on_unquantized: str = "warn"
+  activation_bits: int | None = None
+  embeddings: bool = False
 
   def __post_init__(self):
     for name in ("include", "exclude"):
@@ -87,6 +108,9 @@ class QuantPolicy:
     if self.on_unquantized not in ON_UNQUANTIZED:
       raise ValueError(f"QuantPolicy.on_unquantized must be one of {', '.join(map(repr, ON_UNQUANTIZED))}, "
                        f"got {self.on_unquantized!r}.")
+    check_activation_bits(self.activation_bits, "QuantPolicy.activation_bits")
+    if not isinstance(self.embeddings, bool):
+      raise ValueError(f"QuantPolicy.embeddings must be True or False, got {self.embeddings!r:.60}.")
     self.layer_quantizer((0,))  # validates the name and per-channel support now, not at trace time
 
   @property

@@ -17,10 +17,20 @@ import numpy as np
 
 from tgq_jax.core.quantizers import Quantizer, get_quantizer, quantizer_names
 
-__all__ = ["LayerStats", "as_leaf", "layer_stats", "mismatch_problems", "quantizer_leaf_names", "reinit_thresholds",
-           "subtree"]
+__all__ = ["KERNEL_KEYS", "LayerStats", "as_leaf", "kernel_key", "layer_stats", "mismatch_problems",
+           "quantizer_leaf_names", "reinit_thresholds", "subtree"]
 
 Path = tuple[str, ...]
+
+#: The names a quantized layer's float kernel has in its params: ``kernel`` (Dense, Conv, ...) or
+#: ``embedding`` (an Embed table, quantized under ``QuantPolicy(embeddings=True)``).
+KERNEL_KEYS = ("kernel", "embedding")
+
+
+def kernel_key(layer: Mapping) -> str:
+  """The name of the float kernel among a quantized layer's params (:data:`KERNEL_KEYS`); ``"kernel"``
+  when it has none (a packed layer)."""
+  return next((key for key in KERNEL_KEYS if key in layer), "kernel")
 
 
 def subtree(params: Mapping, path: Path) -> Mapping:
@@ -51,7 +61,7 @@ def reinit_thresholds(params: Mapping, layers: Mapping[Path, Quantizer]) -> dict
     if not quantizer.param_names:
       continue
     layer = subtree(params, path)
-    fresh = quantizer.init(layer["kernel"])
+    fresh = quantizer.init(layer[kernel_key(layer)])
     set_in(params, path, {k: jnp.asarray(v, layer[k].dtype) for k, v in fresh.items()})
   return params
 
@@ -94,7 +104,7 @@ def layer_stats(params: Mapping, layers: Mapping[Path, Quantizer]) -> list[Layer
   out = []
   for path, quantizer in layers.items():
     layer = subtree(params, path)
-    kernel = layer["kernel"]
+    kernel = layer[kernel_key(layer)]
     n = int(np.prod(kernel.shape))
     if quantizer.ternary:
       qparams = {key: layer[key] for key in quantizer.param_names}

@@ -19,6 +19,9 @@ Sources
   decoded by :mod:`tgq_jax.data.imagenet` (DCT-domain downscaling where the
   crop allows). See ``docs/data.md`` to prepare them.
 * ``synthetic``: deterministic noise images generated on the fly.
+* ``text``: a UTF-8 text file (default: the committed Tiny Shakespeare) as windows
+  of tokens for language models, ``{"tokens"}`` batches
+  (:class:`tgq_jax.data.text.TextDataset`).
 
 Here: the splits, the datasets and their iterators. The idx format lives in
 :mod:`tgq_jax.data.idx`, TFDS access in :mod:`tgq_jax.data.tfds`, augmentation in
@@ -74,13 +77,14 @@ from tgq_jax.data.idx import (DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_FILES, fi
                          missing_idx_files)
 from tgq_jax.data.idx import IdxFormatError, parse_idx, read_idx  # noqa: F401  (re-exported: data.read_idx, ...)
 from tgq_jax.data.tfds import DatasetNotPreparedError, read_records, open_tfds_split
+from tgq_jax.data.text import TextDataset, load_text_dataset
 
 try:  # optional: see _ordered_map
   import grain
 except ImportError:  # pragma: no cover - exercised where grain is not installed
   grain = None
 
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet2012", "synthetic")
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet2012", "synthetic", "text")
 # Room in the synthetic noise pool: image i is pool[o_i : o_i + H W C].
 _SYNTHETIC_POOL_SLACK = 1 << 16
 # grain threads for in-memory data: numpy holds the GIL for part of each
@@ -546,7 +550,8 @@ def _load_fashion_mnist(data_dir: str | None):
 
 def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num_classes=None,
                 num_train=None, num_test=None, normalize_on_device: bool | None = None,
-                num_workers: int | None = None) -> Dataset:
+                num_workers: int | None = None, data_file: str | None = None, vocabulary: str = "chars",
+                context: int | None = None, eval_windows: int = 0) -> Dataset | TextDataset:
   """The dataset called ``name`` (one of :data:`DATASETS`).
 
   Args:
@@ -566,9 +571,18 @@ def get_dataset(name: str, *, data_dir: str | None = None, image_shape=None, num
       image on a fixed uint8 canvas plus ``"box"`` and ``"flip"``.
     num_workers: processes computing ImageNet batches (default: one per core,
       at most 16; 0: threads in this process). Other datasets use threads.
+    data_file, vocabulary, context, eval_windows: ``text`` only (:func:`tgq_jax.data.text.load_text_dataset`):
+      the UTF-8 file (default: Tiny Shakespeare), ``"chars"`` or ``"bytes"``, the window length (required),
+      how many fixed validation windows (0: every non-overlapping one).
   """
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+  if name == "text":
+    if context is None:
+      raise ValueError("the text dataset needs a context (window length in tokens)")
+    return load_text_dataset(data_file, vocabulary=vocabulary, context=context, eval_windows=eval_windows)
+  if data_file is not None:
+    raise ValueError(f"--data-file names a text file, for --dataset text only (got --dataset {name})")
   if data_dir is not None and os.path.exists(data_dir) and not os.path.isdir(data_dir):
     raise DatasetNotPreparedError(f"data directory {data_dir} is a file, not a directory (--data-dir names "
                                   "the directory that holds the dataset)")

@@ -12,7 +12,8 @@ container) holding exactly the variables of the packed inference model
   ``N`` its last), ``params/P/scale`` (float32: a scalar, or one per output
   feature, of shape :func:`tgq_jax.core.ternarize.stat_shape`: e.g. ``(heads, head_dim)``
   for an attention projection; the value of a +1 code) and, for TTQ,
-  ``params/P/neg_scale`` (the magnitude of a -1 code);
+  ``params/P/neg_scale`` (the magnitude of a -1 code). A ternary ``Embed`` table
+  (``QuantPolicy(embeddings=True)``) is packed the same way, ``K`` its rows, ``N`` its features;
 * every other leaf (BatchNorm, biases, kernels of full-precision layers) as it is.
 
 The metadata (``__metadata__``, strings) holds ``format`` (``"tgq_jax.packed"``),

@@ -20,6 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from tgq_jax.core.ternarize import TernaryParts, channel_axes, dequantize
+from tgq_jax.core.trees import KERNEL_KEYS
 from tgq_jax.export import container
 from tgq_jax.export.container import PackedFormatError
 from tgq_jax.export.packing import check_image_shape, set_path
@@ -197,12 +198,13 @@ def _dequantized(packed_model, fp_want: Mapping[str, Any], tree: Mapping, image_
     prefix = "/".join(("params", *layer_path))
     codes, scale = flat.pop(f"{prefix}/codes"), flat.pop(f"{prefix}/scale")
     neg = flat.pop(f"{prefix}/neg_scale", scale)
-    kernel = fp_want[f"{prefix}/kernel"]
+    name = next((f"{prefix}/{key}" for key in KERNEL_KEYS if f"{prefix}/{key}" in fp_want), f"{prefix}/kernel")
+    kernel = fp_want[name]
     shape = tuple(kernel.shape)
     axes = channel_axes(len(shape), quantizer.per_channel)
     keep = tuple(shape[i] if i in axes else 1 for i in range(len(shape)))
     scale, neg = (jnp.reshape(jnp.asarray(s), keep) for s in (scale, neg))
-    flat[f"{prefix}/kernel"] = dequantize(TernaryParts(jnp.asarray(unpack_planar(codes, shape)), scale, neg,
+    flat[name] = dequantize(TernaryParts(jnp.asarray(unpack_planar(codes, shape)), scale, neg,
                                                        None, None, None), kernel.dtype)
   out: dict = {}
   for name, value in flat.items():

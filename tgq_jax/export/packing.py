@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tgq_jax.core.ternarize import stat_shape
+from tgq_jax.core.trees import kernel_key
 from tgq_jax.export import container, files
 from tgq_jax.export.sizes import SizeReport, leaves, size_report
 from tgq_jax.frontends.linen_layers import quantized_layers
@@ -91,14 +92,15 @@ def ternary_layers(variables: Mapping, spec: ModelSpec, image_shape: tuple[int, 
     layer = variables["params"]
     for key in layer_path:
       layer = layer[key]
-    kernel = layer["kernel"]
+    name = kernel_key(layer)
+    kernel = layer[name]
     parts = quantizer.parts(kernel, {k: layer[k] for k in quantizer.param_names})
     scale_shape = stat_shape(tuple(kernel.shape), quantizer.per_channel)
     out.append(TernaryLayer(layer_path, tuple(kernel.shape), np.asarray(parts.codes),
                             np.asarray(parts.scale, np.float32).reshape(scale_shape),
                             np.asarray(parts.neg_scale, np.float32).reshape(scale_shape),
                             quantizer.symmetric))
-    skip.add((*layer_path, "kernel"))
+    skip.add((*layer_path, name))
     skip.update((*layer_path, k) for k in quantizer.param_names)
   return out, skip, layers
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from tgq_jax.core.packing import planar_shape
 from tgq_jax.core.ternarize import stat_shape
+from tgq_jax.core.trees import kernel_key
 
 SCALE_BYTES = 4  # scales are stored as float32
 
@@ -134,11 +135,11 @@ def size_report(variables: Mapping, layers: Mapping[Path, Any], *,
     node = params
     for key in path:
       node = node[key]
-    shape = tuple(int(d) for d in np.shape(node["kernel"]))
+    shape = tuple(int(d) for d in np.shape(node[kernel_key(node)]))
     n = int(np.prod(shape, dtype=np.int64))
     rows.append(LayerSize("/".join(path), n, 4 * n, ternary_kernel_bytes(shape, quantizer),
                           None if sparsity is None else float(sparsity[path]), True))
-    skip.update(("params", *path, leaf) for leaf in ("kernel", *quantizer.param_names))
+    skip.update(("params", *path, leaf) for leaf in (kernel_key(node), *quantizer.param_names))
   for collection in sorted(variables):
     for leaf_path, value in leaves(variables[collection]):
       if (collection, *leaf_path) in skip:

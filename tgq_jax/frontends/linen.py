@@ -19,6 +19,12 @@ quantizer. Nothing in the user's model is rewritten:
   the variables have exactly the paths the plain model has, plus the
   quantizer leaves. A full-precision checkpoint of the plain model loads
   into the ternarized one (:func:`tgq_jax.frontends.linen_layers.init_ternary_from_fp`).
+* ``QuantPolicy.activation_bits``: a selected layer's input is quantized
+  (:func:`tgq_jax.core.activations.quantize_activations`, over :func:`input_axes`)
+  before the layer's own code runs on it.
+* ``QuantPolicy.embeddings``: an ``nn.Embed``'s ``"embedding"`` table is quantized
+  where the layer creates it (its ``setup``, intercepted like a call), so its
+  lookups and ``attend`` both read the quantized table.
 
 What a selected layer computes is :mod:`tgq_jax.core.kernel`'s, through
 :class:`tgq_jax.frontends.linen_layers.KernelHook` (shared with ``TernaryDense``/``TernaryConv``);
@@ -36,6 +42,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from tgq_jax.core.activations import (dense_input_axes, einsum_input_axes, general_input_axes,
+                                      quantize_layer_input)
 from tgq_jax.core.kernel import (TRAIN, KernelLayout, check_coverage, check_mode, dense_layout, einsum_layout,
                                  general_layout, order_skips)
 from tgq_jax.core.policy import QuantPolicy
@@ -45,8 +53,12 @@ from tgq_jax.frontends.linen_layers import (KernelHook, QuantizedLayer, packed_d
 
 #: The layer types whose kernels are intercepted.
 CANDIDATES: tuple[type, ...] = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Einsum)
+#: Embedding tables: candidates under ``QuantPolicy(embeddings=True)``, else full precision (not reported).
+EMBEDDINGS: tuple[type, ...] = (nn.Embed,)
 #: Layers with a kernel that no quantizer takes: reported by ``QuantPolicy.on_unquantized``.
-UNQUANTIZABLE: tuple[type, ...] = (nn.ConvTranspose, nn.ConvLocal, nn.Embed)
+UNQUANTIZABLE: tuple[type, ...] = (nn.ConvTranspose, nn.ConvLocal)
+#: The methods of an Embed that use its table: ``setup`` creates it (where it is quantized), the others read it.
+EMBED_METHODS = ("setup", "__call__", "attend")
 
 
 def kernel_layout(module: nn.Module, kernel_ndim: int, args=(), kwargs=None) -> KernelLayout:
@@ -65,6 +77,22 @@ def kernel_layout(module: nn.Module, kernel_ndim: int, args=(), kwargs=None) -> 
     batch_dims = module.batch_dims if isinstance(module.batch_dims, tuple | list) else (module.batch_dims,)
     return general_layout(kernel_ndim, len(features), len(batch_dims))
   return dense_layout(kernel_ndim)
+
+
+def input_axes(module: nn.Module, args=(), kwargs=None) -> tuple[int, ...]:
+  """The axes of a candidate layer's input that it contracts with its kernel, for one call: one
+  activation scale per index of the other axes (:mod:`tgq_jax.core.activations`).
+
+  Dense, Conv: the last. DenseGeneral: its ``axis``. Einsum: the contracted letters of the
+  call's einsum string.
+  """
+  if isinstance(module, nn.Einsum):
+    kwargs = kwargs or {}
+    call_str = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
+    return einsum_input_axes(call_str or module.einsum_str)
+  if isinstance(module, nn.DenseGeneral):
+    return general_input_axes(module.axis)
+  return dense_input_axes()
 
 
 @contextlib.contextmanager
@@ -88,8 +116,9 @@ def _shadowed(module: nn.Module, **attributes: Any) -> Iterator[None]:
       object.__setattr__(module, name, value)
 
 
-def _call_order(module: nn.Module, args, kwargs) -> list[tuple[str, ...]]:
-  """The paths (relative to ``module``) of its candidate layers, in call order.
+def _call_order(module: nn.Module, args, kwargs, embeddings: bool = False) -> list[tuple[str, ...]]:
+  """The paths (relative to ``module``) of its candidate layers, in call order (``embeddings``: Embed
+  tables too, at their first use).
 
   Traced abstractly (``jax.eval_shape`` of ``module.init``): only shapes.
   """
@@ -101,7 +130,9 @@ def _call_order(module: nn.Module, args, kwargs) -> list[tuple[str, ...]]:
     if root is None:
       root = tuple(context.module.path)  # the first call is the wrapped module's own
     m = context.module
-    if context.method_name == "__call__" and isinstance(m, CANDIDATES) and not isinstance(m, QuantizedLayer):
+    candidate = ((context.method_name == "__call__" and isinstance(m, CANDIDATES) and not isinstance(m, QuantizedLayer))
+                 or (embeddings and context.method_name in EMBED_METHODS and isinstance(m, EMBEDDINGS)))
+    if candidate:
       path = tuple(m.path)[len(root):]
       if path not in order:
         order.append(path)
@@ -146,7 +177,7 @@ class TernarizedModel(nn.Module):
     skip = set()
     if not (policy.ternary_first and policy.ternary_last):
       unbound = self.module.clone(parent=None, _deep_clone=True)
-      order = [p for p in _call_order(unbound, args, kwargs) if policy.matches(p)]
+      order = [p for p in _call_order(unbound, args, kwargs, policy.embeddings) if policy.matches(p)]
       skip = order_skips(order, policy.ternary_first, policy.ternary_last)
     root = tuple(self.path)
     candidates: list[str] = []  # every quantizable layer reached, for check_coverage
@@ -157,6 +188,8 @@ class TernarizedModel(nn.Module):
       path = tuple(m.path)[len(root):]
       if isinstance(m, UNQUANTIZABLE) and context.method_name in ("__call__", "attend") and policy.matches(path):
         unquantizable["/".join(path)] = f"{type(m).__module__}.{type(m).__name__}"
+      if isinstance(m, EMBEDDINGS) and context.method_name in EMBED_METHODS:
+        return embed(next_fun, a, k, m, path, context.method_name)
       if context.method_name != "__call__":
         return next_fun(*a, **k)
       if isinstance(m, (QuantizedLayer, TernarizedModel)):  # explicit Ternary* layers, nested wrappers: this mode
@@ -171,6 +204,7 @@ class TernarizedModel(nn.Module):
         record_layer(tuple(m.path), get_quantizer("fp"))
         return next_fun(*a, **k)
       layout = functools.partial(kernel_layout, m, args=a, kwargs=k)
+      a, k = quantize_layer_input(a, k, policy.activation_bits, input_axes(m, a, k))
       if policy.packed and type(m) is nn.Dense and pallas_applies(m):
         # Serving: lowered for GPU/TPU the Pallas kernel multiplies by the 2-bit codes (no float kernel at all).
         quantizer = policy.layer_quantizer(layout(2).output_axes)
@@ -184,6 +218,24 @@ class TernarizedModel(nn.Module):
       with _shadowed(m, **attributes):
         y = next_fun(*a, **k)
       return hook.finish(y)
+
+    def embed(next_fun: Callable, a, k, m: nn.Module, path: tuple[str, ...], method: str):
+      # An Embed's table is quantized where it is created (setup, run before the table's first use); its
+      # lookups and attend then read it. The threshold pass computes as TRAIN (layout None): attend's
+      # output has the table's rows, not its features, on the last axis. No activation quantization.
+      selected = policy.embeddings and policy.matches(path) and path not in skip
+      if method != "setup" or not policy.embeddings or "param" in m.__dict__:
+        attributes = {"dtype": policy.dtype} if selected and policy.dtype is not None and method != "setup" else {}
+        with _shadowed(m, **attributes):
+          return next_fun(*a, **k)
+      candidates.append("/".join(path))
+      if not selected:
+        record_layer(tuple(m.path), get_quantizer("fp"))
+        return next_fun(*a, **k)
+      hook = KernelHook(m, lambda ndim: policy.layer_quantizer(dense_layout(ndim).output_axes), lambda ndim: None,
+                        mode, None, kernel_name="embedding")
+      with _shadowed(m, param=hook.param):
+        return next_fun(*a, **k)
 
     with nn.intercept_methods(intercept):
       out = self.module(*args, **kwargs)

@@ -44,11 +44,12 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from tgq_jax.core.activations import check_activation_bits, dense_input_axes, quantize_activations
 from tgq_jax.core.kernel import TRAIN, KernelLayout, check_mode, dense_layout, finish_output, layer_kernel
 from tgq_jax.core.packing import after_input, packed_kernel, planar_shape
 from tgq_jax.core.quantizers import Quantizer, get_quantizer
 from tgq_jax.core.ternarize import stat_shape
-from tgq_jax.core.trees import as_leaf, mismatch_problems, quantizer_leaf_names, reinit_thresholds
+from tgq_jax.core.trees import KERNEL_KEYS, as_leaf, mismatch_problems, quantizer_leaf_names, reinit_thresholds
 from tgq_jax.kernels import ternary_matmul
 
 Path = tuple[str, ...]
@@ -94,6 +95,9 @@ class KernelHook:
   bias is held back meanwhile and :meth:`finish` applies both to the output.
   A packed layer's ``"kernel"`` is rebuilt from its codes and scales.
 
+  The same for an ``nn.Embed``'s ``"embedding"`` table (``kernel_name="embedding"``; its
+  ``setup`` asks for it).
+
   Args:
     module: the layer (bound).
     quantizer_for: ``kernel_ndim -> Quantizer`` for this layer's kernel.
@@ -101,12 +105,14 @@ class KernelHook:
     mode: :data:`~tgq_jax.core.kernel.TRAIN` or :data:`~tgq_jax.core.kernel.THRESHOLD_PASS`.
     inputs: the layer's input (a packed kernel is rebuilt only once it exists), or None.
     param_fn: the unshadowed ``param`` of the layer (default: ``Module.param``).
+    kernel_name: the name of the param that is the layer's kernel.
   """
 
   def __init__(self, module: nn.Module, quantizer_for: Callable[[int], Quantizer],
                layout_for: Callable[[int], KernelLayout], mode: str = TRAIN, inputs: Any = None,
-               param_fn: Callable | None = None):
+               param_fn: Callable | None = None, kernel_name: str = "kernel"):
     self.module = module
+    self.kernel_name = kernel_name
     self.quantizer_for = quantizer_for
     self.layout_for = layout_for
     self.mode = check_mode(mode)
@@ -116,7 +122,7 @@ class KernelHook:
     self.bias = None
 
   def param(self, name: str, init_fn: Callable[..., Any], *init_args, **init_kwargs):
-    if name == "kernel":
+    if name == self.kernel_name:
       shape = tuple(init_args[0] if init_args else init_kwargs["shape"])
       quantizer = self.quantizer_for(len(shape))
       record_layer(tuple(self.module.path), quantizer)
@@ -174,11 +180,26 @@ class QuantizedLayer:
     per_channel: per-output-feature quantizer statistics (TGA, TWN): one per index of the last axis.
     mode: :data:`~tgq_jax.core.kernel.TRAIN` (default) or :data:`~tgq_jax.core.kernel.THRESHOLD_PASS`
       (:func:`tgq_jax.frontends.linen.with_mode` sets it for a whole model).
+    activation_bits: None (default), or the bits of the layer's input, quantized per token
+      (per pixel for a conv: over the last axis) with
+      :func:`~tgq_jax.core.activations.quantize_activations` before the product (8: BitNet's A8).
+      The layer's own field: a wrapping policy's ``activation_bits`` does not change it.
   """
 
   quantizer: str
   per_channel: bool
   mode: str
+  activation_bits: int | None
+
+  def __post_init__(self):
+    check_activation_bits(self.activation_bits, f"{type(self).__name__}.activation_bits")  # at construction
+    super().__post_init__()
+
+  @nn.nowrap
+  def quantized_input(self, inputs):
+    """``inputs`` as the layer multiplies them: quantized when ``activation_bits`` says so."""
+    bits = check_activation_bits(self.activation_bits, f"{type(self).__name__}.activation_bits")
+    return inputs if bits is None else quantize_activations(inputs, bits, dense_input_axes())
 
   def get_quantizer(self) -> Quantizer:
     return get_quantizer(self.quantizer, per_channel=self.per_channel)
@@ -210,9 +231,11 @@ class TernaryDense(QuantizedLayer, nn.Dense):
   quantizer: str = "tga"
   per_channel: bool = False
   mode: str = TRAIN
+  activation_bits: int | None = None
 
   @nn.compact
   def __call__(self, inputs):
+    inputs = self.quantized_input(inputs)
     if self.get_quantizer().packed and pallas_applies(self):
       return packed_dense_pallas(self, super(QuantizedLayer, self).param, self.get_quantizer(), inputs)
     return super().__call__(inputs)
@@ -224,10 +247,11 @@ class TernaryConv(QuantizedLayer, nn.Conv):
   quantizer: str = "tga"
   per_channel: bool = False
   mode: str = TRAIN
+  activation_bits: int | None = None
 
   @nn.compact
   def __call__(self, inputs):
-    return super().__call__(inputs)
+    return super().__call__(self.quantized_input(inputs))
 
 
 # --- the quantized layers of a model ----------------------------------------------
@@ -305,7 +329,7 @@ def init_ternary_from_fp(model: nn.Module, fp_variables: Mapping, image_shape: t
   out = {path: None if value is None else as_leaf(value, target[path].dtype) for path, value in out.items()}
   for path, value in out.items():
     if value is None:
-      kernel = out.get((*path[:-1], "kernel"))
+      kernel = next((out[k] for k in ((*path[:-1], name) for name in KERNEL_KEYS) if out.get(k) is not None), None)
       dtype = target[path].dtype if kernel is None else jnp.promote_types(kernel.dtype, target[path].dtype)
       out[path] = jnp.zeros(target[path].shape, dtype)
   variables = traverse_util.unflatten_dict(out)

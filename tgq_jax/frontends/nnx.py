@@ -53,6 +53,11 @@ swapped, no weight is copied). To fine-tune a pretrained model, load its
 full-precision weights first, then ternarize: the thresholds start from the
 loaded kernels, as the authors re-initialize them.
 
+``QuantPolicy.activation_bits``: each ternary layer quantizes its input per token
+(:func:`tgq_jax.core.activations.quantize_activations` over :func:`input_axes`) before
+its own ``__call__`` runs. ``QuantPolicy.embeddings``: ``nnx.Embed`` layers become
+:class:`TernaryEmbed` (lookups and ``attend`` read the quantized ``embedding``).
+
 Not yet for NNX: layers stacked by ``nnx.vmap``/``nnx.scan``; the Pallas
 kernel for packed layers (they multiply by the rebuilt kernel).
 """
@@ -68,6 +73,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from tgq_jax.core.activations import (dense_input_axes, einsum_input_axes, general_input_axes,
+                                      quantize_layer_input)
 from tgq_jax.core.kernel import (MODES, THRESHOLD_PASS, TRAIN, KernelLayout, LayerKernel, check_coverage, check_mode,
                                  dense_layout, einsum_layout, finish_output, general_layout, layer_kernel, order_skips)
 from tgq_jax.core.packing import after_input, pack_planar, packed_kernel
@@ -77,6 +84,7 @@ from tgq_jax.training.tga import THRESHOLD, TGA, WEIGHT, TGAOptState, UpdateInfo
 
 __all__ = [
   "CANDIDATES",
+  "EMBEDDINGS",
   "MODES",
   "THRESHOLD_PASS",
   "TRAIN",
@@ -85,10 +93,12 @@ __all__ = [
   "Packed",
   "TernaryConv",
   "TernaryEinsum",
+  "TernaryEmbed",
   "TernaryLayer",
   "TernaryLinear",
   "TernaryLinearGeneral",
   "Threshold",
+  "input_axes",
   "kernel_layout",
   "loss_of_params",
   "output_axes",
@@ -102,8 +112,10 @@ __all__ = [
 
 #: The layer types whose kernels :func:`ternarize_model` can quantize (their subclasses too).
 CANDIDATES: tuple[type, ...] = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum)
+#: Embedding tables: candidates under ``QuantPolicy(embeddings=True)``, else full precision (not reported).
+EMBEDDINGS: tuple[type, ...] = (nnx.Embed,)
 #: Layers with a kernel that no quantizer takes: reported by ``QuantPolicy.on_unquantized``.
-UNQUANTIZABLE: tuple[type, ...] = (nnx.ConvTranspose, nnx.Embed)
+UNQUANTIZABLE: tuple[type, ...] = (nnx.ConvTranspose,)
 
 
 class Threshold(nnx.Variable):
@@ -188,6 +200,8 @@ class TernaryLayer(nnx.Module):
       statistics, if any, over the kernel's output-feature axes: :func:`kernel_layout`).
     mode: :data:`~tgq_jax.core.kernel.TRAIN` or :data:`~tgq_jax.core.kernel.THRESHOLD_PASS` (static;
       :func:`set_mode`).
+    activation_bits: None or the bits the layer's input is quantized to per token
+      (static; ``QuantPolicy.activation_bits``, over :func:`input_axes`); never set on an Embed.
     <name> for each of ``quantizer.param_names``: a :class:`Threshold`
       (``quantizer.threshold_params``) or an ``nnx.Param`` (the others).
     Packed layers (:func:`pack`): no ``kernel`` and no quantizer parameters, but ``codes``,
@@ -201,7 +215,11 @@ class TernaryLayer(nnx.Module):
   ``nnx.jit``/``nnx.grad`` and also under plain ``jax`` transforms, which forbid
   writing Variables from an inner trace. (A swapped attribute means a layer must
   not run in two Python threads at once; NNX modules with state do not support that either.)
+  An Embed's kernel is its ``embedding`` table (:attr:`kernel_name`), read by ``__call__`` and ``attend``.
   """
+
+  #: The attribute holding the layer's float kernel.
+  kernel_name = "kernel"
 
   def quantizer_params(self) -> dict[str, jax.Array]:
     """The quantizer's parameters as arrays (``{"delta": ...}`` for TGA)."""
@@ -218,18 +236,26 @@ class TernaryLayer(nnx.Module):
       codes = after_input(self.codes[...], inputs)
       return LayerKernel(packed_kernel(codes, self.scale[...], neg, self.packed_shape, self.quantizer.per_channel,
                                        self.param_dtype), None)
-    layout = kernel_layout(self, einsum_str) if mode == THRESHOLD_PASS else None  # only the threshold pass reads it
-    return layer_kernel(self.quantizer, mode, self.kernel[...], self.quantizer_params(), layout)
+    # Only the threshold pass reads the layout; an Embed's output takes no scale there (attend's has the rows).
+    layout = kernel_layout(self, einsum_str) if mode == THRESHOLD_PASS and self.kernel_name == "kernel" else None
+    return layer_kernel(self.quantizer, mode, getattr(self, self.kernel_name)[...], self.quantizer_params(), layout)
 
   def __call__(self, *args, **kwargs):
-    kernel = vars(self).get("kernel", _MISSING)
+    return self._run(super().__call__, args, kwargs)
+
+  def _run(self, method: Callable, args: tuple, kwargs: dict):
+    """``method(*args, **kwargs)`` (the layer class's own) computing with the quantized kernel."""
+    kernel = vars(self).get(self.kernel_name, _MISSING)
     if isinstance(kernel, _Standin):  # re-entered from inside its own call: already quantized
-      return super().__call__(*args, **kwargs)
+      return method(*args, **kwargs)
     einsum_str = None
     if isinstance(self, nnx.Einsum):
       einsum_str = _checked_einsum_call(self, args, kwargs)
+    if self.kernel_name == "kernel":  # a lookup has no matmul input: never an Embed's
+      args, kwargs = quantize_layer_input(args, kwargs, getattr(self, "activation_bits", None),
+                                          input_axes(self, einsum_str))
     used = self._layer_kernel(check_mode(self.mode), args[0] if args else kwargs.get("inputs"), einsum_str)
-    swaps = {"kernel": _Standin(used.kernel, None if kernel is _MISSING else kernel)}
+    swaps = {self.kernel_name: _Standin(used.kernel, None if kernel is _MISSING else kernel)}
     bias = vars(self).get("bias")
     held_bias = None
     if used.output_scale is not None and isinstance(bias, nnx.Variable):
@@ -241,7 +267,7 @@ class TernaryLayer(nnx.Module):
     for name, value in swaps.items():
       object.__setattr__(self, name, value)
     try:
-      y = super().__call__(*args, **kwargs)
+      y = method(*args, **kwargs)
     finally:
       for name, value in saved.items():
         if value is _MISSING:
@@ -267,15 +293,27 @@ class TernaryEinsum(TernaryLayer, nnx.Einsum):
   """``nnx.Einsum`` with a quantized kernel (made by :func:`ternarize_model`)."""
 
 
+class TernaryEmbed(TernaryLayer, nnx.Embed):
+  """``nnx.Embed`` with a quantized table (``QuantPolicy(embeddings=True)``): lookups and ``attend`` both
+  read the quantized ``embedding``."""
+
+  kernel_name = "embedding"
+
+  def attend(self, *args, **kwargs):
+    return self._run(super().attend, args, kwargs)
+
+
 _TERNARY: dict[type, type] = {nnx.Linear: TernaryLinear, nnx.Conv: TernaryConv,
-                              nnx.LinearGeneral: TernaryLinearGeneral, nnx.Einsum: TernaryEinsum}
+                              nnx.LinearGeneral: TernaryLinearGeneral, nnx.Einsum: TernaryEinsum,
+                              nnx.Embed: TernaryEmbed}
 
 
 def _ternary_class(cls: type) -> type:
   """The ternary class of a candidate class; a user's subclass of ``nnx.Linear`` etc. gets its
   own, made once (its ``__call__`` then runs with the quantized kernel, as the base's does)."""
   if cls not in _TERNARY:
-    _TERNARY[cls] = type(f"Ternary{cls.__name__}", (TernaryLayer, cls), {"__module__": __name__})
+    base = TernaryEmbed if issubclass(cls, nnx.Embed) else TernaryLayer  # an Embed's kernel is its table
+    _TERNARY[cls] = type(f"Ternary{cls.__name__}", (base, cls), {"__module__": __name__})
   return _TERNARY[cls]
 
 
@@ -285,7 +323,7 @@ def _kernel_ndim(layer: nnx.Module) -> int:
     return len(layer.batch_axis) + len(layer.in_features) + len(layer.out_features)
   if isinstance(layer, (nnx.Conv, nnx.Einsum)):
     return len(layer.kernel_shape)
-  return 2
+  return 2  # Linear (in, out), Embed (num_embeddings, features)
 
 
 def kernel_layout(layer: nnx.Module, einsum_str: str | None = None) -> KernelLayout:
@@ -294,7 +332,8 @@ def kernel_layout(layer: nnx.Module, einsum_str: str | None = None) -> KernelLay
   ``Linear`` ``(in, out)`` and ``Conv`` ``(*window, in, out)``: the last axis.
   ``LinearGeneral`` ``(*batch, *in, *out)``: its ``out_features`` axes and its
   ``batch_axis`` axes. ``Einsum``: the kernel axes whose letters appear in the
-  output of ``einsum_str`` (default: the layer's own).
+  output of ``einsum_str`` (default: the layer's own). ``Embed`` ``(num_embeddings,
+  features)``: the features axis, the last.
   """
   ndim = _kernel_ndim(layer)
   if isinstance(layer, nnx.Einsum):
@@ -306,6 +345,17 @@ def kernel_layout(layer: nnx.Module, einsum_str: str | None = None) -> KernelLay
   if isinstance(layer, nnx.LinearGeneral):
     return general_layout(ndim, len(layer.out_features), len(layer.batch_axis))
   return dense_layout(ndim)
+
+
+def input_axes(layer: nnx.Module, einsum_str: str | None = None) -> tuple[int, ...]:
+  """The axes of a candidate layer's input that it contracts with its kernel (one activation scale per
+  index of the others, :mod:`tgq_jax.core.activations`): the last for ``Linear`` and ``Conv``, ``axis``
+  for ``LinearGeneral``, the contracted letters of ``einsum_str`` (default: the layer's own) for ``Einsum``."""
+  if isinstance(layer, nnx.Einsum):
+    return einsum_input_axes(einsum_str or layer.einsum_str)
+  if isinstance(layer, nnx.LinearGeneral):
+    return general_input_axes(layer.axis)
+  return dense_input_axes()
 
 
 def output_axes(layer: nnx.Module) -> tuple[int, ...]:
@@ -360,10 +410,17 @@ class _Recording(nnx.Module):
   """
 
   def __call__(self, *args, **kwargs):
+    self._record()
+    return super().__call__(*args, **kwargs)
+
+  def attend(self, *args, **kwargs):  # an Embed's other use of its table (only an Embed has it)
+    self._record()
+    return super().attend(*args, **kwargs)
+
+  def _record(self):
     calls = _CALLS.get()
     if calls is not None:
       calls.append(vars(self)["_tgq_call_index"])
-    return super().__call__(*args, **kwargs)
 
 
 def _recording_class(cls: type) -> type:
@@ -473,7 +530,7 @@ def ternarize_model(model: nnx.Module, policy: QuantPolicy | None = None, *examp
   for keys, node in nnx.iter_graph(model, graph=True):  # a shared layer is visited once, at its first path
     if isinstance(node, TernaryLayer):
       raise ValueError(f"ternarize_model: layer {_path(keys)!r} is ternary already; ternarize a plain model.")
-    if isinstance(node, CANDIDATES):
+    if isinstance(node, CANDIDATES) or (policy.embeddings and isinstance(node, EMBEDDINGS)):
       candidates.append(_path(keys))
       if policy.matches(_path(keys)):
         matched.append((_path(keys), node))
@@ -492,16 +549,17 @@ def ternarize_model(model: nnx.Module, policy: QuantPolicy | None = None, *examp
   for i, (path, layer) in enumerate(matched):
     if i in skipped:
       continue
-    kernel = vars(layer).get("kernel")
+    kernel_name = "embedding" if isinstance(layer, EMBEDDINGS) else "kernel"
+    kernel = vars(layer).get(kernel_name)
     if not isinstance(kernel, nnx.Variable):
-      raise TypeError(f"layer {path!r}: expected its kernel as an nnx.Variable attribute 'kernel', "
+      raise TypeError(f"layer {path!r}: expected its kernel as an nnx.Variable attribute {kernel_name!r}, "
                       f"got {type(kernel).__name__}.")
     if kernel.ndim != _kernel_ndim(layer):
       raise NotImplementedError(f"layer {path!r}: kernel of shape {kernel.shape} has more axes than a "
                                 f"{type(layer).__name__} of its configuration: a stacked layer "
                                 "(nnx.vmap / nnx.scan over layers) cannot be ternarized yet.")
     quantizer: Quantizer = float_policy.layer_quantizer(kernel_layout(layer).output_axes if policy.per_channel else ())
-    for name in ("quantizer", "mode", *quantizer.param_names):
+    for name in ("quantizer", "mode", "activation_bits", *quantizer.param_names):
       if name in vars(layer):
         raise ValueError(f"layer {path!r} already has an attribute {name!r}.")
     init = quantizer.init(kernel[...])
@@ -513,6 +571,7 @@ def ternarize_model(model: nnx.Module, policy: QuantPolicy | None = None, *examp
     layer.__class__ = _ternary_class(type(layer))
     layer.quantizer = quantizer  # static: part of the graph definition, as the layer's other settings
     layer.mode = TRAIN  # static too: set_mode
+    layer.activation_bits = None if isinstance(layer, EMBEDDINGS) else policy.activation_bits  # static
     for name, variable in variables.items():
       setattr(layer, name, variable)
     if policy.dtype is not None:
@@ -538,7 +597,7 @@ def pack(model: nnx.Module) -> nnx.Module:
     if not isinstance(layer, TernaryLayer) or layer.quantizer.packed or not layer.quantizer.ternary:
       continue
     quantizer = layer.quantizer
-    kernel = layer.kernel[...]
+    kernel = getattr(layer, layer.kernel_name)[...]
     parts = quantizer.parts(kernel, layer.quantizer_params())
     packed = {"codes": jnp.asarray(pack_planar(np.asarray(parts.codes))), "scale": parts.scale}
     if not quantizer.symmetric:
@@ -546,7 +605,7 @@ def pack(model: nnx.Module) -> nnx.Module:
     plans.append((layer, get_quantizer(packed_name(quantizer.name), per_channel=quantizer.per_channel),
                   tuple(kernel.shape), packed))
   for layer, quantizer, shape, packed in plans:
-    for name in ("kernel", *layer.quantizer.param_names):
+    for name in (layer.kernel_name, *layer.quantizer.param_names):
       delattr(layer, name)
     layer.quantizer = quantizer
     layer.packed_shape = shape

@@ -7,6 +7,7 @@ or calls anything else the file names (:class:`tgq_jax.models.ModelSpec`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -34,8 +35,10 @@ _ARCHS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
   "resnet56": (CifarResNet, {"depth": 56}),
   # Vision transformers: vit_tiny for 28x28 Fashion-MNIST, vit_s16 (ViT-S/16) for 224x224.
   **{name: (ViT, dict(config)) for name, config in VIT_CONFIGS.items()},
-  # Decoder-only language models (Llama layout; num_classes is the vocabulary size).
-  **{name: (Llama, dict(config)) for name, config in LLAMA_CONFIGS.items()},
+  # Decoder-only language models (Llama layout; num_classes is the vocabulary size). The context is a default,
+  # not fixed: a run may train on other window lengths (--context), which a file records in its kwargs.
+  **{name: (functools.partial(Llama, context=config["context"]),
+            {k: v for k, v in config.items() if k != "context"}) for name, config in LLAMA_CONFIGS.items()},
 }
 
 # Constructor arguments that are not a model option: Flax's own, and the run-time BatchNorm options.

@@ -28,7 +28,7 @@ MAX_DEPTH = 16  # nesting of a constructor option's JSON value
 _SPEC_KEYS = frozenset({"arch", "num_classes", "policy", "dtype", "kwargs"})
 _POLICY_TYPES = {"quantizer": (str,), "per_channel": (bool,), "include": (list, tuple), "exclude": (list, tuple),
                  "ternary_first": (bool,), "ternary_last": (bool,), "dtype": (str, type(None)),
-                 "on_unquantized": (str,)}
+                 "on_unquantized": (str,), "activation_bits": (int, type(None)), "embeddings": (bool,)}
 MAX_PATTERNS, MAX_PATTERN = 64, 200  # a policy's include/exclude regular expressions: count, characters each
 MAX_REPEATS = 3  # unbounded repetitions (*, +, {) in one pattern read from a file
 

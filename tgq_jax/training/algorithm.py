@@ -1,4 +1,5 @@
-"""TGA for Linen classifiers: the train state, the labels, and the steps built on :class:`~tgq_jax.training.tga.TGA`.
+"""TGA for Linen models: the train state, the labels, and the steps built on :class:`~tgq_jax.training.tga.TGA`
+(:class:`ClassificationStep` for classifiers, :class:`LanguageModelStep` for next-token prediction).
 
 Nothing here reads a :class:`~tgq_jax.training.configs.Config`, touches data,
 devices, checkpoints or logs (that is :mod:`tgq_jax.training.harness`, the run
@@ -45,9 +46,10 @@ from tgq_jax.frontends.linen import with_mode
 from tgq_jax.training.tga import (THRESHOLD, TGA, WEIGHT, TGAOptState, UpdateInfo, mean_over, split_optimizers,
                                   step_rngs, threshold_optimizer)
 
-__all__ = ["THRESHOLD", "TGA", "WEIGHT", "ClassificationStep", "TGAOptState", "TrainSetup", "TrainState", "UpdateInfo",
-           "classification_metrics", "cross_entropy", "init", "param_labels", "split_optimizers",
-           "state_from_variables", "step_rngs", "threshold_names", "threshold_optimizer"]
+__all__ = ["THRESHOLD", "TGA", "WEIGHT", "ClassificationStep", "LanguageModelStep", "TGAOptState", "TrainSetup",
+           "TrainState", "UpdateInfo", "classification_metrics", "cross_entropy", "init", "next_token_losses",
+           "param_labels", "split_optimizers", "state_from_variables", "step_rngs", "threshold_names",
+           "threshold_optimizer"]
 
 
 @flax.struct.dataclass
@@ -224,4 +226,57 @@ class ClassificationStep:
     mask = batch.get("mask", jnp.ones(logits.shape[:1], jnp.float32))
     sums = {k: jnp.sum(v * mask) for k, v in per_example.items()}
     sums["count"] = jnp.sum(mask)
+    return lax.psum(sums, self.axis_name) if self.axis_name else sums
+
+
+def next_token_losses(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """Per-position cross-entropy (nats) of ``logits`` ``(B, n, V)`` for the next tokens ``tokens[:, 1:]``
+  (``tokens`` ``(B, n + 1)``: the model saw ``tokens[:, :-1]``)."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LanguageModelStep:
+  """The train and eval steps of a Linen language model on ``{"tokens" (B, n + 1)(, "mask" (B,))}`` batches:
+  next-token cross-entropy of ``model.apply(variables, tokens[:, :-1])`` against ``tokens[:, 1:]``.
+
+  The update is :class:`~tgq_jax.training.tga.TGA`'s, as :class:`ClassificationStep`'s (sequential or joint;
+  the threshold pass in the THRESHOLD_PASS mode; without thresholds, e.g. ``quantizer="fp"`` or absmean,
+  one forward and backward pass per step). The model has no batch statistics or dropout.
+
+  Attributes:
+    model: a Linen module mapping token ids ``(B, n)`` to logits ``(B, n, V)``.
+    tga: the update (optimizers, labels, sequential or joint).
+    axis_name: the mapped data axis to average over, or None (not mapped).
+  """
+
+  model: nn.Module
+  tga: TGA
+  axis_name: str | None = None
+
+  def train(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
+    """One training step: the new state and the metrics (loss in nats per token, grad_norm(,
+    threshold_pass_loss)), averaged over the mapped axis."""
+    tokens = batch["tokens"]
+
+    def loss_fn(params, threshold_pass):
+      logits = _apply_for_pass(self.model, threshold_pass)({"params": params}, tokens[:, :-1])
+      return jnp.mean(next_token_losses(logits, tokens)), None
+
+    params, opt_state, info = self.tga.update(loss_fn, state.params, state.opt_state, axis_name=self.axis_name)
+    metrics = {"loss": info.loss, "grad_norm": info.grad_norm}
+    if info.threshold_pass_loss is not None:
+      metrics["threshold_pass_loss"] = info.threshold_pass_loss
+    new_state = state.replace(step=state.step + 1, params=params, threshold_opt_state=opt_state.threshold,
+                              weight_opt_state=opt_state.weight)
+    return new_state, mean_over(self.axis_name)(metrics)
+
+  def evaluate(self, state: TrainState, batch: Mapping[str, jax.Array]) -> dict:
+    """Sums over the batch's real rows (``batch["mask"]``, default all): ``loss`` (nats, summed over every
+    predicted token) and ``count`` (the tokens predicted); summed over ``axis_name`` when mapped."""
+    tokens = batch["tokens"]
+    logits = self.model.apply({"params": state.params}, tokens[:, :-1])
+    mask = batch.get("mask", jnp.ones(tokens.shape[:1], jnp.float32))
+    losses = next_token_losses(logits, tokens)
+    sums = {"loss": jnp.sum(losses * mask[:, None]), "count": jnp.sum(mask) * losses.shape[1]}
     return lax.psum(sums, self.axis_name) if self.axis_name else sums

@@ -4,7 +4,11 @@ Layout: ``<workdir>/checkpoints/<step>/{state,data,integrity}`` managed by one
 ``ocp.CheckpointManager``. ``state`` is the train state (params, batch
 statistics, both optimizer states, step, RNG) as a ``StandardSave`` pytree;
 ``data`` is the iterator position as JSON; ``integrity`` is JSON with the
-shape, dtype and SHA-256 of every saved array and of ``data``.
+shape, dtype and SHA-256 of every saved array and of ``data``. The state's
+arrays are host arrays (replicated runs) or global device arrays saved as they
+are (``--parallel fsdp``: each process writes its shards); :func:`restore`
+reads any of them into host arrays or into the shardings it is given, on any
+device count.
 
 Retention: orbax preservation policies combine ``LatestN(keep)`` with
 ``BestN(n=1)`` on the ``test_accuracy`` metric (``AnyPreservationPolicy``): the
@@ -47,6 +51,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tgq_jax.training.parallel import to_host
 
 BEST_METRIC = "test_accuracy"
 STATE, DATA, INTEGRITY = "state", "data", "integrity"
@@ -79,11 +87,15 @@ def report_to_stderr(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
-def make_manager(directory: str, keep: int = 2) -> ocp.CheckpointManager:
+def make_manager(directory: str, keep: int = 2, *, best_metric: str = BEST_METRIC,
+                 best_lower: bool = False) -> ocp.CheckpointManager:
+  """The run's checkpoint manager: keeps the last ``keep`` and the best by ``best_metric`` (the highest, or
+  with ``best_lower`` the lowest: a validation loss) among those saved with metrics."""
   cm = ocp.checkpoint_managers
   policy = cm.AnyPreservationPolicy(policies=[
     cm.LatestN(n=keep),
-    cm.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1, keep_checkpoints_without_metrics=False),
+    # BestN sorts ascending (descending with reverse) and keeps the last n.
+    cm.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_lower, n=1, keep_checkpoints_without_metrics=False),
   ])
   # Synchronous saves: the SIGTERM / divergence paths exit right after saving, and a
   # few small arrays do not need a background thread.
@@ -95,16 +107,18 @@ def make_manager(directory: str, keep: int = 2) -> ocp.CheckpointManager:
 # --- integrity records -------------------------------------------------------
 
 
-def _host(x: Any) -> np.ndarray:
-  if isinstance(x, jax.Array):  # replicated: any one copy (also for multi-process global arrays)
-    return np.asarray(x.addressable_data(0))
-  return np.asarray(x)
-
-
 def flat_arrays(state_dict: Mapping) -> dict[str, np.ndarray]:
-  """The array leaves of a (nested dict) state, keyed ``"params/conv0/kernel"``, as host arrays."""
+  """The array leaves of a (nested dict) state, keyed ``"params/conv0/kernel"``, as host arrays
+  (replicated or sharded device arrays are copied whole: :func:`tgq_jax.training.parallel.to_host`)."""
   flat = flax.traverse_util.flatten_dict(dict(state_dict), sep="/")
-  return {k: _host(v) for k, v in flat.items()}
+  return to_host(flat)
+
+
+def _flat_specs(state_dict: Mapping) -> dict[str, tuple[tuple[int, ...], str]]:
+  """(shape, dtype) of each leaf of a state dict of arrays or ShapeDtypeStructs, keyed as :func:`flat_arrays`."""
+  flat = flax.traverse_util.flatten_dict(dict(state_dict), sep="/")
+  return {k: (tuple(np.shape(v)), str(np.dtype(v.dtype) if hasattr(v, "dtype") else np.asarray(v).dtype))
+          for k, v in flat.items()}
 
 
 def _sha256(a: np.ndarray) -> str:
@@ -133,15 +147,23 @@ def nonfinite_leaves(arrays: Mapping[str, np.ndarray]) -> list[str]:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict,
-         metrics: dict | None = None) -> None:
+         metrics: dict | None = None, *, host_state: Any = None) -> None:
   """Saves unless this step is already saved (e.g. SIGTERM right after an epoch-end save).
+
+  ``state``: host arrays, or global device arrays (e.g. sharded by ``--parallel
+  fsdp``), which orbax writes as they are: each process writes the shards it
+  holds, nothing is gathered onto one device. The integrity record and the
+  finiteness check need host copies of every array: ``host_state`` (the same
+  state as host arrays, when the caller has them already) or copies made here
+  (:func:`tgq_jax.training.parallel.to_host`; across hosts that gathers every
+  array onto every process, a memory cost of one full state per host).
 
   Raises :class:`NonFiniteStateError` (and writes nothing) if any leaf holds a NaN or Inf.
   """
   if step in manager.all_steps():
     return
   state_dict = flax.serialization.to_state_dict(state)
-  arrays = flat_arrays(state_dict)
+  arrays = flat_arrays(state_dict if host_state is None else flax.serialization.to_state_dict(host_state))
   if bad := nonfinite_leaves(arrays):
     raise NonFiniteStateError(bad)
   args = ocp.args.Composite(**{
@@ -236,10 +258,10 @@ def _read_record(manager: ocp.CheckpointManager, step: int, where: str) -> dict:
   return record
 
 
-def _structure_problems(record: dict, target: Mapping[str, np.ndarray]) -> list[str]:
+def _structure_problems(record: dict, target: Mapping[str, tuple[tuple[int, ...], str]]) -> list[str]:
   """How the saved arrays differ from the arrays a restore expects (names, shapes, dtypes)."""
   saved = {k: (tuple(v["shape"]), v["dtype"]) for k, v in record["arrays"].items()}
-  wanted = {k: (tuple(a.shape), str(a.dtype)) for k, a in target.items()}
+  wanted = dict(target)
   problems = [f"{k} missing" for k in sorted(wanted.keys() - saved.keys())]
   problems += [f"{k} unexpected" for k in sorted(saved.keys() - wanted.keys())]
   problems += [f"{k}: {saved[k][0]} {saved[k][1]} there, {wanted[k][0]} {wanted[k][1]} here"
@@ -258,35 +280,55 @@ def _verify(record: dict, arrays: Mapping[str, np.ndarray], data_state: Any, whe
                                  "from its checksum)")
 
 
-def _restore_verified(manager: ocp.CheckpointManager, step: int, target: Mapping | None) -> tuple[dict, Any]:
+def _state_restore_args(target: Mapping | None, shardings: Mapping | None) -> ocp.args.StandardRestore:
+  """What orbax restores the state item into, whatever topology wrote it.
+
+  No target: as saved, on the saved sharding when this topology has its
+  devices, else replicated over all devices. A target without shardings: host
+  numpy arrays. With ``shardings`` (a tree like the target): global arrays in
+  those shardings, each process reading only its shards (a checkpoint written
+  on 4 devices restores onto 2, a replicated one onto fsdp shards and back).
+  """
+  if target is None:
+    everywhere = NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)), P())
+    return ocp.args.StandardRestore(None, fallback_sharding=everywhere)
+  if shardings is None:
+    return ocp.args.StandardRestore(jax.tree.map(
+      lambda x: np.zeros(np.shape(x), x.dtype) if not isinstance(x, np.ndarray) else x, dict(target)))
+  return ocp.args.StandardRestore(jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), dict(target), dict(shardings)))
+
+
+def _restore_verified(manager: ocp.CheckpointManager, step: int, target: Mapping | None,
+                      shardings: Mapping | None = None) -> tuple[dict, Any]:
   """(state dict, data state) of one step, verified; ``target``: the expected state dict or None (as saved).
 
-  Raises :class:`CorruptCheckpointError` if the step is damaged and
-  :class:`CheckpointError` if it is intact but holds another model.
+  The state dict holds host numpy arrays, or global arrays in ``shardings``
+  when given (:func:`_state_restore_args`). Raises :class:`CorruptCheckpointError`
+  if the step is damaged and :class:`CheckpointError` if it is intact but holds another model.
   """
   where = os.path.join(str(manager.directory), str(step))
   record = _read_record(manager, step, where)
-  if target is not None and (problems := _structure_problems(record, flat_arrays(target))):
+  if target is not None and (problems := _structure_problems(record, _flat_specs(target))):
     raise CheckpointError(f"checkpoint {where} holds another model (another --arch or other model options?): "
                           f"{len(problems)} arrays differ, e.g. {problems[0]}")
-  state_args = ocp.args.StandardRestore(
-    None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, dict(target)))
+  state_args = _state_restore_args(target, shardings)
   try:
     restored = _restore_quietly(manager, step, ocp.args.Composite(**{STATE: state_args, DATA: ocp.args.JsonRestore()}))
   except Exception as e:  # noqa: BLE001 -- missing or unreadable parts (the structure was checked above)
     raise CorruptCheckpointError(f"checkpoint {where} cannot be read ({_one_line(e)})") from None
-  state = jax.tree.map(_host, restored[STATE])
-  _verify(record, flat_arrays(state), restored[DATA], where)
-  return state, restored[DATA]
+  host = to_host(restored[STATE])  # the checksums need host copies (of whole arrays, across hosts too)
+  _verify(record, flat_arrays(host), restored[DATA], where)
+  return (host if shardings is None else restored[STATE]), restored[DATA]
 
 
 def _newest_intact(manager: ocp.CheckpointManager, target: Mapping | None, report: Callable[[str], None],
-                   quarantine: bool) -> tuple[int, dict, Any]:
+                   quarantine: bool, shardings: Mapping | None = None) -> tuple[int, dict, Any]:
   """(step, state dict, data) of the newest checkpoint that passes its integrity check."""
   steps = sorted(manager.all_steps(), reverse=True)
   for i, step in enumerate(steps):
     try:
-      state, data_state = _restore_verified(manager, step, target)
+      state, data_state = _restore_verified(manager, step, target, shardings)
     except CorruptCheckpointError as e:
       moved = _move_aside(manager, step) if quarantine else None
       what = f"; moved to {moved}" if moved else ""
@@ -317,20 +359,25 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> str | None:
 
 
 def restore(manager: ocp.CheckpointManager, target_state: Any, step: int | None = None, *,
-            report: Callable[[str], None] = report_to_stderr, quarantine: bool = False) -> tuple[Any, dict]:
+            report: Callable[[str], None] = report_to_stderr, quarantine: bool = False,
+            shardings: Any = None) -> tuple[Any, dict]:
   """Restores (state, data_state) into the structure of ``target_state``, verified against its checksums.
 
   ``step=None``: the newest intact checkpoint; damaged newer ones are reported
   (one line each, through ``report``) and, with ``quarantine``, moved aside. A
   given ``step`` that is damaged raises :class:`CorruptCheckpointError`.
   ``target_state`` may hold concrete arrays or ``jax.ShapeDtypeStruct``s; the
-  result holds host numpy arrays.
+  result holds host numpy arrays, or, with ``shardings`` (a tree of
+  ``jax.sharding.Sharding`` like ``target_state``, e.g.
+  :func:`tgq_jax.training.parallel.state_shardings`), global arrays placed in
+  them, read shard by shard: any device count restores any checkpoint.
   """
   target = flax.serialization.to_state_dict(target_state)
+  shards = None if shardings is None else flax.serialization.to_state_dict(shardings)
   if step is None:
-    _, state, data_state = _newest_intact(manager, target, report, quarantine)
+    _, state, data_state = _newest_intact(manager, target, report, quarantine, shards)
   else:
-    state, data_state = _restore_verified(manager, step, target)
+    state, data_state = _restore_verified(manager, step, target, shards)
   return flax.serialization.from_state_dict(target_state, state), data_state
 
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tgq_jax.core.trees import layer_stats
+from tgq_jax.core.trees import kernel_key, layer_stats
 from tgq_jax.training import checkpoints
 from tgq_jax.training.algorithm import TrainState
 from tgq_jax.training.parallel import to_host
@@ -47,7 +47,7 @@ def nonfinite_scales(params: Mapping, layers: Mapping) -> list[str]:
     for key in path:
       layer = layer[key]
     qparams = {name: layer[name] for name in quantizer.param_names}
-    if not bool(_finite_parts_fn(quantizer)(layer["kernel"], qparams)):
+    if not bool(_finite_parts_fn(quantizer)(layer[kernel_key(layer)], qparams)):
       bad.append("/".join(path))
   return bad
 

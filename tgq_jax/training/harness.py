@@ -6,7 +6,9 @@ batch and average gradients, running statistics and metrics explicitly with
 ``lax.pmean(..., "data")``; BatchNorm itself normalizes with the global
 batch's statistics (``Config.bn_cross_device``, default), so a step gives the
 same result on any number of devices. :func:`tgq_jax.training.parallel.map_step` maps them over
-the devices with ``jax.shard_map`` or ``jax.pmap``. :func:`train_and_evaluate`
+the devices with ``jax.shard_map`` or ``jax.pmap``; under ``--parallel fsdp`` the steps are
+the global-view functions (no axis), jitted with the state sharded
+(:func:`tgq_jax.training.parallel.map_steps`). :func:`train_and_evaluate`
 runs it all (``train.py`` and the notebooks call it): :func:`start_run` builds a
 :class:`Run`, :func:`train_loop` drives it, one named action per period (log,
 checkpoint, evaluate; the divergence rule of :mod:`tgq_jax.training.divergence`
@@ -53,23 +55,32 @@ from tgq_jax.models import create_model, load_torchvision_weights
 # DivergenceError, NonFiniteLossError, nonfinite_scales: re-exported (train.py and callers use them from here).
 from tgq_jax.training.divergence import (DivergenceError, DivergenceGuard, NonFiniteLossError,  # noqa: F401
                                          nonfinite_scales)
+from tgq_jax.training.lm import LanguageModelTask, check_task_fits, model_context
 from tgq_jax.training.metrics import MetricsWriter
-from tgq_jax.training.parallel import AXIS, to_host
+from tgq_jax.training.parallel import to_host
 from tgq_jax.training.workdir import (check_resume_config, check_run_config, prepare_workdir, workdir_lock,
                                       write_json_atomically, write_run_config)
 
 # --- the algorithm, configured from a Config ----------------------------------
 
 
+def run_steps(cfg: Config, steps_per_epoch: int) -> int:
+  """The run's length in steps, which the schedule spans: ``cfg.train_steps``, else ``cfg.epochs`` epochs
+  (``--max-steps`` may stop the loop earlier; it does not change the schedule)."""
+  return max(1, cfg.train_steps or cfg.epochs * steps_per_epoch)
+
+
 def lr_schedule(cfg: Config, base_lr: float, steps_per_epoch: int) -> optax.Schedule:
-  """The learning rate per step: linear warm-up over ``cfg.warmup_epochs``, then cosine to 0
-  over the rest of the run, or x gamma at each listed epoch."""
-  total = max(1, cfg.epochs * steps_per_epoch)
-  warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+  """The learning rate per step: linear warm-up from 0 over ``cfg.warmup_steps`` (or ``cfg.warmup_epochs``),
+  then cosine to ``cfg.lr_end * base_lr`` at the end of the run (:func:`run_steps`), or x gamma at each
+  listed epoch."""
+  total = run_steps(cfg, steps_per_epoch)
+  warmup = min(cfg.warmup_steps or int(cfg.warmup_epochs * steps_per_epoch), total - 1)
   if cfg.lr_schedule == "cosine":
     if warmup:
-      return optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup_steps=warmup, decay_steps=total)
-    return optax.cosine_decay_schedule(base_lr, decay_steps=total)
+      return optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup_steps=warmup, decay_steps=total,
+                                                end_value=cfg.lr_end * base_lr)
+    return optax.cosine_decay_schedule(base_lr, decay_steps=total, alpha=cfg.lr_end)
   if cfg.lr_schedule == "step":
     if len(cfg.schedule) != len(cfg.gammas):
       raise ValueError(f"--schedule ({len(cfg.schedule)} epochs) and --gammas ({len(cfg.gammas)} factors) "
@@ -100,16 +111,26 @@ def threshold_recipe(cfg: Config) -> tuple[str, float, float]:
   return kind, lr, decay
 
 
-def _base_optimizer(kind: str, lr: optax.Schedule, weight_decay: float, cfg: Config
-                    ) -> optax.GradientTransformation:
-  if kind == "adamw":  # decoupled weight decay (Loshchilov & Hutter), on every weight leaf
-    return optax.adamw(lr, weight_decay=weight_decay)
+def decay_mask(weight_decay_on: str) -> Callable[[Any], Any] | None:
+  """Which leaves weight decay applies to: None (every leaf, "all"), or ("matrices") a mask of the leaves
+  with two or more axes (kernels, embeddings; not norms, biases, scalars), as nanoGPT's optimizer groups."""
+  if weight_decay_on == "all":
+    return None
+  if weight_decay_on == "matrices":
+    return lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+  raise ValueError(f"unknown weight decay target {weight_decay_on!r}; valid: all, matrices.")
+
+
+def _base_optimizer(kind: str, lr: optax.Schedule, weight_decay: float, cfg: Config,
+                    mask: Callable[[Any], Any] | None = None) -> optax.GradientTransformation:
+  if kind == "adamw":  # decoupled weight decay (Loshchilov & Hutter), on the leaves ``mask`` selects (all: None)
+    return optax.adamw(lr, b2=cfg.adam_b2, weight_decay=weight_decay, mask=mask)
   # Coupled L2 weight decay (added to the gradient), as torch's SGD/Adam weight_decay.
-  decay = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+  decay = [optax.add_decayed_weights(weight_decay, mask=mask)] if weight_decay else []
   if kind == "sgd":
     opt = optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov and bool(cfg.momentum))
   elif kind == "adam":
-    opt = optax.adam(lr)  # torch's defaults: b1 0.9, b2 0.999, eps 1e-8 outside the sqrt
+    opt = optax.adam(lr, b2=cfg.adam_b2)  # torch's defaults: b1 0.9, b2 0.999, eps 1e-8 outside the sqrt
   else:
     raise ValueError(f"unknown optimizer {kind!r}; valid: sgd, adam, adamw.")
   return optax.chain(*decay, opt)
@@ -127,7 +148,7 @@ def make_tga(cfg: Config, labels: Any, steps_per_epoch: int) -> tuple[TGA, optax
   thr_lr = lr_schedule(cfg, thr_base_lr, steps_per_epoch)
   w_lr = lr_schedule(cfg, cfg.lr, steps_per_epoch)
   thr = optax.chain(optax.clip(cfg.threshold_grad_clip), _base_optimizer(thr_kind, thr_lr, thr_decay, cfg))
-  weights = _base_optimizer(cfg.optimizer, w_lr, cfg.weight_decay, cfg)
+  weights = _base_optimizer(cfg.optimizer, w_lr, cfg.weight_decay, cfg, decay_mask(cfg.weight_decay_on))
   if cfg.grad_clip:
     weights = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), weights)
   return TGA(threshold_tx=thr, weight_tx=weights, labels=labels, sequential=cfg.update == "sequential"), w_lr
@@ -140,30 +161,38 @@ def make_model(cfg: Config, num_classes: int, dtype: Any = None) -> nn.Module:
   ``half_precision``, else float32). BatchNorm gets the ``cfg.bn_*`` options:
   with ``bn_cross_device`` its training-mode statistics are averaged over the
   data axis, so training-mode calls must run inside the mapped step
-  (evaluation and initialization run anywhere).
+  (evaluation and initialization run anywhere); under ``--parallel fsdp`` the
+  step sees the global batch, so BatchNorm needs no axis.
   """
   spec = cfg.model_spec(num_classes)
   if dtype is not None:
     spec = dataclasses.replace(spec, dtype=jnp.dtype(dtype).name)
-  return spec.build(bn_axis_name=AXIS if cfg.bn_cross_device else None,
+  return spec.build(bn_axis_name=parallel.step_axis_name(cfg.parallel) if cfg.bn_cross_device else None,
                     bn_unbiased_running_var=cfg.bn_running_stats == "authors")
 
 
 def create_state(model: nn.Module, image_shape: tuple[int, ...], tga: TGA, seed: int) -> TrainState:
-  """Initializes the variables and both optimizer states (host-identical on every process)."""
+  """Initializes the variables and both optimizer states (host-identical on every process) for images."""
+  return init_state(model, jnp.zeros((1, *image_shape), jnp.float32), tga, seed)
+
+
+def init_state(model: nn.Module, example_input: jax.Array, tga: TGA, seed: int) -> TrainState:
+  """Initializes the variables (on ``example_input``: a task's :meth:`example_input`) and both optimizer
+  states, host-identical on every process."""
   rng = jax.random.PRNGKey(seed)
   init_rng, rng = jax.random.split(rng)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-    init_rng, jnp.zeros((1, *image_shape), jnp.float32))
+  variables = jax.jit(functools.partial(model.init, train=False))(init_rng, example_input)
   return state_from_variables(variables, tga, rng)
 
 
 def make_step_fns(model: nn.Module, tga: TGA, cfg: Config, num_classes: int) -> tuple[Callable, Callable]:
-  """The per-device (train_step, eval_step) of ``cfg`` (mapped over AXIS)."""
+  """The (train_step, eval_step) of ``cfg``: per device (reducing over the data axis), or global-view
+  under fsdp (:func:`tgq_jax.training.parallel.step_axis_name`)."""
   if cfg.bn_running_stats not in ("once", "authors"):
     raise ValueError(f"unknown bn running stats rule {cfg.bn_running_stats!r}; valid: once, authors.")
   step = ClassificationStep(model=model, tga=tga, num_classes=num_classes, label_smoothing=cfg.label_smoothing,
-                            bn_both_passes=cfg.bn_running_stats == "authors", axis_name=AXIS)
+                            bn_both_passes=cfg.bn_running_stats == "authors",
+                            axis_name=parallel.step_axis_name(cfg.parallel))
   return step.train, step.evaluate
 
 
@@ -184,17 +213,88 @@ def model_size_bits(variables: Any, layers: Mapping) -> tuple[int, int]:
 
 
 def format_report(test_metrics: dict, stats: list, size_bits: tuple[int, int]) -> str:
-  """The table printed at the end of a run; ``size_bits`` is :func:`model_size_bits`."""
-  lines = [f"test accuracy: {100 * test_metrics['accuracy']:.2f}%"
-           + (f"   top-5: {100 * test_metrics['top5_accuracy']:.2f}%" if "top5_accuracy" in test_metrics else ""),
-           f"{'layer':<28}{'shape':<20}{'quantizer':<10}{'sparsity':>9}{'threshold':>11}{'scale':>10}"]
+  """The table printed at the end of a classification run; ``size_bits`` is :func:`model_size_bits`."""
+  return "\n".join([accuracy_line(test_metrics), *layer_table(stats, size_bits)])
+
+
+def accuracy_line(test_metrics: Mapping[str, float]) -> str:
+  return (f"test accuracy: {100 * test_metrics['accuracy']:.2f}%"
+          + (f"   top-5: {100 * test_metrics['top5_accuracy']:.2f}%" if "top5_accuracy" in test_metrics else ""))
+
+
+def layer_table(stats: list, size_bits: tuple[int, int]) -> list[str]:
+  """The per-layer lines (quantizer, sparsity, threshold, scale) and the model-size line of the final report."""
+  lines = [f"{'layer':<28}{'shape':<20}{'quantizer':<10}{'sparsity':>9}{'threshold':>11}{'scale':>10}"]
   for s in stats:
     thr, scale = ("-", "-") if s.scale is None else (f"{s.threshold:.4g}", f"{s.scale:.4g}")
     lines.append(f"{s.name:<28}{str(s.shape):<20}{s.quantizer:<10}{s.sparsity:>9.3f}{thr:>11}{scale:>10}")
   fp32, packed = size_bits
   lines.append(f"model size: FP32 {fp32 / 8 / 1024:.1f} KiB -> 2-bit ternary {packed / 8 / 1024:.1f} KiB "
                f"({fp32 / packed:.1f}x smaller; codes, scales and full-precision leaves, as exported)")
-  return "\n".join(lines)
+  return lines
+
+
+# --- tasks: what a classification run and a language-model run do differently ----------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationTask:
+  """The classification task of a run (the other: :class:`tgq_jax.training.lm.LanguageModelTask`).
+
+  A task says what the loop does not: the model's example input, the step functions, the metrics
+  derived from the evaluation's means, which checkpoint is best, the throughput unit, the summary
+  fields and the final report. Both have the same attributes and methods.
+  """
+
+  cfg: Config
+  info: Any  # the dataset's DatasetInfo
+
+  name = "classification"
+  eval_split = "test"
+  best_key = "best_test_accuracy"
+  best_metric = checkpoints.BEST_METRIC
+  best_lower = False
+  throughput_key = "img_per_sec"
+  tokens_per_example = 1
+
+  def example_input(self) -> jax.Array:
+    return jnp.zeros((1, *self.info.image_shape), jnp.float32)
+
+  def step_fns(self, model: nn.Module, tga: TGA, axis_name: str | None) -> tuple[Callable, Callable]:
+    del axis_name  # (make_step_fns takes the axis from cfg.parallel, as make_model does)
+    return make_step_fns(model, tga, self.cfg, self.info.num_classes)
+
+  def record(self) -> dict:
+    return {}
+
+  def finish_eval(self, means: Mapping[str, float]) -> dict:
+    return dict(means)
+
+  def checkpoint_metrics(self, metrics: Mapping[str, float]) -> dict:
+    return {self.best_metric: metrics["accuracy"]}
+
+  def better(self, metrics: Mapping[str, float], best: float | None) -> float:
+    return metrics["accuracy"] if best is None else max(best, metrics["accuracy"])
+
+  def announce(self, step: int, epoch: float, metrics: Mapping[str, float]) -> str:
+    return f"epoch {epoch:.2f} (step {step}): test accuracy {100 * metrics['accuracy']:.2f}%"
+
+  def sample(self, model: nn.Module, params: Any) -> None:
+    return None
+
+  def summary(self, metrics: Mapping[str, float] | None, best: float | None, sample: None) -> dict:
+    return {"test_accuracy": None if metrics is None else metrics["accuracy"], "best_test_accuracy": best}
+
+  def report(self, metrics: Mapping[str, float], table: list[str], sample: None) -> str:
+    return "\n".join([accuracy_line(metrics), *table])
+
+
+def make_task(cfg: Config, dataset) -> ClassificationTask | LanguageModelTask:
+  """The task of ``cfg``'s run on ``dataset``: language modelling on ``--dataset text``, else classification."""
+  if cfg.dataset == "text":
+    return LanguageModelTask(dataset, sample_tokens=cfg.sample_tokens, sample_prompt=cfg.sample_prompt,
+                             seed=cfg.seed)
+  return ClassificationTask(cfg, dataset.info)
 
 
 # --- the loop ----------------------------------------------------------------
@@ -299,15 +399,23 @@ def setup(cfg: Config, cleanup: contextlib.ExitStack | None = None):
   cfg.validate()
   if cfg.eval_only:
     check_eval_only(cfg)  # before prepare_workdir: a mistyped workdir is not created
+  check_task_fits(cfg.arch, cfg.dataset)
   workdir = cfg.resolved_workdir()
   prepare_workdir(workdir)
   if cleanup is not None and jax.process_index() == 0:  # (only the primary host writes)
     cleanup.enter_context(workdir_lock(workdir))
   check_run_config(workdir, cfg)
-  dataset = data_lib.get_dataset(cfg.dataset, data_dir=cfg.data_dir, image_shape=cfg.image_shape or None,
-                                 num_classes=cfg.num_classes, num_train=cfg.num_train, num_test=cfg.num_test)
+  if cfg.dataset == "text":
+    if cfg.init_from:
+      raise ValueError("--init-from is not supported for language models (--dataset text) yet")
+    dataset = data_lib.get_dataset("text", data_file=cfg.data_file, vocabulary=cfg.vocabulary,
+                                   context=cfg.context or model_context(cfg.arch), eval_windows=cfg.eval_windows)
+  else:
+    dataset = data_lib.get_dataset(cfg.dataset, data_dir=cfg.data_dir, image_shape=cfg.image_shape or None,
+                                   num_classes=cfg.num_classes, num_train=cfg.num_train, num_test=cfg.num_test)
   info = dataset.info
   parallel.check_batch_size(cfg.batch_size)
+  parallel.mesh_shape(cfg.parallel, cfg.fsdp_devices)  # --fsdp-devices must divide the device count
   if cfg.init_from:
     with _init_from_errors():
       check_init_from(cfg.init_from)  # a missing path fails now, before anything starts
@@ -315,7 +423,7 @@ def setup(cfg: Config, cleanup: contextlib.ExitStack | None = None):
   if cfg.image_shape:  # (a dataset's own shape fits every zoo model)
     check_image_shape(cfg, info.num_classes, info.image_shape)
   model = make_model(cfg, info.num_classes)
-  layers = quantized_layers(model, jnp.zeros((1, *info.image_shape)), train=False)
+  layers = quantized_layers(model, make_task(cfg, dataset).example_input(), train=False)
   train_iter = dataset.train_iterator(global_batch_size=cfg.batch_size, seed=cfg.seed, augment=cfg.augment)
   return dataset, model, layers, train_iter
 
@@ -331,6 +439,7 @@ class Run:
   """
 
   cfg: Config
+  task: ClassificationTask | LanguageModelTask
   dataset: Any
   train_iter: Any
   layers: Mapping
@@ -342,7 +451,7 @@ class Run:
   writer: MetricsWriter
   guard: DivergenceGuard
   state: TrainState
-  extra: dict  # saved with every checkpoint: best test accuracy, wall seconds before this process
+  extra: dict  # saved with every checkpoint: the best evaluation (task.best_key), wall seconds before this process
   started: float  # time.time() when this process started the run
   total: int  # the last step
   verbose: bool = True
@@ -351,9 +460,10 @@ class Run:
   window: list = dataclasses.field(default_factory=list)  # metrics since the last train row
   window_started: float = 0.0
   checked: tuple[int, TrainState] | None = None  # (step, host state) the guard last checked
-  test: dict | None = None  # the newest test metrics and layer statistics
+  test: dict | None = None  # the newest evaluation's metrics (test or val split) and layer statistics
   stats: list | None = None
   interrupted: str | None = None  # the signal that stopped the run, if one did
+  model: nn.Module | None = None  # the model the state trains (the LM task samples text from it)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -372,10 +482,15 @@ class Run:
   def log_due(self) -> bool:
     return self.step % self.cfg.log_every == 0 or self.epoch_ends()
 
+  def eval_due(self) -> bool:
+    """An evaluation (then a checkpoint): every ``--eval-every`` steps, else at epoch ends; and at the run's end."""
+    every = self.cfg.eval_every
+    return (self.step % every == 0 if every else self.step % self.steps_per_epoch == 0) or self.step == self.total
+
   def checkpoint_due(self) -> bool:
-    """A mid-epoch checkpoint (``--checkpoint-every``); epoch ends save after evaluating."""
+    """A checkpoint between evaluations (``--checkpoint-every``); evaluations save after evaluating."""
     every = self.cfg.checkpoint_every
-    return bool(every) and self.step % every == 0 and self.step % self.steps_per_epoch != 0
+    return bool(every) and self.step % every == 0 and not self.eval_due()
 
   # --- what --------------------------------------------------------------------------------
 
@@ -383,7 +498,8 @@ class Run:
     epoch = self.step // self.steps_per_epoch
     end = min((epoch + 1) * self.steps_per_epoch, self.total)
     self.window, self.window_started = [], time.time()
-    return tqdm.tqdm(total=end - self.step, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+    epochs = -(-self.total // self.steps_per_epoch)
+    return tqdm.tqdm(total=end - self.step, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                      disable=not (self.verbose and self.is_main and sys.stderr.isatty()))
 
   def train_step(self) -> None:
@@ -412,55 +528,60 @@ class Run:
     self.check_pending()
     host = self.checked_host_state()
     means = {k: float(np.mean([to_host(m[k]) for m in self.window])) for k in self.window[0]}
-    ips = len(self.window) * self.cfg.batch_size / max(time.time() - self.window_started, 1e-9)
+    examples = len(self.window) * self.cfg.batch_size * self.task.tokens_per_example
+    rate = examples / max(time.time() - self.window_started, 1e-9)
     deltas = threshold_values(host.params, self.layers) if threshold_names(self.layers) else None
     self.writer.write({"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": "train", **means,
-                       "lr": float(self.lr_fn(self.step - 1)), "img_per_sec": ips,
+                       "lr": float(self.lr_fn(self.step - 1)), self.task.throughput_key: rate,
                        **({"delta": deltas} if deltas is not None else {})})
-    bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{ips:.0f}")
+    bar.set_postfix(loss=f"{means['loss']:.4f}", per_s=f"{rate:.0f}")
     self.window, self.window_started = [], time.time()
 
   def save(self, metrics: dict | None = None) -> None:
-    """A checkpoint of this step (host copies, any topology), checked first: nothing diverged is saved."""
+    """A checkpoint of this step (host copies, or the sharded arrays under fsdp; any topology restores it),
+    checked first: nothing diverged is saved."""
     self.check_pending()
-    state = self.checked_host_state()
+    host = self.checked_host_state()
+    # Under fsdp the sharded arrays are saved as they are (each process writes its shards).
+    state = self.state if self.cfg.parallel == "fsdp" else host
     data_state = {"iterator": self.train_iter.get_state(),
                   "extra": {**self.extra, "wall_seconds": self.extra["wall_seconds"] + time.time() - self.started}}
-    checkpoints.save(self.manager, self.step, state, data_state, metrics)
+    checkpoints.save(self.manager, self.step, state, data_state, metrics, host_state=host)
     self.guard.last_saved = self.step
 
   def log_test(self) -> None:
-    """A test row: metrics over the test split and each quantized layer's statistics."""
-    self.test = evaluate(self.eval_fn, self.state, self.dataset, self.cfg, self.mesh, self.cfg.parallel)
+    """An evaluation row (split "test", or "val" for LMs): the task's metrics and each quantized layer's
+    statistics."""
+    means = evaluate(self.eval_fn, self.state, self.dataset, self.cfg, self.mesh, self.cfg.parallel)
+    self.test = self.task.finish_eval(means)
     self.stats = layer_stats(to_host(self.state.params), self.layers)
-    self.writer.write({"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": "test", **self.test,
-                       "layers": [s.as_dict() for s in self.stats]})
-    best = self.extra["best_test_accuracy"]
-    self.extra["best_test_accuracy"] = self.test["accuracy"] if best is None else max(best, self.test["accuracy"])
+    self.writer.write({"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": self.task.eval_split,
+                       **self.test, "layers": [s.as_dict() for s in self.stats]})
+    self.extra[self.task.best_key] = self.task.better(self.test, self.extra.get(self.task.best_key))
 
   def end_epoch(self) -> None:
-    """Checks the state (a diverged one gets no test row), evaluates, saves with the test accuracy."""
+    """Checks the state (a diverged one gets no evaluation row), evaluates, saves with the task's best metric."""
     self.check_pending()
     self.checked_host_state()
     self.log_test()
-    self.save({checkpoints.BEST_METRIC: self.test["accuracy"]})
+    self.save(self.task.checkpoint_metrics(self.test))
     if self.verbose and self.is_main:
-      print(f"epoch {self.step / self.steps_per_epoch:.2f} (step {self.step}): "
-            f"test accuracy {100 * self.test['accuracy']:.2f}%")
+      print(self.task.announce(self.step, self.step / self.steps_per_epoch, self.test))
 
   def finish(self) -> dict:
     """The summary (summary.json; the final report printed): evaluates first if no epoch ended here."""
     if self.interrupted is None and self.test is None:  # eval-only, or resumed a finished run
       self.log_test()
+    sample = None if self.interrupted is not None else self.task.sample(self.model, to_host(self.state.params))
     self.extra["wall_seconds"] += time.time() - self.started
-    summary = {"test_accuracy": None if self.test is None else self.test["accuracy"],
-               "best_test_accuracy": self.extra["best_test_accuracy"], "steps": self.step,
+    summary = {**self.task.summary(self.test, self.extra.get(self.task.best_key), sample), "steps": self.step,
                "wall_seconds": self.extra["wall_seconds"], "interrupted": self.interrupted is not None,
                "config": dataclasses.asdict(self.cfg)}
     if self.test is not None:
-      summary["test_metrics"] = self.test
+      summary[f"{self.task.eval_split}_metrics"] = self.test
       host = to_host({"params": self.state.params, "batch_stats": self.state.batch_stats})
-      summary["report"] = format_report(self.test, self.stats, model_size_bits(host, self.layers))
+      summary["report"] = self.task.report(self.test, layer_table(self.stats, model_size_bits(host, self.layers)),
+                                           sample)
     if self.is_main:
       write_json_atomically(os.path.join(self.cfg.resolved_workdir(), "summary.json"),
                             {k: v for k, v in summary.items() if k != "report"}, indent=2)
@@ -489,6 +610,7 @@ def train_loop(run: Run, preemption: _Preemption) -> None:
     if run.epoch_ends():
       bar.close()
       bar = None
+    if run.eval_due():
       run.end_epoch()
   if bar is not None:
     bar.close()
@@ -500,26 +622,28 @@ def start_run(cfg: Config, cleanup: contextlib.ExitStack, verbose: bool = True) 
   started = time.time()
   dataset, model, layers, train_iter = setup(cfg, cleanup)
   info, spe = dataset.info, train_iter.steps_per_epoch
+  task = make_task(cfg, dataset)
   workdir = cfg.resolved_workdir()
   is_main = jax.process_index() == 0
-  mesh, kind = parallel.make_mesh(), cfg.parallel
+  mesh, kind = parallel.make_mesh(cfg.parallel, cfg.fsdp_devices), cfg.parallel
   labels = param_labels(jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
-                                       jnp.zeros((1, *info.image_shape)))["params"], layers)
+                                       task.example_input())["params"], layers)
   tga, lr_fn = make_tga(cfg, labels, spe)
-  train_fn, eval_fn = make_step_fns(model, tga, cfg, info.num_classes)
+  train_fn, eval_fn = task.step_fns(model, tga, parallel.step_axis_name(kind))
   train_fn, eval_fn = dataset.wrap_step(train_fn), dataset.wrap_step(eval_fn)  # uint8 "pixels" -> "image" on device
-  train_fn, eval_fn = parallel.map_step(train_fn, mesh, kind), parallel.map_step(eval_fn, mesh, kind)
-
-  state = create_state(model, info.image_shape, tga, cfg.seed)
-  manager = checkpoints.make_manager(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
+  state = init_state(model, task.example_input(), tga, cfg.seed)
+  train_fn, eval_fn = parallel.map_steps(train_fn, eval_fn, mesh, kind, state)
+  manager = checkpoints.make_manager(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints,
+                                     best_metric=task.best_metric, best_lower=task.best_lower)
   cleanup.callback(manager.close)
   cleanup.callback(manager.wait_until_finished)  # (callbacks run last-in first-out)
-  extra = {"best_test_accuracy": None, "wall_seconds": 0.0}
+  extra = {task.best_key: None, "wall_seconds": 0.0}
   resumed = manager.latest_step() is not None
   if resumed:  # re-running the same command resumes
-    check_resume_config(workdir, cfg, cfg.model_spec(info.num_classes).to_dict())
+    check_resume_config(workdir, cfg, cfg.model_spec(info.num_classes).to_dict(), task.record())
     # The newest intact checkpoint; damaged newer ones are reported and moved aside.
     state, restored = checkpoints.restore(manager, to_host(state), quarantine=True,
+                                          shardings=parallel.state_shardings(state, mesh, kind),
                                           report=checkpoints.report_to_stderr if is_main else lambda _: None)
     train_iter.set_state(restored["iterator"])
     extra = {**extra, **restored.get("extra", {})}
@@ -531,15 +655,15 @@ def start_run(cfg: Config, cleanup: contextlib.ExitStack, verbose: bool = True) 
     state = init_from_checkpoint(state, cfg.init_from, model, info.image_shape, tga, arch=cfg.arch)
   step = int(to_host(state.step))
   if is_main:  # only now: a workdir whose checkpoints do not fit this model keeps its record
-    write_run_config(workdir, cfg, info, resumed_at=step if resumed else None)
+    write_run_config(workdir, cfg, info, resumed_at=step if resumed else None, record=task.record())
   state = parallel.put_state(state, mesh, kind)
 
-  total = spe * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, spe * cfg.epochs)
+  total = run_steps(cfg, spe) if cfg.max_steps is None else min(cfg.max_steps, run_steps(cfg, spe))
   writer = MetricsWriter(workdir, enabled=is_main, start_step=step)
   cleanup.callback(writer.close)
   guard = DivergenceGuard(info.num_classes, layers, manager.latest_step())
-  return Run(cfg, dataset, train_iter, layers, mesh, train_fn, eval_fn, lr_fn, manager, writer, guard, state,
-             extra, started, total=step if cfg.eval_only else total, verbose=verbose, step=step)
+  return Run(cfg, task, dataset, train_iter, layers, mesh, train_fn, eval_fn, lr_fn, manager, writer, guard, state,
+             extra, started, total=step if cfg.eval_only else total, verbose=verbose, step=step, model=model)
 
 
 def train_and_evaluate(cfg: Config, *, verbose: bool = True) -> dict:

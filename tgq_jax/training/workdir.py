@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from tgq_jax.core.policy import QuantPolicy
 from tgq_jax.training.configs import Config
 
 RUN_CONFIG = "config.json"
@@ -144,14 +145,16 @@ def workdir_lock(workdir: str) -> Iterator[None]:
 # --- the run record ---------------------------------------------------------------------------
 
 # Fields that define the model: a workdir's checkpoints only fit a run with the same values.
-_MODEL_FIELDS = ("arch", "dataset", "quantizer", "per_channel", "ternary_first", "ternary_last")
+_MODEL_FIELDS = ("arch", "dataset", "quantizer", "per_channel", "ternary_first", "ternary_last", "activation_bits",
+                 "ternary_embeddings")
 # Fields that define what a step computes or what data it sees: a resume with other values would
 # silently continue another recipe from this run's state.
 RECIPE_FIELDS = ("image_shape", "num_train", "num_test", "num_classes", "augment", "dropout", "epochs",
                  "batch_size", "update", "optimizer", "lr", "momentum", "nesterov", "lr_schedule", "schedule",
                  "gammas", "weight_decay", "warmup_epochs", "grad_clip", "label_smoothing", "threshold_optimizer",
                  "threshold_lr", "threshold_weight_decay", "threshold_grad_clip", "bn_cross_device",
-                 "bn_running_stats", "half_precision", "seed")
+                 "bn_running_stats", "half_precision", "seed", "data_file", "vocabulary", "context", "eval_windows",
+                 "train_steps", "warmup_steps", "lr_end", "adam_b2", "weight_decay_on")
 
 
 def _flag(name: str) -> str:
@@ -180,9 +183,15 @@ def read_run_config(workdir: str) -> dict | None:
   return record
 
 
+def _recorded(previous: dict, name: str) -> Any:
+  """A recorded option; one the record predates (written before the option existed) is its default."""
+  field = Config.__dataclass_fields__[name]
+  return previous.get(name, _as_json(field.default) if field.default is not dataclasses.MISSING else None)
+
+
 def _differences(previous: dict, cfg: Config, fields: tuple[str, ...]) -> list[str]:
-  return [f"{_flag(k)} {previous.get(k)!r} there, {_as_json(getattr(cfg, k))!r} now"
-          for k in fields if previous.get(k) != _as_json(getattr(cfg, k))]
+  return [f"{_flag(k)} {_recorded(previous, k)!r} there, {_as_json(getattr(cfg, k))!r} now"
+          for k in fields if _recorded(previous, k) != _as_json(getattr(cfg, k))]
 
 
 def check_run_config(workdir: str, cfg: Config) -> None:
@@ -197,7 +206,7 @@ def check_run_config(workdir: str, cfg: Config) -> None:
                      "use another --workdir.")
 
 
-def check_resume_config(workdir: str, cfg: Config, model: dict) -> None:
+def check_resume_config(workdir: str, cfg: Config, model: dict, record: dict | None = None) -> None:
   """ValueError (one line) unless resuming the run in ``workdir`` with ``cfg`` continues the same recipe.
 
   ``model``: the model record this run would write (``ModelSpec.to_dict()``). The
@@ -205,12 +214,20 @@ def check_resume_config(workdir: str, cfg: Config, model: dict) -> None:
   names is built), and so must every :data:`RECIPE_FIELDS` option: the update
   rule, optimizers, schedule, data. Run length (``--max-steps``), logging,
   checkpointing and device options may change; they are recorded by
-  :func:`write_run_config`.
+  :func:`write_run_config`. ``record``: the task's further facts (an LM's ``vocabulary``), each of
+  which must equal the recorded one (a text file edited since: another vocabulary).
   """
-  record = read_run_config(workdir)
+  facts, record = record or {}, read_run_config(workdir)
   if record is None:
     return
-  recorded = record.get("model", {})
+  for key, value in facts.items():
+    if key in record and record[key] != _as_json(value):
+      raise ValueError(f"{os.path.join(workdir, RUN_CONFIG)} records another {key} than this run's data has "
+                       f"(was --data-file changed since?); resuming would train on other tokens: use another "
+                       "--workdir")
+  recorded = dict(record.get("model", {}))
+  if isinstance(recorded.get("policy"), dict):  # policy fields the record predates: their defaults
+    recorded["policy"] = {**_as_json(QuantPolicy().to_dict()), **recorded["policy"]}
   mismatched = sorted(k for k in recorded.keys() & model.keys() if recorded[k] != _as_json(model[k]))
   if mismatched:
     k = mismatched[0]
@@ -223,13 +240,16 @@ def check_resume_config(workdir: str, cfg: Config, model: dict) -> None:
                      "(with --init-from to start from its weights)")
 
 
-def write_run_config(workdir: str, cfg: Config, info, *, resumed_at: int | None = None) -> None:
+def write_run_config(workdir: str, cfg: Config, info, *, resumed_at: int | None = None,
+                     record: dict | None = None) -> None:
   """Writes ``<workdir>/config.json`` (config + dataset facts: what export and resume read).
 
   A new run (``resumed_at`` None) writes the record. A resume at step ``resumed_at``
   keeps it and appends ``{"step": resumed_at, "changed": {field: value}}`` to its
   ``"resumes"`` list when options outside the recipe changed (``--max-steps``,
-  ``--eval-only``, logging, ...): the record says which options held for which steps.
+  ``--eval-only``, logging, ...): the record says which options held for which steps. ``record``: the
+  task's further facts, written beside the config (an LM's ``{"vocabulary": {...}}``, which generate and
+  export decode with).
   """
   check_run_config(workdir, cfg)
   path = os.path.join(workdir, RUN_CONFIG)
@@ -243,9 +263,9 @@ def write_run_config(workdir: str, cfg: Config, info, *, resumed_at: int | None 
       return
     record = {**previous, "resumes": [*previous.get("resumes", []), {"step": resumed_at, "changed": changed}]}
   else:
+    facts = record or {}
     record = {"config": dataclasses.asdict(cfg),
               "model": cfg.model_spec(info.num_classes).to_dict(),  # what export rebuilds the model from
-              "dataset_info": {"name": info.name, "num_classes": info.num_classes,
-                               "image_shape": list(info.image_shape), "num_train": info.num_train,
-                               "num_test": info.num_test}}
+              "dataset_info": _as_json(dataclasses.asdict(info)),  # (name, num_classes, sizes, shape or context)
+              **_as_json(facts)}
   write_json_atomically(path, record, indent=2)
