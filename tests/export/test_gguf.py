@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tgq_jax import QuantPolicy
+from tgq_jax.core.trees import kernel_key
 from tgq_jax.data.text import Vocabulary
 from tgq_jax.export import export_gguf
 from tgq_jax.export import gguf as gguf_export
@@ -52,7 +53,7 @@ def _ternary_weights(spec: ModelSpec, variables: dict) -> dict[str, np.ndarray]:
     node = variables["params"]
     for key in path:
       node = node[key]
-    out["/".join(path)] = np.asarray(quantizer(node["kernel"], {k: node[k] for k in quantizer.param_names}))
+    out["/".join(path)] = np.asarray(quantizer(node[kernel_key(node)], {k: node[k] for k in quantizer.param_names}))
   return out
 
 
@@ -266,6 +267,28 @@ def test_two_magnitudes_and_scales_beyond_float16_are_refused(tmp_path, per_chan
   _refused(tmp_path, "beyond float16's range", huge, spec, VOCAB, ternary_type="F16")
 
 
+def test_a_ternary_embedding_is_tq2_0_per_tensor_and_refused_per_feature(tmp_path):
+  spec = _spec(QuantPolicy("tga", embeddings=True, activation_bits=8), num_layers=1)
+  variables = _variables(spec)
+  report = export_gguf(tmp_path / "m.gguf", variables, spec, VOCAB)
+  tensors, types, _ = _read(tmp_path / "m.gguf")
+  table = _ternary_weights(spec, variables)["embed"]  # (V, d): one row per token, as ggml's
+  assert types["token_embd.weight"] == "TQ2_0" and len(np.unique(np.abs(table[table != 0]))) == 1
+  np.testing.assert_array_equal(tensors["token_embd.weight"],
+                                np.sign(table) * np.abs(table).astype(np.float16).astype(np.float32))
+  assert len(report.notes) == 1 and "8 bits per token" in report.notes[0] and "note:" in report.format()
+  os.remove(tmp_path / "m.gguf")
+  spec = _spec(QuantPolicy("tga", per_channel=True, embeddings=True), num_layers=1)
+  variables = _variables(spec)
+  msg = _refused(tmp_path, "TQ2_0 cannot hold 1 ternary", variables, spec, VOCAB)
+  assert f"embed (kernel ({VOCAB.size}, 256): its scale varies within a block of 256 along a row" in msg
+  report = export_gguf(tmp_path / "m.gguf", variables, spec, VOCAB, unaligned="float")
+  assert [layer for layer, _ in report.float_layers] == ["embed"] and not report.notes
+  tensors, types, _ = _read(tmp_path / "m.gguf")
+  assert types["token_embd.weight"] == "F32" and types["blk.0.attn_q.weight"] == "TQ2_0"
+  np.testing.assert_array_equal(tensors["token_embd.weight"], _ternary_weights(spec, variables)["embed"])
+
+
 def test_full_precision_policy_writes_every_matrix_as_float(tmp_path):
   spec = _spec(QuantPolicy("fp"), num_layers=1)
   variables = _variables(spec)
@@ -299,7 +322,7 @@ def _lm_workdir(path, spec: ModelSpec, variables: dict | None, record_extra: dic
 
   path.mkdir()
   record = {"model": spec.to_dict(), "dataset_info": {"name": "text", "num_classes": spec.num_classes,
-                                                      "image_shape": [LM["context"]]}, **record_extra}
+                                                      "context": LM["context"]}, **record_extra}
   (path / "config.json").write_text(json.dumps(record))
   if variables is not None:
     with checkpoints.make_manager(str(path / "checkpoints")) as manager:

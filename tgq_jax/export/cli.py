@@ -49,11 +49,13 @@ def _read_json(path: str, what: str) -> Any:
     raise ValueError(f"{e} (not a {what})") from None
 
 
-def run_record(workdir: str, model: ModelArg = None) -> tuple[ModelSpec, tuple[int, ...], str]:
+def run_record(workdir: str, model: ModelArg = None, *, input_shape: bool = True
+               ) -> tuple[ModelSpec, tuple[int, ...] | None, str]:
   """The model spec, input shape and dataset name a workdir's ``config.json`` records, checked as data.
 
   Its ``"model"`` entry (a ModelSpec), or, for a workdir written before there was
-  one, the ``"config"`` options. ValueError (one line) for anything else.
+  one, the ``"config"`` options. ValueError (one line) for anything else. ``input_shape=False``: the
+  record's ``image_shape`` is neither needed nor read (None; a language model's record has a context).
   """
   from tgq_jax.training.workdir import RUN_CONFIG
 
@@ -69,7 +71,7 @@ def run_record(workdir: str, model: ModelArg = None) -> tuple[ModelSpec, tuple[i
       spec = ModelSpec.from_dict(record["model"])
     else:
       spec = _config_spec(record.get("config"), info)
-    image_shape = check_image_shape(info.get("image_shape"))
+    image_shape = check_image_shape(info.get("image_shape")) if input_shape else None
     dataset = info.get("name")
     if not isinstance(dataset, str) or len(dataset) > 200:
       raise ValueError(f"dataset_info.name {dataset!r:.60} is not a name")
@@ -164,7 +166,7 @@ def export_workdir_gguf(workdir: str | os.PathLike, out: str | os.PathLike, *, t
   workdir, out = os.fspath(workdir), os.fspath(out)
   if os.path.isdir(out):
     raise ValueError(f"--out {out} is a directory: give a file name (e.g. {os.path.join(out, 'model' + GGUF_SUFFIX)}).")
-  spec, _, _ = run_record(workdir)
+  spec, _, _ = run_record(workdir, input_shape=False)
   gguf_export.check_llama(spec)  # a non-LM run: refused before its checkpoint is read
   vocabulary = run_vocabulary(workdir)
   return gguf_export.export_gguf(out, latest_variables(workdir), spec, vocabulary, ternary_type=ternary_type,

@@ -11,7 +11,7 @@ attention), so the tensors go as they are, transposed to ggml's ``(out, in)`` ro
 =================================  ============================  ==========================
 our params path                    GGUF tensor                   stored as
 =================================  ============================  ==========================
-``embed/embedding`` (V, d)         ``token_embd.weight``         float (ternary if quantized)
+``embed/embedding`` (V, d)         ``token_embd.weight``         float; TQ2_0 when ternary
 ``layers_{i}/attn_norm/scale``     ``blk.{i}.attn_norm.weight``  F32
 ``layers_{i}/attn/{q,k,v,o}``      ``blk.{i}.attn_{q,k,v,output}.weight``  TQ2_0 when ternary
 ``layers_{i}/mlp_norm/scale``      ``blk.{i}.ffn_norm.weight``   F32
@@ -26,8 +26,12 @@ quantizer (:meth:`~tgq_jax.core.quantizers.Quantizer.parts`, as the packed expor
 per-tensor or per-output-channel scale is carried exactly, to its float16 rounding. A kernel TQ2_0
 cannot hold (an input width that is not a multiple of 256, a scale that varies within a block, TTQ's two
 magnitudes, a scale beyond float16) is refused with its name and shape, or written at full precision
-with ``unaligned="float"`` (the report lists those layers). Full-precision layers (the ``fp`` policy,
-the embedding, an unquantized head) are written as ``float_type`` (F32 or F16); norms are F32.
+with ``unaligned="float"`` (the report lists those layers). A ternary embedding table
+(``QuantPolicy(embeddings=True)``) is TQ2_0 with a per-tensor scale (its per-feature scales vary along
+its rows: refused, or full precision). Full-precision layers (the ``fp`` policy, the embedding, an
+unquantized head) are written as ``float_type`` (F32 or F16); norms are F32. A model that quantizes its
+activations (``QuantPolicy(activation_bits=8)``, BitNet's W1.58A8) exports as well; llama.cpp
+quantizes activations its own way (the report says so).
 
 **Tokenizer.** The vocabulary (:class:`~tgq_jax.data.text.Vocabulary`, characters or bytes) is written
 as llama.cpp's ``rwkv`` tokenizer (``tokenizer.ggml.model = "rwkv"``): each token is the escaped
@@ -52,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tgq_jax.core.trees import KERNEL_KEYS
 from tgq_jax.data.text import Vocabulary
 from tgq_jax.export import files
 from tgq_jax.export.packing import as_spec, check_finite
@@ -147,12 +152,14 @@ class GGUFReport:
     file_bytes: its size.
     tensors: every tensor, in file order.
     float_layers: ternary layers written at full precision (``unaligned="float"``), with the reason.
+    notes: what llama.cpp will compute differently from the model (e.g. its activation quantization).
   """
 
   path: str
   file_bytes: int
   tensors: tuple[GGUFTensor, ...]
   float_layers: tuple[tuple[str, str], ...]
+  notes: tuple[str, ...] = ()
 
   def format(self) -> str:
     counts: dict[str, int] = {}
@@ -161,6 +168,7 @@ class GGUFReport:
     lines = [f"{self.path}: {self.file_bytes:,} bytes, {len(self.tensors)} tensors ("
              + ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) + ")"]
     lines += [f"  ternary layer {layer} written at full precision: {why}" for layer, why in self.float_layers]
+    lines += [f"  note: {note}" for note in self.notes]
     return "\n".join(lines)
 
 
@@ -189,8 +197,8 @@ def _tq2_0_problem(weight: np.ndarray) -> str | None:
   magnitude = np.abs(weight).reshape(rows, inputs // BLOCK, BLOCK)
   d = magnitude.max(axis=-1, keepdims=True)
   if not np.all((magnitude == 0) | (magnitude == d)):
-    return ("its scale varies within a block of 256 inputs (TQ2_0 has one scale per block: per-input-channel "
-            "scales or a quantizer's two magnitudes do not fit)")
+    return ("its scale varies within a block of 256 along a row (TQ2_0 has one scale per block: an embedding "
+            "table's per-feature scales, or a quantizer's two magnitudes, do not fit)")
   with np.errstate(over="ignore"):  # an overflow is what is checked for
     d16 = d.astype(np.float16)
   if not np.all(np.isfinite(d16)) or np.any((d > 0) & (d16 == 0)):
@@ -229,7 +237,7 @@ def _gguf_tensors(variables: Mapping, model: Any, llama: Llama, ternary_type: st
   quantizers = quantized_layers(model, jax.ShapeDtypeStruct((1, 1), jnp.int32), train=False)
   layer_of = {}  # params leaf -> (layer path, quantizer) for the kernels that go through a quantizer
   for layer_path, quantizer in quantizers.items():
-    for leaf in ("kernel", "embedding"):
+    for leaf in KERNEL_KEYS:
       layer_of[(*layer_path, leaf)] = (layer_path, quantizer)
   quantizer_leaves = {(*p, name) for p, q in quantizers.items() for name in q.param_names}
 
@@ -372,4 +380,9 @@ def export_gguf(path: str | os.PathLike, variables: Mapping, spec: ModelSpec | M
     writer.close()
 
   files.atomic_write_with(path, write, "GGUF file")
-  return GGUFReport(path, os.path.getsize(path), tuple(t for t, _ in tensors), tuple(fallback))
+  notes = []
+  if spec.policy.activation_bits is not None:
+    notes.append(f"the model quantizes its layers' inputs to {spec.policy.activation_bits} bits per token; llama.cpp "
+                 "quantizes them its own way (TQ2_0 products: 8 bits per block of 256; F16: float16), so its logits "
+                 "differ from the model's by more than the weights' rounding")
+  return GGUFReport(path, os.path.getsize(path), tuple(t for t, _ in tensors), tuple(fallback), tuple(notes))
