@@ -49,13 +49,11 @@ def _read_json(path: str, what: str) -> Any:
     raise ValueError(f"{e} (not a {what})") from None
 
 
-def run_record(workdir: str, model: ModelArg = None, *, input_shape: bool = True
-               ) -> tuple[ModelSpec, tuple[int, ...] | None, str]:
+def run_record(workdir: str, model: ModelArg = None) -> tuple[ModelSpec, tuple[int, ...], str]:
   """The model spec, input shape and dataset name a workdir's ``config.json`` records, checked as data.
 
   Its ``"model"`` entry (a ModelSpec), or, for a workdir written before there was
-  one, the ``"config"`` options. ValueError (one line) for anything else. ``input_shape=False``: the
-  record's ``image_shape`` is neither needed nor read (None; a language model's record has a context).
+  one, the ``"config"`` options. ValueError (one line) for anything else.
   """
   from tgq_jax.training.workdir import RUN_CONFIG
 
@@ -71,7 +69,7 @@ def run_record(workdir: str, model: ModelArg = None, *, input_shape: bool = True
       spec = ModelSpec.from_dict(record["model"])
     else:
       spec = _config_spec(record.get("config"), info)
-    image_shape = check_image_shape(info.get("image_shape")) if input_shape else None
+    image_shape = check_image_shape(info.get("image_shape"))
     dataset = info.get("name")
     if not isinstance(dataset, str) or len(dataset) > 200:
       raise ValueError(f"dataset_info.name {dataset!r:.60} is not a name")
@@ -141,6 +139,26 @@ def latest_variables(workdir: str) -> Mapping[str, Any]:
   return checkpoints.load_variables(workdir)
 
 
+def _run_spec(workdir: str) -> ModelSpec:
+  """The ModelSpec (``"model"``) a workdir's ``config.json`` records, registered and checked; no input shape is
+  read (a language model's record has a context instead). ValueError (one line) otherwise."""
+  from tgq_jax.training.workdir import RUN_CONFIG
+
+  path = os.path.join(workdir, RUN_CONFIG)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir} a train.py workdir?")
+  record = _read_json(path, "train.py run record")
+  try:
+    if not isinstance(record, Mapping) or "model" not in record:
+      raise ValueError("no 'model' entry")
+    spec = ModelSpec.from_dict(record["model"]).bind(None)
+    spec.check()
+  except (KeyError, TypeError, ValueError) as e:
+    text = str(e).splitlines()[0] if str(e) else repr(e)
+    raise ValueError(f"{path} is not a usable run record: {text}") from None
+  return spec
+
+
 def run_vocabulary(workdir: str) -> Vocabulary:
   """The vocabulary a language-model run's ``config.json`` records (``"vocabulary"``), checked as data."""
   from tgq_jax.training.workdir import RUN_CONFIG
@@ -166,7 +184,7 @@ def export_workdir_gguf(workdir: str | os.PathLike, out: str | os.PathLike, *, t
   workdir, out = os.fspath(workdir), os.fspath(out)
   if os.path.isdir(out):
     raise ValueError(f"--out {out} is a directory: give a file name (e.g. {os.path.join(out, 'model' + GGUF_SUFFIX)}).")
-  spec, _, _ = run_record(workdir, input_shape=False)
+  spec = _run_spec(workdir)
   gguf_export.check_llama(spec)  # a non-LM run: refused before its checkpoint is read
   vocabulary = run_vocabulary(workdir)
   return gguf_export.export_gguf(out, latest_variables(workdir), spec, vocabulary, ternary_type=ternary_type,
