@@ -99,6 +99,26 @@ def _config_spec(cfg: Any, info: Mapping[str, Any]) -> ModelSpec:
                    "bfloat16" if cfg.get("half_precision") is True else "float32", kwargs)
 
 
+def _run_spec(workdir: str) -> ModelSpec:
+  """The ModelSpec (``"model"``) a workdir's ``config.json`` records, registered and checked; no input shape is
+  read (a language model's record has a context instead). ValueError (one line) otherwise."""
+  from tgq_jax.training.workdir import RUN_CONFIG
+
+  path = os.path.join(workdir, RUN_CONFIG)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir} a train.py workdir?")
+  record = _read_json(path, "train.py run record")
+  try:
+    if not isinstance(record, Mapping) or "model" not in record:
+      raise ValueError("no 'model' entry")
+    spec = ModelSpec.from_dict(record["model"]).bind(None)
+    spec.check()
+  except (KeyError, TypeError, ValueError) as e:
+    text = str(e).splitlines()[0] if str(e) else repr(e)
+    raise ValueError(f"{path} is not a usable run record: {text}") from None
+  return spec
+
+
 def _test_accuracy(workdir: str) -> float | None:
   path = os.path.join(workdir, "summary.json")
   if not os.path.isfile(path):
@@ -137,26 +157,6 @@ def latest_variables(workdir: str) -> Mapping[str, Any]:
     raise FileNotFoundError(f"{workdir} has no checkpoint to export (no finished step under {ckpt_dir}): "
                             "the run saved none yet; train it (or let it reach its first checkpoint) first.")
   return checkpoints.load_variables(workdir)
-
-
-def _run_spec(workdir: str) -> ModelSpec:
-  """The ModelSpec (``"model"``) a workdir's ``config.json`` records, registered and checked; no input shape is
-  read (a language model's record has a context instead). ValueError (one line) otherwise."""
-  from tgq_jax.training.workdir import RUN_CONFIG
-
-  path = os.path.join(workdir, RUN_CONFIG)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir} a train.py workdir?")
-  record = _read_json(path, "train.py run record")
-  try:
-    if not isinstance(record, Mapping) or "model" not in record:
-      raise ValueError("no 'model' entry")
-    spec = ModelSpec.from_dict(record["model"]).bind(None)
-    spec.check()
-  except (KeyError, TypeError, ValueError) as e:
-    text = str(e).splitlines()[0] if str(e) else repr(e)
-    raise ValueError(f"{path} is not a usable run record: {text}") from None
-  return spec
 
 
 def run_vocabulary(workdir: str) -> Vocabulary:
