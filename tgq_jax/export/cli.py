@@ -18,11 +18,14 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
+
 from tgq_jax.core.policy import QuantPolicy
+from tgq_jax.data.text import Vocabulary
 from tgq_jax.export import container, files
 from tgq_jax.export.packing import check_image_shape, export_variables
 from tgq_jax.export.sizes import SizeReport
-from tgq_jax.models import ModelSpec
+from tgq_jax.models import ModelSpec, example_input
 from tgq_jax.models.spec import ModelArg
 
 SUFFIX = ".safetensors"
@@ -60,7 +63,7 @@ def run_record(workdir: str, model: ModelArg = None) -> tuple[ModelSpec, tuple[i
       spec = ModelSpec.from_dict(record["model"])
     else:
       spec = _config_spec(record.get("config"), info)
-    image_shape = check_image_shape(info.get("image_shape"))
+    image_shape = _input_shape(spec.bind(model), info.get("image_shape"))
     dataset = info.get("name")
     if not isinstance(dataset, str) or len(dataset) > 200:
       raise ValueError(f"dataset_info.name {dataset!r:.60} is not a name")
@@ -70,6 +73,31 @@ def run_record(workdir: str, model: ModelArg = None) -> tuple[ModelSpec, tuple[i
     text = str(e).splitlines()[0] if str(e) else repr(e)
     raise ValueError(f"{path} is not a usable run record: {text}") from None
   return spec, image_shape, dataset
+
+
+def _input_shape(spec: ModelSpec, recorded: Any) -> tuple[int, ...]:
+  """The recorded input shape (checked); for a model of token ids, which takes any length, (1,) where
+  none is recorded."""
+  if recorded is None and jnp.issubdtype(example_input(spec.build(), (1,)).dtype, jnp.integer):
+    return (1,)
+  return check_image_shape(recorded)
+
+
+def run_vocabulary(workdir: str) -> Vocabulary | None:
+  """The vocabulary a language model's workdir records in ``config.json`` (None: it records none),
+  read as data (:meth:`tgq_jax.data.text.Vocabulary.from_dict`; anything else is a one-line ValueError)."""
+  from tgq_jax.training.workdir import RUN_CONFIG
+
+  path = os.path.join(workdir, RUN_CONFIG)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir} a train.py workdir?")
+  record = _read_json(path, "train.py run record")
+  if not isinstance(record, Mapping) or record.get("vocabulary") is None:
+    return None
+  try:
+    return Vocabulary.from_dict(record["vocabulary"])
+  except ValueError as e:
+    raise ValueError(f"{path} is not a usable run record: {e}") from None
 
 
 def _config_spec(cfg: Any, info: Mapping[str, Any]) -> ModelSpec:
@@ -119,6 +147,9 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *, model:
                             "the run saved none yet; train it (or let it reach its first checkpoint) first.")
   variables = checkpoints.load_variables(workdir)
   extra: dict[str, Any] = {"dataset": dataset}
+  vocabulary = run_vocabulary(workdir)
+  if vocabulary is not None:  # a language model's: generation decodes the file's tokens with it
+    extra["vocabulary"] = vocabulary.to_dict()
   accuracy = _test_accuracy(workdir)
   if accuracy is not None:
     extra["test_accuracy"] = accuracy
