@@ -38,9 +38,9 @@ def load_language_model(path: str) -> tuple[Any, dict, Vocabulary]:
     spec, _, _ = export_cli.run_record(path)
     model = spec.build()
     language_model(model)  # refuses another kind of model before its checkpoint is read
-    vocabulary = export_cli.run_vocabulary(path)
+    vocabulary = export_cli.run_vocabulary(path, required=False)
     if vocabulary is None:
-      raise ValueError(f"{path}/config.json records no vocabulary: not a language model's run.")
+      raise ValueError(f"{os.path.join(path, 'config.json')} records no vocabulary: not a language model's run.")
     try:
       variables = checkpoints.load_variables(path, report=lambda message: None)
     except checkpoints.CheckpointError as e:

@@ -38,16 +38,21 @@ are JSON values checked against the constructor's fields; the header's size,
 nesting, dtypes, shapes and byte ranges are checked against the model before a
 tensor is read. The SHA-256 proves the file is intact, not where it came from.
 
+**For llama.cpp**: ``--out model.gguf`` writes the decoder LM as a GGUF file instead (ternary kernels as
+TQ2_0, the vocabulary as its tokenizer): :mod:`~tgq_jax.export.gguf`, :func:`export_gguf`.
+
 Modules: :mod:`~tgq_jax.export.container` (the container, its checks),
 :mod:`~tgq_jax.export.packing` (writing), :mod:`~tgq_jax.export.loading` (reading),
-:mod:`~tgq_jax.export.files` (atomic writes), :mod:`~tgq_jax.export.sizes`,
+:mod:`~tgq_jax.export.files` (atomic writes), :mod:`~tgq_jax.export.sizes`, :mod:`~tgq_jax.export.gguf`,
 :mod:`~tgq_jax.export.cli`.
 """
 from tgq_jax.export.container import FORMAT, FORMAT_VERSION, PackedFormatError  # noqa: F401
 from tgq_jax.export.loading import load_packed  # noqa: F401
 from tgq_jax.export.packing import export_variables, pack_variables  # noqa: F401
 from tgq_jax.export.sizes import LayerSize, SizeReport, size_report  # noqa: F401
-from tgq_jax.export.cli import export_workdir, main  # noqa: F401
+from tgq_jax.export.gguf import GGUFReport, export_gguf  # noqa: F401
+from tgq_jax.export.cli import export_workdir, export_workdir_gguf, main  # noqa: F401
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "LayerSize", "PackedFormatError", "SizeReport", "export_variables",
-           "export_workdir", "load_packed", "main", "pack_variables", "size_report"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "GGUFReport", "LayerSize", "PackedFormatError", "SizeReport", "export_gguf",
+           "export_variables", "export_workdir", "export_workdir_gguf", "load_packed", "main", "pack_variables",
+           "size_report"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Callable
 
 from tgq_jax.training.workdir import process_alive
 
@@ -69,15 +70,24 @@ def atomic_write(path: str | os.PathLike, blob: bytes, what: str = "output") -> 
     IsADirectoryError: ``path`` is a directory.
     OSError: the write failed (one line: ``path``, the reason, and that nothing changed there).
   """
+  def write(tmp: str) -> None:
+    with open(tmp, "wb") as f:
+      f.write(blob)
+
+  atomic_write_with(path, write, what)
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None], what: str = "output") -> None:
+  """:func:`atomic_write` for a writer that makes the file itself: ``write(tmp)`` creates ``tmp`` (e.g. a
+  library's writer given a file name); the file is then synced and renamed over ``path``, all or nothing."""
   path = os.fspath(path)
   if os.path.isdir(path):
     raise IsADirectoryError(f"{what} {path} is a directory: give a file name.")
   remove_stale_temporaries(path)
   tmp = temporary_name(path)
   try:
-    with open(tmp, "wb") as f:
-      f.write(blob)
-      f.flush()
+    write(tmp)
+    with open(tmp, "rb+") as f:
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException as e:
