@@ -18,7 +18,8 @@ greedily. For JAX the whole loop is one compiled call, so tokens/s = tokens / (t
 - time(prefill alone)), each the best of ``--repeats`` runs after a compiling run. For llama.cpp,
 each token is one ``eval`` of one token after the prompt's. Resident bytes: the parameter bytes each
 holds (our variables' array bytes; the GGUF file's tensor bytes) and the process's RSS growth while
-loading (llama.cpp with ``use_mmap=False``, so the weights are read in, not mapped).
+loading (llama.cpp with ``use_mmap=False``, so the weights are read in, not mapped). The RSS growth is
+indicative only: a run after another can reuse memory the earlier one freed (the parameter bytes are exact).
 
 Goals (issue 25): llama.cpp TQ2_0 at least 2x its F16; our packed at least our FP32's speed with at
 least 12x fewer parameter bytes. The table says which hold.

@@ -112,7 +112,7 @@ def test_one_block_ring_buffer_logits_equal_the_cropped_window():
   (rotary attention is relative); deeper, it is sliding-window attention (not asserted equal)."""
   model, variables = _model("tga", arch="llama_test_one_block")
   context = TINY["context"]
-  tokens = np.asarray(jax.random.randint(jax.random.key(4), (1, 2 * context + 5), 0, VOCAB))
+  tokens = np.asarray(jax.random.randint(jax.random.key(4), (1, context + 8), 0, VOCAB))
   cache = Llama(VOCAB, **ONE_BLOCK).init_cache(1)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
