@@ -150,3 +150,31 @@ def test_the_kernel_path_runs_eagerly_and_under_vmap():
   np.testing.assert_allclose(np.asarray(batched), want, rtol=1e-6, atol=1e-6)
   with pytest.raises(NotImplementedError, match="only the activations may be batched"):
     jax.vmap(lambda s: tm.ternary_dense(x[:1], packed, s, neg))(jnp.stack([scale, scale]))
+
+
+def test_column_blocks_fit_half_the_l2_cache():
+  assert tm.column_block(1024, 2816) == 128 and tm.column_block(256, 768) == 256 and tm.column_block(64, 1024) == 512
+  assert tm.column_block(8192, 256) == 128  # none fits: the narrowest
+  assert tm.column_block(64, 100) is None
+
+
+@pytest.mark.parametrize("k,n,per_channel,symmetric", [
+  (1024, 640, True, True), (130, 384, False, False), (64, 100, True, True)])
+def test_blocked_decode_product_equals_the_rebuilt_kernel_product(k, n, per_channel, symmetric):
+  x, packed, scale, neg = _case(1, k, n, per_channel, symmetric)
+  want = tm.ternary_matmul_reference(x, packed, scale, neg, precision=jax.lax.Precision.HIGHEST)
+  got = jax.jit(tm.ternary_matmul_blocked)(x, packed, scale, neg)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+  # One row through ternary_dense on CPU ("auto") takes the blocked product; more rows the rebuilt kernel.
+  np.testing.assert_allclose(np.asarray(jax.jit(tm.ternary_dense)(x, packed, scale, neg)), np.asarray(got),
+                             rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(want))))
+
+
+def test_one_row_never_materializes_the_float_kernel():
+  """The compiled batch-1 product holds at most a (K, block) float32 block, never the (K, N) kernel."""
+  k, n = 1024, 2816
+  x, packed, scale, _ = _case(1, k, n, True, True)
+  one_row = jax.jit(tm.ternary_dense).lower(x, packed, scale).compile().as_text()
+  assert f"f32[{k},{n}]" not in one_row and f"f32[{k},128]" in one_row
+  rows, _, _, _ = _case(tm.AUTO_MAX_ROWS + 1, k, n, True, True)
+  assert f"f32[{k},{n}]" in jax.jit(tm.ternary_dense).lower(rows, packed, scale).compile().as_text()

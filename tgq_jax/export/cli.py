@@ -24,13 +24,15 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
+
 from tgq_jax.core.policy import QuantPolicy
+from tgq_jax.data.text import Vocabulary
 from tgq_jax.export import container, files
 from tgq_jax.export import gguf as gguf_export
 from tgq_jax.export.packing import check_image_shape, export_variables
 from tgq_jax.export.sizes import SizeReport
-from tgq_jax.models import ModelSpec
-from tgq_jax.data.text import Vocabulary
+from tgq_jax.models import ModelSpec, example_input
 from tgq_jax.models.spec import ModelArg
 
 SUFFIX = ".safetensors"
@@ -69,7 +71,7 @@ def run_record(workdir: str, model: ModelArg = None) -> tuple[ModelSpec, tuple[i
       spec = ModelSpec.from_dict(record["model"])
     else:
       spec = _config_spec(record.get("config"), info)
-    image_shape = check_image_shape(info.get("image_shape"))
+    image_shape = _input_shape(spec.bind(model), info.get("image_shape"))
     dataset = info.get("name")
     if not isinstance(dataset, str) or len(dataset) > 200:
       raise ValueError(f"dataset_info.name {dataset!r:.60} is not a name")
@@ -79,6 +81,14 @@ def run_record(workdir: str, model: ModelArg = None) -> tuple[ModelSpec, tuple[i
     text = str(e).splitlines()[0] if str(e) else repr(e)
     raise ValueError(f"{path} is not a usable run record: {text}") from None
   return spec, image_shape, dataset
+
+
+def _input_shape(spec: ModelSpec, recorded: Any) -> tuple[int, ...]:
+  """The recorded input shape (checked); for a model of token ids, which takes any length, (1,) where
+  none is recorded."""
+  if recorded is None and jnp.issubdtype(example_input(spec.build(), (1,)).dtype, jnp.integer):
+    return (1,)
+  return check_image_shape(recorded)
 
 
 def _config_spec(cfg: Any, info: Mapping[str, Any]) -> ModelSpec:
@@ -140,6 +150,9 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *, model:
   spec, image_shape, dataset = run_record(workdir, model)
   variables = latest_variables(workdir)
   extra: dict[str, Any] = {"dataset": dataset}
+  vocabulary = run_vocabulary(workdir, required=False)
+  if vocabulary is not None:  # a language model's: generation decodes the file's tokens with it
+    extra["vocabulary"] = vocabulary.to_dict()
   accuracy = _test_accuracy(workdir)
   if accuracy is not None:
     extra["test_accuracy"] = accuracy
@@ -159,8 +172,9 @@ def latest_variables(workdir: str) -> Mapping[str, Any]:
   return checkpoints.load_variables(workdir)
 
 
-def run_vocabulary(workdir: str) -> Vocabulary:
-  """The vocabulary a language-model run's ``config.json`` records (``"vocabulary"``), checked as data."""
+def run_vocabulary(workdir: str, *, required: bool = True) -> Vocabulary | None:
+  """The vocabulary a language-model run's ``config.json`` records (``"vocabulary"``), checked as data;
+  where it records none, a one-line ValueError (``required``) or None."""
   from tgq_jax.training.workdir import RUN_CONFIG
 
   path = os.path.join(workdir, RUN_CONFIG)
@@ -168,6 +182,8 @@ def run_vocabulary(workdir: str) -> Vocabulary:
   entry = record.get("vocabulary") if isinstance(record, Mapping) else None
   if entry is None and isinstance(record, Mapping) and isinstance(record.get("dataset_info"), Mapping):
     entry = record["dataset_info"].get("vocabulary")
+  if entry is None and not required:
+    return None
   if entry is None:
     raise ValueError(f"{path} records no vocabulary: a GGUF file needs the run's vocabulary (a language-model run "
                      "of --dataset text writes it).")

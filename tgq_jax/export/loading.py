@@ -27,7 +27,7 @@ from tgq_jax.export.packing import check_image_shape, set_path
 from tgq_jax.export.sizes import leaves
 from tgq_jax.frontends.linen_layers import quantized_layers
 from tgq_jax.core.packing import unpack_planar
-from tgq_jax.models import ModelSpec
+from tgq_jax.models import ModelSpec, example_input
 from tgq_jax.models.spec import ModelArg
 
 
@@ -81,9 +81,9 @@ def _build_abstract(spec: ModelSpec, image_shape, path, **overrides):
   policy = overrides.pop("policy", None)
   if policy is not None:
     spec = dataclasses.replace(spec, policy=policy)
-  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   try:
     model = spec.build(**overrides)
+    x = example_input(model, image_shape)
     abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
   except Exception as e:  # options the constructor rejects, shapes it cannot take: the file's model is not buildable
     raise PackedFormatError(f"{path}: cannot build the model the file names ({spec.arch!r:.80}): "
@@ -190,7 +190,7 @@ def _dequantized(packed_model, fp_want: Mapping[str, Any], tree: Mapping, image_
   and Conv, ``heads x head_dim`` of an attention projection ...): it is
   broadcast along the other axes.
   """
-  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  x = example_input(packed_model, image_shape)
   flat = {"/".join(k): v for k, v in leaves(tree)}
   for layer_path, quantizer in quantized_layers(packed_model, x, train=False).items():
     if not quantizer.packed:

@@ -18,7 +18,7 @@ from tgq_jax.export import container, files
 from tgq_jax.export.sizes import SizeReport, leaves, size_report
 from tgq_jax.frontends.linen_layers import quantized_layers
 from tgq_jax.core.packing import pack_planar
-from tgq_jax.models import ModelSpec
+from tgq_jax.models import ModelSpec, example_input
 
 # Metadata keys of the format itself: export's ``extra`` facts may not use them.
 RESERVED = frozenset({"format", "format_version", "tgq_jax_version", "spec", "image_shape", "model", "ternary",
@@ -83,7 +83,7 @@ def ternary_layers(variables: Mapping, spec: ModelSpec, image_shape: tuple[int, 
   """The ternary layers' codes and scales, the params leaves they replace, and every quantized
   layer's quantizer (:func:`tgq_jax.frontends.linen_layers.quantized_layers` of the model ``spec`` builds)."""
   model = spec.build()
-  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  x = example_input(model, image_shape)
   layers = quantized_layers(model, x, train=False)
   out, skip = [], set()
   for layer_path, quantizer in layers.items():

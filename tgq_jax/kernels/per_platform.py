@@ -46,10 +46,14 @@ def _tpu(x, packed, pos, neg, *, num_warps, num_stages, **kw):
 
 
 def _fallback(x, packed, pos, neg, **kw):
-  """The plain-JAX product at the default precision: what a dense layer holding ``W`` computes."""
-  from tgq_jax.kernels.ternary_matmul import ternary_matmul_reference
+  """The plain-JAX product: for at most ``BLOCKED_MAX_ROWS`` rows (decoding) the kernel rebuilt block by
+  block in cache (:func:`~tgq_jax.kernels.ternary_matmul.ternary_matmul_blocked`), else at the default
+  precision on the rebuilt kernel (what a dense layer holding ``W`` computes)."""
+  from tgq_jax.kernels.ternary_matmul import BLOCKED_MAX_ROWS, ternary_matmul_blocked, ternary_matmul_reference
 
   del kw  # block shapes and the on-chip precision: the kernels'
+  if x.shape[0] <= BLOCKED_MAX_ROWS:
+    return ternary_matmul_blocked(x, packed, pos, neg)
   return ternary_matmul_reference(x, packed, pos, neg)
 
 

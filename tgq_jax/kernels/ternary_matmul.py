@@ -56,6 +56,56 @@ def ternary_matmul_reference(x: jax.Array, packed: jax.Array, scale: jax.Array,
   return jnp.dot(x, kernel.astype(x.dtype), precision=precision)
 
 
+#: At most this many rows, the CPU product (the fallback of :func:`ternary_dense`'s kernel path) is
+#: :func:`ternary_matmul_blocked`: batch-1 decoding is bound by the bytes of the weights, and rebuilding a
+#: float32 kernel in memory moves 16x the bytes of its codes.
+BLOCKED_MAX_ROWS = 1
+
+
+#: The rebuilt float32 block of :func:`ternary_matmul_blocked` stays within this many bytes (half of
+#: this CPU's 1 MiB L2): written and read back in cache, never in memory.
+BLOCK_BYTES = 2**19
+
+
+def column_block(k: int, n: int, block_bytes: int = BLOCK_BYTES) -> int | None:
+  """The widest of 512, 256, 128 columns dividing ``n`` whose float32 ``(k, columns)`` block fits
+  ``block_bytes`` (else the narrowest dividing one); None when none divides ``n``."""
+  dividing = [c for c in (512, 256, 128) if n % c == 0]
+  fitting = [c for c in dividing if k * c * 4 <= block_bytes]
+  return (fitting or dividing[-1:] or [None])[0]
+
+
+def ternary_matmul_blocked(x: jax.Array, packed: jax.Array, scale: jax.Array,
+                           neg_scale: jax.Array | None = None) -> jax.Array:
+  """``x @ W`` for few rows ``x (M, K)``: the kernel rebuilt one block of columns at a time.
+
+  Batch-1 decoding is bound by the bytes of the weights. :func:`ternary_matmul_reference` writes the
+  whole float32 kernel (16x the bytes of its codes) to memory and reads it back for every product;
+  here a loop over blocks of :func:`column_block` columns rebuilds each block (``(K, columns)``
+  float32, at most :data:`BLOCK_BYTES`) and multiplies it while it is in cache, so memory traffic is
+  the 2-bit codes. (XLA:CPU does not fuse the unpacking into a reduction: with YNNPACK's reductions,
+  jaxlib 0.10's default, or with its own tree reduction, the unpacked kernel is materialized.) The
+  same values as the reference product, summed in another order. Columns in no block size: the reference.
+  """
+  m, k = x.shape
+  k4, n = packed.shape
+  columns = column_block(k, n)
+  if columns is None:
+    return ternary_matmul_reference(x, packed, scale, neg_scale)
+  pos = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (n,))
+  neg = pos if neg_scale is None else jnp.broadcast_to(jnp.asarray(neg_scale, jnp.float32), (n,))
+
+  def block(i, y):
+    first = i * columns
+    w = dequantize_planar(jax.lax.dynamic_slice_in_dim(packed, first, columns, axis=1),
+                          jax.lax.dynamic_slice_in_dim(pos, first, columns),
+                          jax.lax.dynamic_slice_in_dim(neg, first, columns), (k, columns), jnp.float32)
+    return jax.lax.dynamic_update_slice_in_dim(y, jnp.dot(x.astype(jnp.float32), w), first, axis=1)
+
+  y = jax.lax.fori_loop(0, n // columns, block, jnp.zeros((m, n), jnp.float32))
+  return y.astype(x.dtype)
+
+
 # --- the Pallas kernels ------------------------------------------------------
 
 #: The kernels by name: Mosaic on TPUs, Triton on NVIDIA GPUs.

@@ -26,8 +26,8 @@ from __future__ import annotations
 from tgq_jax.core.policy import QuantPolicy  # noqa: F401  (re-exported: models' users need it)
 from tgq_jax.frontends.linen import ternarize_model  # noqa: F401
 from tgq_jax.frontends.linen_layers import init_ternary_from_fp  # noqa: F401
-from tgq_jax.models.registry import (archs, constructor_arguments, create_model, data_options, register,  # noqa: F401
-                                     registered)
+from tgq_jax.models.registry import (archs, constructor_arguments, create_model, data_options,  # noqa: F401
+                                     example_input, register, registered)
 from tgq_jax.models.spec import DTYPES, ModelSpec, model_name  # noqa: F401
 # torchvision.py imports create_model lazily (inside a function), so this is no cycle.
 from tgq_jax.models.torchvision import convert_state_dict, load_torchvision_weights  # noqa: F401

@@ -29,14 +29,26 @@ the policy's first/last switches go by: ``embed`` (a candidate only with
 down``, then ``head``.
 
 Decoding with a key/value cache: :meth:`Llama.init_cache` makes an empty cache
-for ``(batch, max_length)``; ``model.apply(variables, tokens, cache=cache,
-index=i)`` computes the logits of ``tokens`` (``(batch, n)``) at positions
-``i .. i + n - 1``, attending to the cached keys before them, and returns
-``(logits, new_cache)``. A prompt is one such call (prefill), each generated
-token another; the result equals the full forward pass over the same tokens.
-Left-padded batches of prompts pass ``start`` (``(batch,)``): row ``b``'s
-tokens before ``start[b]`` are padding, never attended to, and its positions
-count from ``start[b]``.
+of ``slots`` entries per row (default ``context``); ``model.apply(variables,
+tokens, cache=cache, index=i)`` computes the logits of ``tokens`` (``(batch,
+n)``) at sequence indices ``i .. i + n - 1``, attending to the cached keys
+before them and to each other (causally), and returns ``(logits, new_cache)``.
+A prompt is one such call (prefill), each generated token another; the result
+equals the full forward pass over the same tokens. Left-padded batches of
+prompts pass ``start`` (``(batch,)``): row ``b``'s tokens before ``start[b]``
+are padding, never attended to, and its positions count from ``start[b]``.
+
+The cache is a ring: index ``i`` is written to slot ``i % slots``, and the
+cache records which index each slot holds (``cache["index"]``, -1 while
+empty). A query at index ``i`` sees the keys at indices ``i - slots + 1 .. i``
+(itself included). A cache of at least as many slots as tokens never wraps: it
+is the plain key/value cache, and cached logits equal the full forward pass.
+Once it wraps it is sliding-window attention (Mistral's rolling buffer): the
+keys it keeps were computed with the longer past, so past the first block the
+logits differ from a full pass over the cropped window (nanoGPT's generation
+past the context, which :mod:`tgq_jax.generate` computes as such); with one
+block, whose keys depend on their own token only, they are equal (rotary
+positions are relative).
 
 Module paths (``model.init(...)["params"]``)::
 
@@ -61,7 +73,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["LLAMA_CONFIGS", "RMS_EPSILON", "ROPE_THETA", "Attention", "Block", "Llama", "MLP", "apply_rope",
-           "mlp_width", "num_params"]
+           "mlp_width", "num_params", "write_slots"]
 
 RMS_EPSILON = 1e-5  # llama.attention.layer_norm_rms_epsilon of the GGUF export
 ROPE_THETA = 10000.0  # llama.rope.freq_base
@@ -115,14 +127,25 @@ def _dense(features: int, name: str, dtype: Any, std: float) -> nn.Dense:
   return nn.Dense(features, use_bias=False, dtype=dtype, kernel_init=nn.initializers.normal(stddev=std), name=name)
 
 
+def write_slots(buffer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+  """``buffer`` ``(batch, slots_total, ...)`` with ``new``'s last ``len(slots)`` entries along axis 1 written at
+  ``slots`` (distinct slot numbers)."""
+  m = slots.shape[0]
+  new = new[:, new.shape[1] - m:].astype(buffer.dtype)
+  if m == 1:  # one token (decoding): an in-place dynamic update
+    return jax.lax.dynamic_update_slice_in_dim(buffer, new, slots[0], axis=1)
+  return buffer.at[:, slots].set(new, unique_indices=True)
+
+
 class Attention(nn.Module):
   """Causal multi-head self-attention with rotary positions and grouped key/value heads (no biases).
 
-  Called as ``(x, positions, key_mask, cache, index)``: ``x`` ``(batch, n, width)``; ``positions``
-  ``(batch, n)`` the rotary positions of ``x``'s tokens; ``key_mask`` ``(batch, n, keys)`` which keys each
-  query sees; ``cache`` None (the keys are ``x``'s own) or ``{"k", "v"}`` of shape
-  ``(batch, max_length, kv_heads, head_dim)`` into which this call's keys and values are written at
-  ``index .. index + n - 1`` (the keys attended to are then the whole cache). Returns ``(y, new_cache)``.
+  Called as ``(x, positions, key_mask, cache, slots)``: ``x`` ``(batch, n, width)``; ``positions``
+  ``(batch, n)`` the rotary positions of ``x``'s tokens; ``cache`` None (the keys are ``x``'s own) or
+  ``{"k", "v"}`` of shape ``(batch, cache_slots, kv_heads, head_dim)``: the keys attended to are then the
+  cache's, followed by ``x``'s own; ``key_mask`` ``(batch, n, keys)`` which keys each query sees (cache
+  slots first); ``slots`` (with a cache) ``(m,)`` the slots that ``x``'s last ``m`` keys and values are
+  written to. Returns ``(y, new_cache)``.
   """
 
   num_heads: int
@@ -132,7 +155,7 @@ class Attention(nn.Module):
   out_std: float = 0.02
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, cache=None, index=None):
+  def __call__(self, x, positions, key_mask, cache=None, slots=None):
     batch, n, width = x.shape
     if width % self.num_heads or self.num_heads % self.num_kv_heads:
       raise ValueError(f"width {width} must be divisible by num_heads {self.num_heads}, and num_heads by "
@@ -144,19 +167,23 @@ class Attention(nn.Module):
     q = apply_rope(q.reshape(batch, n, self.num_heads, head_dim), positions)
     k = apply_rope(k.reshape(batch, n, self.num_kv_heads, head_dim), positions)
     v = v.reshape(batch, n, self.num_kv_heads, head_dim)
-    if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
-      cache = {"k": k, "v": v}
+    # The cache's keys and the new ones are scored separately and the (small) scores joined: joining
+    # the keys themselves would copy the whole cache at every decoding step.
+    keys, values = ([k], [v]) if cache is None else ([cache["k"], k], [cache["v"], v])
     # Grouped-query attention: query head h reads key/value head h // (num_heads / num_kv_heads).
     group = self.num_heads // self.num_kv_heads
     q = q.reshape(batch, n, self.num_kv_heads, group, head_dim)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(head_dim)
+    scores = [jnp.einsum("bqhgd,bkhd->bhgqk", q, kk.astype(q.dtype), preferred_element_type=jnp.float32)
+              for kk in keys]
+    scores = (scores[0] if len(scores) == 1 else jnp.concatenate(scores, axis=-1)) / math.sqrt(head_dim)
     scores = jnp.where(key_mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    y = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v.astype(self.dtype)).reshape(batch, n, width)
-    return _dense(width, "o", self.dtype, self.out_std)(y), cache
+    splits = [vv.shape[1] for vv in values][:-1]
+    parts = jnp.split(weights, splits, axis=-1) if splits else [weights]
+    y = sum(jnp.einsum("bhgqk,bkhd->bqhgd", w, vv.astype(self.dtype)) for w, vv in zip(parts, values))
+    if cache is not None:
+      cache = {"k": write_slots(cache["k"], k, slots), "v": write_slots(cache["v"], v, slots)}
+    return _dense(width, "o", self.dtype, self.out_std)(y.reshape(batch, n, width)), cache
 
 
 class MLP(nn.Module):
@@ -184,10 +211,10 @@ class Block(nn.Module):
   out_std: float = 0.02
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, cache=None, index=None):
+  def __call__(self, x, positions, key_mask, cache=None, slots=None):
     h = nn.RMSNorm(epsilon=RMS_EPSILON, dtype=self.dtype, name="attn_norm")(x)
     h, cache = Attention(self.num_heads, self.num_kv_heads, self.dtype, out_std=self.out_std, name="attn")(
-      h, positions, key_mask, cache, index)
+      h, positions, key_mask, cache, slots)
     x = x + h
     h = nn.RMSNorm(epsilon=RMS_EPSILON, dtype=self.dtype, name="mlp_norm")(x)
     return x + MLP(self.mlp_dim, self.dtype, out_std=self.out_std, name="mlp")(h), cache
@@ -221,23 +248,34 @@ class Llama(nn.Module):
   context: int = 64
   dtype: Any = jnp.float32
 
+  input_dtype = jnp.int32  # token ids (not a field): what tgq_jax.models.example_input traces it with
+
   @property
   def head_dim(self) -> int:
     return self.width // self.num_heads
 
-  def init_cache(self, batch: int, max_length: int | None = None, dtype: Any = None) -> list[dict[str, jax.Array]]:
-    """An empty key/value cache for ``batch`` sequences of up to ``max_length`` tokens (default ``context``)."""
-    length = self.context if max_length is None else max_length
+  def init_cache(self, batch: int, slots: int | None = None, dtype: Any = None) -> dict[str, Any]:
+    """An empty key/value cache of ``slots`` entries (default ``context``) for ``batch`` sequences.
+
+    ``{"index": int32 (slots,), "layers": [{"k", "v"}, ...]}``: the sequence index each slot holds (-1:
+    empty; shared by the rows, which a left-padded batch aligns) and each block's keys and values
+    ``(batch, slots, num_kv_heads, head_dim)``. A ring (see the module docstring): a query sees the last
+    ``slots`` tokens, so a cache of ``context`` slots generates past the context as nanoGPT does.
+    """
+    length = self.context if slots is None else slots
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+      raise ValueError(f"a key/value cache needs a positive number of slots, got {length!r}.")
     shape = (batch, length, self.num_kv_heads, self.head_dim)
     dtype = self.dtype if dtype is None else dtype
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(self.num_layers)]
+    return {"index": jnp.full((length,), -1, jnp.int32),
+            "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(self.num_layers)]}
 
   @nn.compact
   def __call__(self, tokens, train: bool = False, *, cache=None, index=None, start=None):
     """Logits ``(batch, n, vocab)`` of ``tokens`` ``(batch, n)`` (int); with ``cache``: ``(logits, new_cache)``.
 
     ``train`` is accepted for the trainer's uniform call (the model has no dropout or batch statistics).
-    ``index`` (with ``cache``): the position of ``tokens[:, 0]`` in the cache (an int or int scalar array);
+    ``index`` (with ``cache``): the sequence index of ``tokens[:, 0]`` (an int or int scalar array);
     ``start`` ``(batch,)``: left padding per row (see the module docstring).
     """
     del train
@@ -248,21 +286,34 @@ class Llama(nn.Module):
     batch, n = tokens.shape
     index = jnp.zeros((), jnp.int32) if index is None else jnp.asarray(index, jnp.int32)
     start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
-    query_pos = index + jnp.arange(n, dtype=jnp.int32)  # (n,) slots of these tokens
-    key_pos = query_pos if cache is None else jnp.arange(cache[0]["k"].shape[1], dtype=jnp.int32)
-    # Causal, and never a padding slot of the row (a cache's slots after the query are not yet written).
-    key_mask = (key_pos[None, None, :] <= query_pos[None, :, None]) & (key_pos[None, None, :] >= start[:, None, None])
-    positions = query_pos[None, :] - start[:, None]  # (batch, n)
+    query_idx = index + jnp.arange(n, dtype=jnp.int32)  # (n,) sequence indices of these tokens
+    positions = query_idx[None, :] - start[:, None]  # (batch, n)
+
+    def visible(key_idx):  # (batch, n, keys): causal, and never a padding token of the row
+      return (key_idx[None, None, :] <= query_idx[None, :, None]) & (key_idx[None, None, :] >= start[:, None, None])
+
+    if cache is None:
+      key_mask, slots, layer_caches = visible(query_idx), None, [None] * self.num_layers
+    else:
+      held = cache["index"]  # (cache_slots,)
+      window = query_idx[None, :, None] - held.shape[0]  # a key at this index or before has left the ring
+      # Cached keys at or after `index` are stale (these tokens replace them); -1 is an empty slot.
+      cached = visible(held) & (held[None, None, :] > window) & ((held >= 0) & (held < index))[None, None, :]
+      key_mask = jnp.concatenate([cached, visible(query_idx) & (query_idx[None, None, :] > window)], axis=-1)
+      written = query_idx[max(n - held.shape[0], 0):]  # a call of more tokens than slots keeps the last ones
+      slots = written % held.shape[0]
+      new_index = held.at[slots].set(written, unique_indices=True)
+      layer_caches = cache["layers"]
 
     x = nn.Embed(self.num_classes, self.width, embedding_init=nn.initializers.normal(stddev=0.02),
                  name="embed")(tokens).astype(self.dtype)
     out_std = 0.02 / math.sqrt(2 * self.num_layers)
-    new_cache = []
+    new_layers = []
     for i in range(self.num_layers):
       x, layer_cache = Block(self.num_heads, self.num_kv_heads, self.mlp_dim, self.dtype, out_std=out_std,
-                             name=f"layers_{i}")(x, positions, key_mask, None if cache is None else cache[i], index)
-      new_cache.append(layer_cache)
+                             name=f"layers_{i}")(x, positions, key_mask, layer_caches[i], slots)
+      new_layers.append(layer_cache)
     x = nn.RMSNorm(epsilon=RMS_EPSILON, dtype=self.dtype, name="norm")(x)
     logits = _dense(self.num_classes, "head", self.dtype, 0.02)(x)
     logits = logits.astype(jnp.promote_types(self.dtype, jnp.float32))
-    return logits if cache is None else (logits, new_cache)
+    return logits if cache is None else (logits, {"index": new_index, "layers": new_layers})

@@ -12,6 +12,7 @@ import inspect
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from tgq_jax.core.policy import QuantPolicy
@@ -101,6 +102,16 @@ def data_options(constructor: Callable[..., Any], fixed: Any = ()) -> frozenset[
       defaults = {}
   code = {name for name, default in defaults.items() if callable(default)}
   return constructor_arguments(constructor) - NOT_OPTIONS - set(fixed) - code
+
+
+def example_input(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1) -> jax.ShapeDtypeStruct:
+  """The abstract input of ``batch`` examples of ``input_shape`` for a zoo model (to trace its init):
+  float32 images, or int32 token ids for a model whose module (inside any ternarizing wrapper) declares
+  ``input_dtype`` (the language models)."""
+  inner = model
+  while isinstance(getattr(inner, "module", None), nn.Module):  # TernarizedModel wrappers
+    inner = inner.module
+  return jax.ShapeDtypeStruct((batch, *input_shape), getattr(inner, "input_dtype", jnp.float32))
 
 
 def create_model(arch: str, num_classes: int, *, quant: QuantPolicy | None = None, dtype: Any = jnp.float32,
