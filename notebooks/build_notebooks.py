@@ -356,7 +356,7 @@ import matplotlib.pyplot as plt
 from tgq_jax import data
 from tgq_jax.training import harness
 from tgq_jax.training.configs import PRESETS, Config
-from tgq_jax.training.lm import sample_text
+from tgq_jax.generate import generate_text
 
 print("backend:", jax.default_backend(), "| devices:", jax.devices())'''),
     new_markdown_cell("""## The text
@@ -395,8 +395,8 @@ from tgq_jax.training import checkpoints
 variables = checkpoints.load_variables(WORKDIR)
 for temperature in (0.8, 0.0):
   print(f"--- temperature {temperature}")
-  print(sample_text(model, variables["params"], text.vocabulary, "ROMEO:", SAMPLE_TOKENS, context=64,
-                    temperature=temperature))'''),
+  print("ROMEO:" + generate_text(model, variables, text.vocabulary, "ROMEO:", SAMPLE_TOKENS,
+                                temperature=temperature))'''),
   ]
   return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"},
                                              "language_info": {"name": "python"}})

@@ -22,7 +22,8 @@ from tgq_jax.frontends.linen_layers import quantized_layers
 from tgq_jax.models.llama import Llama
 from tgq_jax.training import algorithm, checkpoints, harness
 from tgq_jax.training.configs import PRESETS, Config
-from tgq_jax.training.lm import model_context, sample_text
+from tgq_jax.generate import generate_text, language_model
+from tgq_jax.training.lm import model_context
 
 from trainer_helpers import popen_until_logged  # noqa: E402  (tests/ is on sys.path: conftest)
 
@@ -137,17 +138,26 @@ def test_the_presets_are_the_recipe():
   assert (model_context("llama_baby"), model_context("llama_256")) == (64, 128)  # context None: the model's
 
 
-def test_the_plain_sampling_loop_is_the_cropped_forward_pass_and_deterministic():
+def test_the_run_sample_is_the_greedy_cropped_forward_pass():
+  """The end-of-run sample (tgq_jax.generate, the key/value cache) = argmax of full passes over the last
+  ``context`` tokens (nanoGPT's generate), also past the context; the same seed gives the same text."""
   model, state, _ = _setup("fp")
   vocab = Vocabulary("chars", "abcdefghijkl")
-  greedy = sample_text(model, state.params, vocab, "abc", 5, context=4, temperature=0)
-  ids = list(vocab.encode("abc"))  # the reference: argmax of a forward pass over the last 4 tokens, no padding
-  forward = jax.jit(lambda x: model.apply({"params": state.params}, x))
-  for _ in range(5):
-    ids.append(int(jnp.argmax(forward(jnp.asarray([ids[-4:]], jnp.int32))[0, -1])))
-  assert greedy == vocab.decode(ids)  # left padding masked out; past 4 tokens the window slides
-  a = sample_text(model, state.params, vocab, "a", 10, context=16, seed=1)
-  assert a == sample_text(model, state.params, vocab, "a", 10, context=16, seed=1) and len(a) == 11
+  variables = {"params": state.params}
+  context = model_context_of(model)
+  greedy = "abc" + generate_text(model, variables, vocab, "abc", context + 3, temperature=0)
+  ids = list(vocab.encode("abc"))
+  forward = jax.jit(lambda x: model.apply(variables, x))
+  for _ in range(context + 3):
+    ids.append(int(jnp.argmax(forward(jnp.asarray([ids[-context:]], jnp.int32))[0, -1])))
+  assert greedy == vocab.decode(ids)
+  a = generate_text(model, variables, vocab, "a", 10, seed=1)
+  assert a == generate_text(model, variables, vocab, "a", 10, seed=1) and len(a) == 10
+
+
+
+def model_context_of(model) -> int:
+  return int(language_model(model).context)
 
 
 # --- the harness's LM task -------------------------------------------------------------------------

@@ -12,7 +12,7 @@
   the summary fields (``val_loss``, ``val_bpc``, ``best_val_loss``, ``sample``) and the final report
   (validation loss, the per-layer table, a text sample).
 
-The sample is drawn by :func:`sample_text`, a plain loop over a fixed window (compiled once).
+The sample is drawn by :func:`tgq_jax.generate.generate_text` (the key/value cache, compiled once).
 """
 from __future__ import annotations
 
@@ -27,13 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from tgq_jax.data.text import TextDataset, Vocabulary
+from tgq_jax.generate import generate_text
 from tgq_jax.models import create_model
 from tgq_jax.models.llama import Llama
 from tgq_jax.models.registry import registered
 from tgq_jax.training.algorithm import LanguageModelStep
 from tgq_jax.training.tga import TGA
 
-__all__ = ["LanguageModelTask", "check_task_fits", "is_language_model", "model_context", "sample_text"]
+__all__ = ["LanguageModelTask", "check_task_fits", "is_language_model", "model_context"]
 
 
 def _llama_constructor(arch: str):
@@ -63,37 +64,6 @@ def check_task_fits(arch: str, dataset: str) -> None:
   if dataset != "text" and is_language_model(arch):
     raise ValueError(f"--arch {arch} is a language model: it trains on --dataset text (with --data-file F), "
                      f"not on --dataset {dataset}")
-
-
-def sample_text(model: nn.Module, params: Any, vocabulary: Vocabulary, prompt: str, max_new_tokens: int, *,
-                context: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> str:
-  """``prompt`` continued by ``max_new_tokens`` tokens sampled from ``model`` (a plain loop).
-
-  Each token is drawn from the logits of the last ``context`` tokens, left-padded in a fixed window
-  (the model's ``start`` argument masks the padding), so the forward pass is compiled once; as nanoGPT's
-  ``generate``, a window crops the text before it. ``temperature`` 0 is greedy.
-  """
-  ids = [int(i) for i in vocabulary.encode(prompt)]
-  if not ids:
-    raise ValueError("the sample prompt must hold at least one character")
-
-  @jax.jit
-  def next_token(window, start, key):
-    logits = model.apply({"params": params}, window, start=start)[0, -1].astype(jnp.float32)
-    if top_k is not None:
-      logits = jnp.where(logits < jax.lax.top_k(logits, top_k)[0][-1], -jnp.inf, logits)
-    if temperature == 0:
-      return jnp.argmax(logits)
-    return jax.random.categorical(key, logits / temperature)
-
-  key = jax.random.key(seed)
-  for _ in range(max_new_tokens):
-    recent = ids[-context:]
-    window = np.zeros((1, context), np.int32)
-    window[0, context - len(recent):] = recent
-    key, sub = jax.random.split(key)
-    ids.append(int(next_token(window, jnp.array([context - len(recent)], jnp.int32), sub)))
-  return vocabulary.decode(ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +125,8 @@ class LanguageModelTask:
     if not self.sample_tokens:
       return None
     prompt = self.sample_prompt or self.dataset.vocabulary.decode(self.dataset.val_tokens[:1])
-    return sample_text(model, params, self.dataset.vocabulary, prompt, self.sample_tokens,
-                       context=self.dataset.context, seed=self.seed)
+    return prompt + generate_text(model, {"params": params}, self.dataset.vocabulary, prompt, self.sample_tokens,
+                                  seed=self.seed)
 
   def summary(self, metrics: Mapping[str, float] | None, best: float | None, sample: str | None) -> dict:
     return {"val_loss": None if metrics is None else metrics["loss"],
