@@ -1,14 +1,14 @@
 """The run record (training.workdir) and QuantPolicy's activation_bits / embeddings: they define the model (another
 value is another run), and a record written before they existed reads as their defaults (it resumes)."""
 import json
-import types
 
 import pytest
 
+from tgq_jax.data import DatasetInfo
 from tgq_jax.training import workdir
 from tgq_jax.training.configs import Config
 
-INFO = types.SimpleNamespace(name="synthetic", num_classes=10, image_shape=(8, 8, 1), num_train=64, num_test=32)
+INFO = DatasetInfo(name="synthetic", num_classes=10, image_shape=(8, 8, 1), num_train=64, num_test=32)
 
 
 def _record(tmp_path, cfg: Config, drop=()) -> None:
